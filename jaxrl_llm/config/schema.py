@@ -1,0 +1,243 @@
+"""The field table: every config key, its default, its type, what values it allows and what it means.
+
+This table is the one source of truth. ``base_config()`` builds the default ``ConfigDict`` from it, the
+validator checks against it, the command line coerces override strings with it, and ``describe()`` (or
+``python -m jaxrl_llm.config``) prints it. A ``Field.doc`` is the comment of its key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+
+STAGE_NAMES = ("sft", "rm", "dpo", "kto", "orpo", "simpo", "ppo", "grpo")
+MODEL_SIZES = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "max_seq_len",
+)
+
+
+def _preset_names() -> tuple[str, ...]:
+    # Imported on use so that reading the table never pulls in model code.
+    from jaxrl_llm.models.presets import preset_names
+
+    return preset_names()
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One config key.
+
+    ``lo``/``hi`` bound numbers (inclusive unless ``lo_open``/``hi_open``); ``special`` lists values
+    allowed outside the bounds (e.g. -1 for "fill the remaining devices"); ``choices`` is a tuple or a
+    function returning one, for choices that live elsewhere (model presets).
+    """
+
+    key: str
+    default: Any
+    doc: str
+    type: type
+    choices: tuple[Any, ...] | Callable[[], tuple[Any, ...]] | None = None
+    lo: float | None = None
+    hi: float | None = None
+    nullable: bool = False
+    lo_open: bool = False
+    hi_open: bool = False
+    special: tuple[Any, ...] = ()
+
+    def allowed_choices(self) -> tuple[Any, ...] | None:
+        return self.choices() if callable(self.choices) else self.choices
+
+    def allowed(self) -> str:
+        """What the key accepts, in words: ``float > 0``, ``one of 'a', 'b'``, ``None or int >= 1``."""
+        choices = self.allowed_choices()
+        if choices is not None:
+            text = "one of " + ", ".join(repr(c) for c in choices)
+        else:
+            text = self.type.__name__
+            if self.lo is not None and self.hi is not None:
+                left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
+                text += f" in {left}{self.lo:g}, {self.hi:g}{right}"
+            elif self.lo is not None:
+                text += f" {'>' if self.lo_open else '>='} {self.lo:g}"
+            elif self.hi is not None:
+                text += f" {'<' if self.hi_open else '<='} {self.hi:g}"
+        if self.special:
+            text += " or " + " or ".join(repr(s) for s in self.special)
+        return f"None or {text}" if self.nullable else text
+
+
+_SIZE_DOCS = {
+    "vocab_size": "Vocabulary size (rows of the embedding table).",
+    "hidden_size": "Width of the residual stream.",
+    "intermediate_size": "Width of the MLP hidden layer.",
+    "num_layers": "Number of decoder blocks.",
+    "num_heads": "Number of query heads.",
+    "num_kv_heads": "Number of key/value heads (grouped-query attention); must divide model.num_heads.",
+    "head_dim": "Width of one attention head.",
+    "max_seq_len": "Longest sequence the model supports (RoPE positions); train.seq_len must not exceed it.",
+}
+_SIZE_FIELDS = tuple(
+    Field(f"model.{name}", None, f"{_SIZE_DOCS[name]} None = the preset's value.", int, lo=1, nullable=True)
+    for name in MODEL_SIZES
+)
+_PARALLEL = "Devices along the {} mesh axis; -1 fills the devices the other axes leave (at most one -1)."
+
+FIELDS: tuple[Field, ...] = (
+    # Run.
+    Field(
+        "stage",
+        "sft",
+        "Which training stage to run; selects the trainer and the objective.",
+        str,
+        STAGE_NAMES,
+    ),
+    Field("seed", 0, "Seed for parameter init, data order and sampling.", int, lo=0),
+    Field("run_dir", "runs/default", "Directory for checkpoints, logs and the resolved config.", str),
+    # Model.
+    Field(
+        "model.path",
+        "",
+        "HF checkpoint directory; when set the architecture and weights come from it and model.preset and "
+        "the model sizes are ignored. Empty = build model.preset with fresh weights.",
+        str,
+    ),
+    Field(
+        "model.preset", "llama-tiny", "Named architecture (see jaxrl_llm.models.presets).", str, _preset_names
+    ),
+    *_SIZE_FIELDS,
+    Field(
+        "model.param_dtype",
+        "float32",
+        "Dtype the parameters are stored and updated in.",
+        str,
+        ("float32", "bfloat16"),
+    ),
+    Field(
+        "model.dtype",
+        "float32",
+        "Compute dtype; logits and log-softmax stay float32.",
+        str,
+        ("float32", "bfloat16"),
+    ),
+    Field(
+        "model.remat",
+        "none",
+        "Activation rematerialisation: none, full (recompute each block) or dots (save matmul outputs only).",
+        str,
+        ("none", "full", "dots"),
+    ),
+    Field("model.scan_layers", False, "Run the decoder blocks under one lax.scan (faster compiles).", bool),
+    # Tokenizer.
+    Field(
+        "tokenizer.path",
+        "",
+        "HF tokenizer directory or SentencePiece .model file. Empty = the tokenizer in model.path.",
+        str,
+    ),
+    # Parallelism.
+    Field("parallel.data", -1, _PARALLEL.format("data-parallel"), int, lo=1, special=(-1,)),
+    Field("parallel.fsdp", 1, _PARALLEL.format("FSDP (parameter-sharding)"), int, lo=1, special=(-1,)),
+    Field("parallel.tensor", 1, _PARALLEL.format("tensor-parallel"), int, lo=1, special=(-1,)),
+    # Optimizer.
+    Field("optimizer.name", "adamw", "Optimizer.", str, ("adamw", "adafactor", "lion", "sgd")),
+    Field("optimizer.lr", 3e-4, "Peak learning rate (reached after warmup).", float, lo=0, lo_open=True),
+    Field("optimizer.weight_decay", 0.0, "Decoupled weight decay.", float, lo=0),
+    Field(
+        "optimizer.b1",
+        0.9,
+        "First-moment decay (adamw, lion); momentum for sgd.",
+        float,
+        lo=0,
+        hi=1,
+        hi_open=True,
+    ),
+    Field("optimizer.b2", 0.95, "Second-moment decay (adamw, lion).", float, lo=0, hi=1, hi_open=True),
+    Field("optimizer.eps", 1e-8, "Denominator epsilon (adamw).", float, lo=0, lo_open=True),
+    Field(
+        "optimizer.schedule",
+        "cosine",
+        "Learning-rate shape after warmup: constant, cosine decay to 0, or linear decay to 0.",
+        str,
+        ("constant", "cosine", "linear"),
+    ),
+    Field("optimizer.warmup_steps", 100, "Linear warmup steps from 0 to optimizer.lr.", int, lo=0),
+    Field(
+        "optimizer.clip_norm",
+        1.0,
+        "Global gradient-norm clip. None = no clipping.",
+        float,
+        lo=0,
+        nullable=True,
+    ),
+    # Training loop.
+    Field("train.steps", 1000, "Optimizer steps to run.", int, lo=1),
+    Field("train.batch_size", 8, "Sequences per optimizer step (global, across devices).", int, lo=1),
+    Field(
+        "train.grad_accum_steps",
+        1,
+        "Micro-batches per optimizer step; must divide train.batch_size.",
+        int,
+        lo=1,
+    ),
+    Field("train.seq_len", 256, "Tokens per training sequence (pad/truncate to this).", int, lo=1),
+    Field("train.log_every", 10, "Log metrics every this many steps.", int, lo=1),
+    Field("train.eval_every", 100, "Evaluate every this many steps.", int, lo=1),
+    Field("train.save_every", 100, "Save a checkpoint every this many steps.", int, lo=1),
+    Field("train.keep_checkpoints", 3, "How many recent checkpoints to keep on disk.", int, lo=1),
+)
+
+SECTIONS = {
+    "": "Run",
+    "model": "Model architecture and numerics",
+    "tokenizer": "Tokenizer",
+    "parallel": "Device mesh (product of the axes = number of devices)",
+    "optimizer": "Optimizer and learning-rate schedule",
+    "train": "Training loop",
+}
+
+FIELDS_BY_KEY: dict[str, Field] = {f.key: f for f in FIELDS}
+
+
+def section_of(key: str) -> str:
+    return key.rpartition(".")[0]
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The default config, nested by the dots of the field keys.
+
+    Type safety is off so that a wrong type reaches ``validate`` (which names the key and what is allowed)
+    instead of failing inside ml-collections with its own message.
+    """
+    tree: dict[str, Any] = {}
+    for field in FIELDS:
+        *parents, leaf = field.key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = field.default
+    return ml_collections.ConfigDict(tree, type_safe=False)
+
+
+def describe() -> str:
+    """Every key with its default, what it allows and what it means, grouped by section."""
+    lines: list[str] = []
+    for section, title in SECTIONS.items():
+        lines.append(f"# {title}")
+        for field in FIELDS:
+            if section_of(field.key) != section:
+                continue
+            lines.append(f"{field.key} = {field.default!r}    ({field.allowed()})")
+            lines += textwrap.wrap(field.doc, width=100, initial_indent="    ", subsequent_indent="    ")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"

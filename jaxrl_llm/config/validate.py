@@ -1,0 +1,251 @@
+"""The one config validator: every problem in a config, collected and raised as one ``ConfigError``.
+
+Checks run in two passes. The first checks each key alone (unknown, missing, type, range, choices); the
+second checks combinations of keys, and only among keys that passed the first, so one mistake is reported
+once rather than again as every combination it touches.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import numbers
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .schema import FIELDS, FIELDS_BY_KEY, MODEL_SIZES, Field, section_of
+
+_SECTIONS = {section_of(f.key) for f in FIELDS} - {""}
+_MISSING = object()
+
+
+class ConfigError(ValueError):
+    """A configuration mistake a user made; ``problems`` holds one line per mistake."""
+
+    def __init__(self, problems: str | Iterable[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+def suggest(name: str, candidates: Iterable[str]) -> str | None:
+    """The closest candidate to ``name``, also matching on the last dotted part (``lr`` -> ``optimizer.lr``)."""
+    candidates = list(candidates)
+    close = difflib.get_close_matches(name, candidates, n=1)
+    if close:
+        return close[0]
+    tails = {c.rpartition(".")[2]: c for c in candidates}
+    close = difflib.get_close_matches(name.rpartition(".")[2], tails, n=1, cutoff=0.75)
+    return tails[close[0]] if close else None
+
+
+def unknown_key(key: str, value: Any = _MISSING) -> str:
+    """The problem line for a key the schema does not have, with the closest known key."""
+    match = suggest(key, [*FIELDS_BY_KEY, *_SECTIONS])
+    hint = f"; did you mean {match}?" if match else f"; known sections: {', '.join(sorted(_SECTIONS))}"
+    shown = key if value is _MISSING else f"{key}={value!r}"
+    return f"{shown}: unknown key{hint}"
+
+
+def is_section(value: Any) -> bool:
+    # ConfigDict is not a Mapping subclass; anything with .items() (but not a string) is a section.
+    return isinstance(value, Mapping) or (hasattr(value, "items") and not isinstance(value, str | bytes))
+
+
+def flatten(cfg: Any, prefix: str = "") -> tuple[dict[str, Any], list[str], set[str]]:
+    """Walks ``cfg`` against the schema.
+
+    Returns the dotted key -> value of its known keys, problem lines for its unknown or misshapen parts,
+    and the sections given as a plain value (their keys are not then also reported missing).
+    """
+    flat: dict[str, Any] = {}
+    problems: list[str] = []
+    blocked: set[str] = set()
+    for name, value in sorted(cfg.items()):
+        key = f"{prefix}{name}"
+        if key in FIELDS_BY_KEY:
+            if is_section(value):
+                problems.append(
+                    f"{key}={_short(value)}: a section where {FIELDS_BY_KEY[key].allowed()} is expected"
+                )
+            else:
+                flat[key] = value
+        elif key in _SECTIONS:
+            if is_section(value):
+                sub, sub_problems, sub_blocked = flatten(value, f"{key}.")
+                flat.update(sub)
+                problems += sub_problems
+                blocked |= sub_blocked
+            else:
+                problems.append(f"{key}={value!r}: must be a section with keys {key}.*, not a value")
+                blocked.add(key)
+        else:
+            problems.append(unknown_key(key, _short(value) if is_section(value) else value))
+    return flat, problems, blocked
+
+
+def _short(section: Any) -> str:
+    return "{" + ", ".join(str(k) for k in section.keys()) + "}"
+
+
+def _type_ok(field: Field, value: Any) -> bool:
+    if value is None:
+        return field.nullable
+    if field.type is bool:
+        return isinstance(value, bool)
+    if field.type is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if field.type is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    return isinstance(value, field.type)
+
+
+def _in_range(field: Field, value: Any) -> bool:
+    if value in field.special:
+        return True
+    # Comparisons are phrased as "inside" and negated so that NaN falls outside every bound.
+    if field.lo is not None and not (value > field.lo if field.lo_open else value >= field.lo):
+        return False
+    return field.hi is None or bool(value < field.hi if field.hi_open else value <= field.hi)
+
+
+def check_field(field: Field, value: Any) -> str | None:
+    """The problem line for one key's value, or None when it is allowed."""
+    if not _type_ok(field, value):
+        got = "None" if value is None else type(value).__name__
+        return f"{field.key}={value!r}: expected {field.allowed()}, got {got}"
+    if value is None:
+        return None
+    choices = field.allowed_choices()
+    if choices is not None and value not in choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"{field.key}={value!r}: must be {field.allowed()}{hint}"
+    if choices is None and field.type in (int, float) and not _in_range(field, value):
+        return f"{field.key}={value!r}: must be {field.allowed()}"
+    return None
+
+
+def validate(cfg: Any) -> None:
+    """Checks ``cfg`` (a ``ConfigDict`` or nested mapping) against the schema; returns None when valid.
+
+    Raises:
+      ConfigError: listing every problem, one per line, as ``<dotted.key>=<value>: <what is allowed>``.
+    """
+    flat, problems, blocked = flatten(cfg)
+    good: dict[str, Any] = {}
+    for field in FIELDS:
+        if field.key not in flat:
+            if section_of(field.key) not in blocked:
+                problems.append(
+                    f"{field.key}: missing key (default {field.default!r}); start from base_config()"
+                )
+        elif problem := check_field(field, flat[field.key]):
+            problems.append(problem)
+        else:
+            good[field.key] = flat[field.key]
+    problems += _combinations(good)
+    if problems:
+        raise ConfigError(problems)
+
+
+def _combinations(good: dict[str, Any]) -> list[str]:
+    """Checks across keys; ``good`` holds only keys whose own value passed, so a bad key skips its checks."""
+    problems = _parallel(good) + _model(good) + _tokenizer(good)
+    if "train.batch_size" in good and "train.grad_accum_steps" in good:
+        bs, accum = good["train.batch_size"], good["train.grad_accum_steps"]
+        if bs % accum:
+            problems.append(
+                f"train.batch_size={bs!r}, train.grad_accum_steps={accum!r}: "
+                "train.batch_size must be divisible by train.grad_accum_steps"
+            )
+    if "optimizer.warmup_steps" in good and "train.steps" in good:
+        warmup, steps = good["optimizer.warmup_steps"], good["train.steps"]
+        if warmup > steps:
+            problems.append(
+                f"optimizer.warmup_steps={warmup!r}, train.steps={steps!r}: "
+                "optimizer.warmup_steps must not exceed train.steps"
+            )
+    return problems
+
+
+def _parallel(good: dict[str, Any]) -> list[str]:
+    fill = [k for k in ("parallel.data", "parallel.fsdp", "parallel.tensor") if good.get(k) == -1]
+    if len(fill) < 2:
+        return []
+    named = ", ".join(f"{k}=-1" for k in fill)
+    return [f"{named}: at most one parallel axis may be -1 (fill the remaining devices); set the others"]
+
+
+def _model(good: dict[str, Any]) -> list[str]:
+    """Checks that need the architecture: from the checkpoint when model.path is set, else the preset."""
+    if "model.path" not in good:
+        return []
+    if good["model.path"]:
+        return _checkpoint_checks(good, good["model.path"])
+    preset = good.get("model.preset")
+    if preset is None:
+        return []
+    from jaxrl_llm.models.presets import get_preset
+
+    base = get_preset(preset)
+    arch: dict[str, tuple[int, str]] = {}
+    for name in ("num_heads", "num_kv_heads", "max_seq_len"):
+        key = f"model.{name}"
+        if key not in good:
+            continue
+        if good[key] is None:
+            arch[name] = (getattr(base, name), f"{key}={getattr(base, name)!r} (preset {preset!r})")
+        else:
+            arch[name] = (good[key], f"{key}={good[key]!r}")
+    problems = []
+    if "num_heads" in arch and "num_kv_heads" in arch and arch["num_heads"][0] % arch["num_kv_heads"][0]:
+        problems.append(
+            f"{arch['num_heads'][1]}, {arch['num_kv_heads'][1]}: "
+            "model.num_heads must be a multiple of model.num_kv_heads"
+        )
+    return problems + _seq_len(good, arch)
+
+
+def _checkpoint_checks(good: dict[str, Any], path: str) -> list[str]:
+    problems = []
+    sizes = [f"model.{n}={good[f'model.{n}']!r}" for n in MODEL_SIZES if good.get(f"model.{n}") is not None]
+    if sizes:
+        problems.append(
+            f"model.path={path!r} with {', '.join(sizes)}: the sizes come from the checkpoint; "
+            "leave the model sizes None (or clear model.path to build model.preset)"
+        )
+    arch, problem = _checkpoint_arch(path)
+    return problems + ([problem] if problem else []) + _seq_len(good, arch)
+
+
+def _seq_len(good: dict[str, Any], arch: dict[str, tuple[int, str]]) -> list[str]:
+    seq_len = good.get("train.seq_len")
+    if seq_len is None or "max_seq_len" not in arch or seq_len <= arch["max_seq_len"][0]:
+        return []
+    return [
+        f"train.seq_len={seq_len!r}, {arch['max_seq_len'][1]}: "
+        "train.seq_len must not exceed the model's max_seq_len"
+    ]
+
+
+def _checkpoint_arch(path: str) -> tuple[dict[str, tuple[int, str]], str | None]:
+    """Reads what the checks need from ``<path>/config.json``; the problem line if it cannot."""
+    if not os.path.exists(path):
+        return {}, f"model.path={path!r}: no such directory"
+    config_json = os.path.join(path, "config.json")
+    if not os.path.isfile(config_json):
+        return {}, f"model.path={path!r}: not an HF checkpoint directory (no config.json in it)"
+    try:
+        with open(config_json) as f:
+            max_len = int(json.load(f).get("max_position_embeddings", 2048))
+    except (OSError, ValueError, TypeError, AttributeError) as err:
+        return {}, f"model.path={path!r}: cannot read config.json ({err})"
+    return {"max_seq_len": (max_len, f"max_position_embeddings={max_len} (in {config_json})")}, None
+
+
+def _tokenizer(good: dict[str, Any]) -> list[str]:
+    path = good.get("tokenizer.path")
+    if path and not os.path.exists(path):
+        return [f"tokenizer.path={path!r}: no such file or directory"]
+    return []

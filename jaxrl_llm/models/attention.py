@@ -1,0 +1,92 @@
+"""Grouped-query attention with RoPE, optional q/k norm, soft-capping and sliding windows."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from ..parallel import constrain
+from .config import ModelConfig
+from .layers import RMSNorm, apply_rope, dtype_of, param, rope_inv_freq, softcap
+
+
+@struct.dataclass
+class AttentionMask:
+    """What every layer needs to build its mask; computed once per forward.
+
+    ``allowed``: bool[B, T, S], key slot is a real token at or before the query's slot.
+    ``distance``: int32[B, T, S], query position minus key position (for sliding windows).
+    """
+
+    allowed: jax.Array
+    distance: jax.Array
+
+    def for_window(self, window: jax.Array) -> jax.Array:
+        """bool[B, T, S]; ``window`` is an int32 scalar, 0 meaning global attention."""
+        return self.allowed & ((window <= 0) | (self.distance < window))
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        e, h, k, d, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, dtype_of(cfg.param_dtype)
+        self.q = param(rngs, (e, h, d), ("embed", "heads", "head_dim"), pd)
+        self.k = param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), pd)
+        self.v = param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), pd)
+        self.o = param(rngs, (h, d, e), ("heads", "head_dim", "embed"), pd)
+        if cfg.attention_bias:
+            self.q_bias = param(None, (h, d), ("heads", "head_dim"), pd, "zeros")
+            self.k_bias = param(None, (k, d), ("kv_heads", "head_dim"), pd, "zeros")
+            self.v_bias = param(None, (k, d), ("kv_heads", "head_dim"), pd, "zeros")
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg, axes=("head_dim",))
+            self.k_norm = RMSNorm(d, cfg, axes=("head_dim",))
+        self.cfg = cfg
+
+    def _project(self, x: jax.Array, name: str) -> jax.Array:
+        y = jnp.einsum("bte,end->btnd", x, getattr(self, name)[...].astype(x.dtype))
+        if self.cfg.attention_bias:
+            y = y + getattr(self, f"{name}_bias")[...].astype(x.dtype)
+        return y
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+                 kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None):
+        """x: [B, T, E]; positions: int32[B, T]; mask: bool[B, T, S].
+
+        Without ``kv`` the keys are this call's tokens (S = T). With ``kv`` (this layer's cache slices,
+        [B, S, K, D] each) the new keys and values are written at slot ``index`` first.
+        Returns (output [B, T, E], (keys, values) [B, S, K, D]).
+        """
+        cfg = self.cfg
+        q, k, v = self._project(x, "q"), self._project(x, "k"), self._project(x, "v")
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if kv is not None:
+            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
+        b, t = q.shape[:2]
+        groups = cfg.num_heads // cfg.num_kv_heads
+        q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
+        q = constrain(q, ("batch", "seq", "kv_heads", None, "head_dim"))
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
+        scores = softcap(scores * cfg.attn_scale, cfg.attn_logit_softcap)
+        # A finite minimum (not -inf) keeps fully masked rows (padding queries) free of NaNs.
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(x.dtype)).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        out = jnp.einsum("bthd,hde->bte", out, self.o[...].astype(x.dtype))
+        return out, (k, v)
+
+
+def make_mask(positions: jax.Array, valid: jax.Array, key_positions: jax.Array, key_valid: jax.Array,
+              query_slots: jax.Array) -> AttentionMask:
+    """positions/valid: [B, T] for the queries; key_*: [B, S]; query_slots: int32[T] slot of each query."""
+    key_slots = jnp.arange(key_valid.shape[1])
+    causal = key_slots[None, None, :] <= query_slots[None, :, None]
+    allowed = causal & key_valid[:, None, :] & valid[:, :, None]
+    # Padding queries attend to themselves only, so their (ignored) outputs stay finite.
+    allowed = allowed | (~valid[:, :, None] & (key_slots[None, None, :] == query_slots[None, :, None]))
+    distance = positions[:, :, None] - key_positions[:, None, :]
+    return AttentionMask(allowed=allowed, distance=distance)

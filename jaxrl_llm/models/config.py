@@ -1,0 +1,293 @@
+"""Architecture description shared by every model family.
+
+One frozen dataclass describes Llama, Mistral, Qwen2/2.5, Qwen3 and Gemma 2: the families differ only in
+switches (qkv bias, q/k norm, norm offset, post-norms, soft-capping, per-layer sliding windows), so the
+forward pass is one code path with no per-family branches. HF ``config.json`` files convert both ways.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
+
+# HF `model_type` -> our family, and the family -> the HF architecture class written on export.
+_HF_MODEL_TYPES = {
+    "llama": "llama",
+    "mistral": "mistral",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma2": "gemma2",
+}
+_HF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+}
+_DTYPES = ("float32", "bfloat16")
+
+
+class ModelConfigError(ValueError):
+    """An architecture description that cannot be built (unsupported family, bad field)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3 frequency-dependent RoPE scaling (``rope_type: llama3``) or plain linear scaling."""
+
+    rope_type: str = "llama3"  # "llama3" | "linear"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to build a decoder; field names follow HF where one exists."""
+
+    family: str = "llama"
+    vocab_size: int = 256
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 16
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2: bias on q, k and v projections.
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE.
+    norm_offset: float = 0.0  # Gemma: RMSNorm scales by (offset + w).
+    post_norms: bool = False  # Gemma 2: norms after attention and MLP outputs too.
+    embed_scale: bool = False  # Gemma: embeddings multiplied by sqrt(hidden_size).
+    activation: str = "silu"  # "silu" | "gelu_tanh" (GeGLU)
+    query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (default head_dim)
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    # Per-layer sliding windows: None = global attention; a tuple with one entry per layer (None for a
+    # global layer), e.g. Gemma 2 alternates (4096, None, 4096, None, ...).
+    sliding_windows: tuple[int | None, ...] | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    # Numerics and execution.
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype; logits and log-softmax are always float32
+    remat: str = "none"  # "none" | "full" | "dots"
+    scan_layers: bool = False
+
+    def __post_init__(self):
+        problems = []
+        if self.family not in FAMILIES:
+            problems.append(f"family={self.family!r} is not supported; supported: {', '.join(FAMILIES)}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+            if int(getattr(self, name)) <= 0:
+                problems.append(f"{name}={getattr(self, name)} must be positive")
+        if self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads:
+            problems.append(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.activation not in ("silu", "gelu_tanh"):
+            problems.append(f"activation={self.activation!r}; supported: silu, gelu_tanh")
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in _DTYPES:
+                problems.append(f"{name}={getattr(self, name)!r}; supported: {', '.join(_DTYPES)}")
+        if self.remat not in ("none", "full", "dots"):
+            problems.append(f"remat={self.remat!r}; supported: none, full, dots")
+        if self.sliding_windows is not None and len(self.sliding_windows) != self.num_layers:
+            problems.append(f"sliding_windows has {len(self.sliding_windows)} entries for {self.num_layers} layers")
+        if problems:
+            raise ModelConfigError("invalid model config: " + "; ".join(problems))
+
+    @property
+    def attn_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def layer_windows(self) -> tuple[int | None, ...]:
+        return self.sliding_windows or (None,) * self.num_layers
+
+    def replace(self, **kw) -> ModelConfig:
+        return dataclasses.replace(self, **kw)
+
+    def num_params(self, *, head: str = "lm") -> int:
+        """Parameter count from the shapes alone (the tests cross-check it against built models)."""
+        e, h, kv, d, m = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate_size
+        attn = e * d * (2 * h + 2 * kv) + (d * (h + 2 * kv) if self.attention_bias else 0)
+        attn += 2 * d if self.qk_norm else 0
+        norms = e * (4 if self.post_norms else 2)
+        per_layer = attn + 3 * e * m + norms
+        total = self.vocab_size * e + self.num_layers * per_layer + e
+        if head == "lm" and not self.tie_word_embeddings:
+            total += e * self.vocab_size
+        elif head in ("score", "value"):
+            total += e
+        return total
+
+
+# ---------------------------------------------------------------------------------------------- HF I/O
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+    # transformers 5 writes `rope_parameters` (theta inside); older checkpoints `rope_theta` + `rope_scaling`.
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    merged = {**scaling, **params}
+    rope_type = merged.get("rope_type", merged.get("type", "default"))
+    if rope_type in (None, "default"):
+        return theta, None
+    if rope_type == "llama3":
+        return theta, RopeScaling(
+            rope_type="llama3",
+            factor=float(merged["factor"]),
+            low_freq_factor=float(merged["low_freq_factor"]),
+            high_freq_factor=float(merged["high_freq_factor"]),
+            original_max_position_embeddings=int(merged["original_max_position_embeddings"]),
+        )
+    if rope_type == "linear":
+        return theta, RopeScaling(rope_type="linear", factor=float(merged["factor"]))
+    raise ModelConfigError(f"rope scaling type {rope_type!r} is not supported (supported: default, linear, llama3)")
+
+
+def _windows_from_hf(hf: dict[str, Any], num_layers: int) -> tuple[int | None, ...] | None:
+    window = hf.get("sliding_window")
+    if not window or (hf.get("model_type") == "qwen2" and not hf.get("use_sliding_window", False)):
+        return None
+    layer_types = hf.get("layer_types")
+    if layer_types is None:
+        return (int(window),) * num_layers
+    if len(layer_types) != num_layers:
+        raise ModelConfigError(f"config.json: layer_types has {len(layer_types)} entries for {num_layers} layers")
+    windows = tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
+    return windows if any(w is not None for w in windows) else None
+
+
+def from_hf_config(hf: dict[str, Any], **overrides) -> ModelConfig:
+    """Converts an HF ``config.json`` dict into a :class:`ModelConfig`."""
+    model_type = hf.get("model_type")
+    if model_type not in _HF_MODEL_TYPES:
+        raise ModelConfigError(
+            f"config.json: model_type={model_type!r} (architectures={hf.get('architectures')}) is not supported; "
+            f"supported model types: {', '.join(_HF_MODEL_TYPES)}"
+        )
+    family = _HF_MODEL_TYPES[model_type]
+    try:
+        e, h = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+        num_layers = int(hf["num_hidden_layers"])
+        theta, scaling = _rope_from_hf(hf)
+        kw: dict[str, Any] = dict(
+            family=family,
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=e,
+            intermediate_size=int(hf["intermediate_size"]),
+            num_layers=num_layers,
+            num_heads=h,
+            num_kv_heads=int(hf.get("num_key_value_heads") or h),
+            head_dim=int(hf.get("head_dim") or e // h),
+            max_seq_len=int(hf.get("max_position_embeddings", 2048)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", family == "gemma2")),
+            attention_bias=bool(hf.get("attention_bias", family == "qwen2")),
+            sliding_windows=_windows_from_hf(hf, num_layers),
+            bos_token_id=hf.get("bos_token_id"),
+            # Lists become tuples: the config is a static (hashable) argument of compiled functions.
+            eos_token_id=tuple(eos) if isinstance(eos := hf.get("eos_token_id"), list) else eos,
+            pad_token_id=hf.get("pad_token_id"),
+        )
+    except KeyError as err:
+        raise ModelConfigError(f"config.json: missing required field {err.args[0]!r} for model_type={model_type!r}") from None
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+    kw["activation"] = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}.get(act)
+    if kw["activation"] is None:
+        raise ModelConfigError(f"config.json: activation {act!r} is not supported (silu, gelu_pytorch_tanh)")
+    if hf.get("mlp_bias"):
+        raise ModelConfigError("config.json: mlp_bias=true is not supported")
+    if family == "qwen3":
+        kw["qk_norm"] = True
+    if family == "gemma2":
+        kw.update(
+            norm_offset=1.0,
+            post_norms=True,
+            embed_scale=True,
+            query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", kw["head_dim"])),
+            attn_logit_softcap=hf.get("attn_logit_softcapping"),
+            final_logit_softcap=hf.get("final_logit_softcapping"),
+        )
+    kw.update(overrides)
+    return ModelConfig(**kw)
+
+
+def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The ``config.json`` dict that HF transformers loads as the same architecture."""
+    hf: dict[str, Any] = {
+        "architectures": [_HF_ARCHITECTURES[cfg.family]],
+        "model_type": cfg.family,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "attention_bias": cfg.attention_bias,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+        "torch_dtype": cfg.param_dtype,
+    }
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        rope = {**dataclasses.asdict(cfg.rope_scaling), "rope_theta": cfg.rope_theta}
+        if cfg.rope_scaling.rope_type == "linear":
+            rope = {"rope_type": "linear", "factor": cfg.rope_scaling.factor, "rope_theta": cfg.rope_theta}
+    hf["rope_parameters"] = rope
+    hf["rope_theta"] = cfg.rope_theta  # read by transformers 4.x as well
+    hf["rope_scaling"] = None if cfg.rope_scaling is None else rope
+    if cfg.activation == "silu":
+        hf["hidden_act"] = "silu"
+    else:
+        hf["hidden_act"] = hf["hidden_activation"] = "gelu_pytorch_tanh"
+    windows = cfg.sliding_windows
+    if windows is not None:
+        sizes = {w for w in windows if w is not None}
+        if len(sizes) != 1:
+            raise ModelConfigError(f"HF configs hold one sliding window size; this model has {sorted(sizes)}")
+        hf["sliding_window"] = sizes.pop()
+        hf["layer_types"] = ["full_attention" if w is None else "sliding_attention" for w in windows]
+        if cfg.family == "qwen2":
+            hf["use_sliding_window"] = True
+    else:
+        hf["sliding_window"] = None
+        hf["layer_types"] = ["full_attention"] * cfg.num_layers
+    if cfg.family == "gemma2":
+        hf.update(
+            # transformers' strict config dataclass wants an int here (every published Gemma 2 uses one).
+            query_pre_attn_scalar=_int_if_whole(cfg.query_pre_attn_scalar or cfg.head_dim),
+            attn_logit_softcapping=cfg.attn_logit_softcap,
+            final_logit_softcapping=cfg.final_logit_softcap,
+        )
+    elif (cfg.norm_offset, cfg.post_norms, cfg.embed_scale, cfg.attn_logit_softcap, cfg.final_logit_softcap) != (
+        0.0,
+        False,
+        False,
+        None,
+        None,
+    ):
+        raise ModelConfigError(f"family {cfg.family!r} cannot express Gemma-style switches in an HF config")
+    if cfg.qk_norm != (cfg.family == "qwen3"):
+        raise ModelConfigError(f"qk_norm={cfg.qk_norm} does not match family {cfg.family!r} in an HF config")
+    return hf
+
+
+def _int_if_whole(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x

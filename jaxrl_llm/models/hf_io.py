@@ -1,0 +1,289 @@
+"""HF checkpoint directories (``config.json`` + safetensors, single or sharded) in and out.
+
+Our weights use einsum layout with a leading layer axis; HF stores ``[out, in]`` matrices per layer. The
+table below names, for every parameter path, its HF key and how to convert it, and is used in both
+directions, so load and save cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from ..parallel import DEFAULT_RULES, state_shardings
+from .build import abstract_model
+from .config import ModelConfig, from_hf_config, to_hf_config
+from .layers import INIT_STD
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """An HF checkpoint directory that cannot be read (missing files or tensors, wrong shapes)."""
+
+
+# (path inside a block) -> (HF key inside `model.layers.{i}.`, conversion). Conversions: "linearN" = an HF
+# [out, in] matrix whose first N of our axes are inputs; "flat" = same values, HF shape 1-D.
+_BLOCK_KEYS = {
+    ("attn_norm", "weight"): ("input_layernorm.weight", "flat"),
+    ("attn", "q"): ("self_attn.q_proj.weight", "linear1"),
+    ("attn", "k"): ("self_attn.k_proj.weight", "linear1"),
+    ("attn", "v"): ("self_attn.v_proj.weight", "linear1"),
+    ("attn", "o"): ("self_attn.o_proj.weight", "linear2"),
+    ("attn", "q_bias"): ("self_attn.q_proj.bias", "flat"),
+    ("attn", "k_bias"): ("self_attn.k_proj.bias", "flat"),
+    ("attn", "v_bias"): ("self_attn.v_proj.bias", "flat"),
+    ("attn", "q_norm", "weight"): ("self_attn.q_norm.weight", "flat"),
+    ("attn", "k_norm", "weight"): ("self_attn.k_norm.weight", "flat"),
+    ("mlp", "gate"): ("mlp.gate_proj.weight", "linear1"),
+    ("mlp", "up"): ("mlp.up_proj.weight", "linear1"),
+    ("mlp", "down"): ("mlp.down_proj.weight", "linear1"),
+    ("attn_post_norm", "weight"): ("post_attention_layernorm.weight", "flat"),
+    ("mlp_post_norm", "weight"): ("post_feedforward_layernorm.weight", "flat"),
+}
+_TOP_KEYS = {
+    ("embed", "embedding"): ("model.embed_tokens.weight", "same"),
+    ("final_norm", "weight"): ("model.norm.weight", "flat"),
+    ("lm_head",): ("lm_head.weight", "linear1"),
+    ("score", "weight"): ("score.weight", "row"),
+    # TRL's AutoModelForCausalLMWithValueHead names; HF's CausalLM loader ignores these keys.
+    ("value_head", "weight"): ("v_head.summary.weight", "row"),
+    ("value_head", "bias"): ("v_head.summary.bias", "flat"),
+}
+_HEAD_PATHS = {("score", "weight"), ("value_head", "weight"), ("value_head", "bias")}
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _block_key(path: tuple[str, ...], cfg: ModelConfig) -> str:
+    # Gemma 2 has four norms per block; Llama-style families call their pre-MLP norm post_attention_layernorm.
+    if path == ("mlp_norm", "weight"):
+        return "pre_feedforward_layernorm.weight" if cfg.post_norms else "post_attention_layernorm.weight"
+    return _BLOCK_KEYS[path][0]
+
+
+def hf_keys(path: tuple[str, ...], cfg: ModelConfig) -> tuple[list[str], str]:
+    """(HF keys, conversion) for a parameter path; block parameters have one key per layer."""
+    if path[0] != "blocks":
+        key, kind = _TOP_KEYS[path]
+        return [key], kind
+    inner = path[1:]
+    key, kind = _block_key(inner, cfg), "flat" if inner == ("mlp_norm", "weight") else _BLOCK_KEYS[inner][1]
+    return [f"model.layers.{i}.{key}" for i in range(cfg.num_layers)], kind
+
+
+def _hf_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
+    if kind.startswith("linear"):
+        n_in = int(kind[-1])
+        return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
+    return {"same": shape, "flat": (math.prod(shape),), "row": (1, math.prod(shape))}[kind]
+
+
+def _to_ours(x: np.ndarray, shape: tuple[int, ...], kind: str) -> np.ndarray:
+    return (x.T if kind.startswith("linear") else x).reshape(shape)
+
+
+def _to_hf(x: np.ndarray, kind: str) -> np.ndarray:
+    hf_shape = _hf_shape(x.shape, kind)
+    if kind.startswith("linear"):
+        return np.ascontiguousarray(x.reshape(hf_shape[::-1]).T)
+    return x.reshape(hf_shape)
+
+
+class _SafetensorsReader:
+    """Lazy reads from ``model.safetensors`` or a sharded ``model.safetensors.index.json`` checkpoint."""
+
+    def __init__(self, path: Path):
+        index = path / "model.safetensors.index.json"
+        single = path / "model.safetensors"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif single.exists():
+            weight_map = None
+        else:
+            found = sorted(p.name for p in path.iterdir())
+            raise CheckpointError(
+                f"{path}: no model.safetensors or model.safetensors.index.json (found: {', '.join(found) or 'nothing'})"
+                + ("; PyTorch .bin checkpoints are not supported, convert them to safetensors" if any(
+                    f.endswith(".bin") for f in found) else "")
+            )
+        self._handles: dict[str, object] = {}
+        if weight_map is None:
+            handle = self._open(single)
+            self.weight_map = {k: single.name for k in handle.keys()}
+        else:
+            self.weight_map = weight_map
+        self.path = path
+
+    def _open(self, file: Path):
+        if file.name not in self._handles:
+            if not file.exists():
+                raise CheckpointError(f"{file}: listed in the safetensors index but missing")
+            self._handles[file.name] = safe_open(str(file), framework="numpy")
+        return self._handles[file.name]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.weight_map
+
+    def get(self, key: str) -> np.ndarray:
+        return self._open(self.path / self.weight_map[key]).get_tensor(key)
+
+
+def read_hf_config(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory (expected an HF checkpoint directory with config.json)")
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(f"{path}: no config.json")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({err})") from None
+
+
+def _head_from_hf(hf: dict) -> str:
+    """The head a checkpoint carries, from its ``architectures`` entry."""
+    archs = hf.get("architectures") or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        num_labels = len(hf.get("id2label") or {0: ""})
+        if num_labels != 1:
+            raise CheckpointError(f"sequence-classification checkpoints need 1 label, this one has {num_labels}")
+        return "score"
+    return "lm"
+
+
+def _flat(state: nnx.State) -> list[tuple[tuple[str, ...], nnx.Variable]]:
+    return [(tuple(str(k) for k in p), var) for p, var in nnx.to_flat_state(state)]
+
+
+def _read_param(reader: _SafetensorsReader, keys: list[str], kind: str, shape: tuple[int, ...],
+                stacked: bool, where: str) -> np.ndarray:
+    """Reads and converts one parameter; block parameters are stacked over layers."""
+    per_layer = shape[1:] if stacked else shape
+    expected = _hf_shape(per_layer, kind)
+    arrays = []
+    for key in keys:
+        if key not in reader:
+            raise CheckpointError(f"{where}: tensor {key!r} is missing from the checkpoint")
+        x = reader.get(key)
+        if tuple(x.shape) != expected:
+            raise CheckpointError(
+                f"{where}: tensor {key!r} has shape {tuple(x.shape)} but config.json implies {expected}")
+        arrays.append(_to_ours(x, per_layer, kind))
+    return np.stack(arrays) if stacked else arrays[0]
+
+
+def _place(x: np.ndarray, sharding) -> jax.Array:
+    if sharding is None:
+        return jnp.asarray(x)
+    # Each device receives only its own slice: a sharded model never sits whole on one device.
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def _new_head_param(p: tuple[str, ...], shape: tuple[int, ...], dtype) -> np.ndarray:
+    if p[-1] == "bias":
+        return np.zeros(shape, dtype)
+    return (INIT_STD * np.random.default_rng(0).standard_normal(shape)).astype(dtype)
+
+
+def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, mesh: Mesh | None = None, head: str | None = None,
+            rules=DEFAULT_RULES, **overrides):
+    """Reads an HF checkpoint directory into a model whose parameters are ``dtype`` (sharded on ``mesh``).
+
+    ``head`` defaults to the checkpoint's own (``*ForCausalLM`` -> "lm", ``*ForSequenceClassification``
+    -> "score"); asking for a head the checkpoint lacks (a reward head on a base model) initialises that
+    head randomly, as HF does, and logs it. ``overrides`` replace :class:`ModelConfig` fields (compute
+    ``dtype`` name, ``remat``, ``scan_layers``, ...).
+    """
+    path = Path(path)
+    hf = read_hf_config(path)
+    head = head or _head_from_hf(hf)
+    dtype_name = jnp.dtype(dtype).name
+    cfg = from_hf_config(hf, **{"param_dtype": dtype_name, "dtype": dtype_name, **overrides})
+    reader = _SafetensorsReader(path)
+    graphdef, abstract = nnx.split(abstract_model(cfg, head=head))
+    shardings = dict(_flat(state_shardings(abstract, mesh, rules))) if mesh is not None else {}
+    used: set[str] = set()
+    loaded = []
+    for p, var in _flat(abstract):
+        keys, kind = hf_keys(p, cfg)
+        if p in _HEAD_PATHS and keys[0] not in reader:
+            log.warning("%s: no %r tensor; the %s head starts from random init", path, keys[0], p[0])
+            array = _new_head_param(p, var.shape, var.dtype)
+        else:
+            array = _read_param(reader, keys, kind, var.shape, p[0] == "blocks", str(path)).astype(var.dtype)
+            used.update(keys)
+        sharding = shardings[p].get_value() if p in shardings else None
+        loaded.append((p, var.replace(_place(array, sharding))))
+    unused = [k for k in reader.weight_map if k not in used and not k.endswith(_IGNORED_SUFFIXES)]
+    if cfg.tie_word_embeddings and "lm_head.weight" in unused:
+        unused.remove("lm_head.weight")  # some tied checkpoints store the shared matrix twice
+    if unused:
+        log.warning("%s: %d checkpoint tensors were not used: %s", path, len(unused), ", ".join(unused[:8]))
+    return nnx.merge(graphdef, nnx.from_flat_state(loaded))
+
+
+def _architecture(cfg: ModelConfig, head: str, hf: dict) -> list[str]:
+    causal = hf["architectures"][0]
+    return [causal.replace("ForCausalLM", "ForSequenceClassification")] if head == "score" else [causal]
+
+
+def save_hf(model, path: str | os.PathLike, *, dtype=None, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Writes ``config.json`` and safetensors (sharded past ``max_shard_bytes``) that HF transformers loads.
+
+    ``dtype`` (e.g. ``jnp.bfloat16``) converts on the way out; the default keeps the parameter dtype.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg: ModelConfig = model.cfg
+    head = "score" if hasattr(model, "score") else "lm"
+    tensors: dict[str, np.ndarray] = {}
+    for p, var in _flat(nnx.state(model, nnx.Param)):
+        keys, kind = hf_keys(p, cfg)
+        array = np.asarray(jax.device_get(var.get_value()))
+        if dtype is not None:
+            array = array.astype(jnp.dtype(dtype))
+        per_layer = list(array) if p[0] == "blocks" else [array]
+        for key, x in zip(keys, per_layer, strict=True):
+            tensors[key] = _to_hf(x, kind)
+    hf = to_hf_config(cfg)
+    hf["architectures"] = _architecture(cfg, head, hf)
+    if head == "score":
+        hf["id2label"], hf["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
+    hf["torch_dtype"] = hf["dtype"] = jnp.dtype(dtype or cfg.param_dtype).name
+    (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    _write_safetensors(tensors, path, max_shard_bytes)
+    return path
+
+
+def _write_safetensors(tensors: dict[str, np.ndarray], path: Path, max_shard_bytes: int) -> None:
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for key, x in tensors.items():
+        if shards[-1] and size + x.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = x
+        size += x.nbytes
+    metadata = {"format": "pt"}  # HF's loaders expect this marker
+    if len(shards) == 1:
+        save_file(shards[0], str(path / "model.safetensors"), metadata=metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / name), metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, name))
+    index = {"metadata": {"total_size": sum(x.nbytes for x in tensors.values())}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,125 @@
+"""Building blocks: parameters with logical axes, RMSNorm, embeddings, gated MLP, RoPE, soft-capping.
+
+Shapes: B batch, T query length, S key length, E embed, H heads, K kv heads, D head dim, M mlp, V vocab.
+Weights are stored in einsum layout (input axes first), not HF's ``[out, in]``; ``hf_io`` converts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .config import ModelConfig, RopeScaling
+
+INIT_STD = 0.02  # HF's default `initializer_range`, so from-scratch models match HF's init scale.
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype,
+          init: str = "normal") -> nnx.Param:
+    """A parameter annotated with the logical names of its axes (read by ``parallel.state_shardings``)."""
+    if init == "normal":
+        value = INIT_STD * jax.random.normal(rngs.params(), shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        value = jnp.zeros(shape, dtype)
+    return nnx.Param(value, axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    """``x / rms(x) * (offset + w)``, computed in float32 (offset 1 with zero init for Gemma)."""
+
+    def __init__(self, size: int, cfg: ModelConfig, *, axes: tuple[str | None, ...] = ("norm",)):
+        self.offset = cfg.norm_offset
+        self.eps = cfg.rms_norm_eps
+        init = "zeros" if cfg.norm_offset else "ones"
+        self.weight = param(None, (size,), axes, dtype_of(cfg.param_dtype), init)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * (self.offset + self.weight[...].astype(jnp.float32))).astype(x.dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding ``[V, E]``; also the output projection when embeddings are tied."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.embedding = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                               dtype_of(cfg.param_dtype))
+        self.scale = math.sqrt(cfg.hidden_size) if cfg.embed_scale else None
+        self.dtype = dtype_of(cfg.dtype)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """tokens: int32[B, T] -> float[B, T, E]."""
+        x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+        if self.scale is not None:
+            # Gemma rounds the scale to the compute dtype before multiplying; so do we.
+            x = x * jnp.asarray(self.scale, self.dtype)
+        return x
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Tied output projection: float[B, T, E] -> float32[B, T, V]."""
+        return jnp.einsum("bte,ve->btv", x, self.embedding[...].astype(x.dtype),
+                          preferred_element_type=jnp.float32)
+
+
+class MLP(nnx.Module):
+    """Gated MLP: ``down(act(gate(x)) * up(x))`` with SiLU (SwiGLU) or tanh-GELU (GeGLU)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        e, m, pd = cfg.hidden_size, cfg.intermediate_size, dtype_of(cfg.param_dtype)
+        self.gate = param(rngs, (e, m), ("embed", "mlp"), pd)
+        self.up = param(rngs, (e, m), ("embed", "mlp"), pd)
+        self.down = param(rngs, (m, e), ("mlp", "embed"), pd)
+        self.act = jax.nn.silu if cfg.activation == "silu" else lambda v: jax.nn.gelu(v, approximate=True)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: float[B, T, E] -> float[B, T, E]."""
+        dt = x.dtype
+        gate = jnp.einsum("bte,em->btm", x, self.gate[...].astype(dt))
+        up = jnp.einsum("bte,em->btm", x, self.up[...].astype(dt))
+        return jnp.einsum("btm,me->bte", self.act(gate) * up, self.down[...].astype(dt))
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    """Inverse frequencies ``[D/2]`` (float32, as HF computes them), with Llama 3 or linear scaling."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim
+    inv_freq = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return (inv_freq / scaling.factor).astype(np.float32)
+    # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, the band between interpolated.
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotary embedding, HF's half-rotation layout. x: [B, T, N, D], positions: int32[B, T]."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, D]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """Gemma 2 soft-capping ``cap * tanh(x / cap)``; identity when ``cap`` is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)

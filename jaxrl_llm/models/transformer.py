@@ -1,0 +1,208 @@
+"""The decoder: embeddings, a stack of identical blocks, a final norm, and a head.
+
+Blocks are created with ``nnx.vmap``, so every block parameter carries a leading layer axis. The forward
+runs them either with ``lax.scan`` (``scan_layers``: one compiled block, fast compiles for deep models) or
+unrolled (more room for XLA to fuse across layers). Per-layer differences (Gemma 2's alternating sliding
+windows) are data, not structure, so both paths are the same code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from ..parallel import constrain
+from .attention import Attention, AttentionMask, make_mask
+from .cache import KVCache
+from .config import ModelConfig
+from .layers import MLP, Embed, RMSNorm, dtype_of, param, softcap
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block (plus Gemma 2's post-norms when ``cfg.post_norms``)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg)
+        self.mlp = MLP(cfg, rngs=rngs)
+        if cfg.post_norms:
+            self.attn_post_norm = RMSNorm(cfg.hidden_size, cfg)
+            self.mlp_post_norm = RMSNorm(cfg.hidden_size, cfg)
+        self.post_norms = cfg.post_norms
+
+    def __call__(self, x, positions, mask, kv=None, index=None):
+        h, kv = self.attn(self.attn_norm(x), positions, mask, kv, index)
+        if self.post_norms:
+            h = self.attn_post_norm(h)
+        x = x + h
+        h = self.mlp(self.mlp_norm(x))
+        if self.post_norms:
+            h = self.mlp_post_norm(h)
+        return constrain(x + h, ("batch", "seq", "embed")), kv
+
+
+@struct.dataclass
+class ModelOutput:
+    logits: jax.Array | None  # float32[B, T, V] (None for score models)
+    hidden: jax.Array  # [B, T, E] after the final norm
+    scores: jax.Array | None = None  # float32[B, T]: score head (reward model) or value head (critic)
+    cache: KVCache | None = None
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Decoder(nnx.Module):
+    """Embeddings -> blocks -> final norm. ``forward`` returns hidden states; heads live in subclasses."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = Embed(cfg, rngs=rngs)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=cfg.num_layers)
+        def make_blocks(rngs):
+            return Block(cfg, rngs=rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg)
+        self.windows = tuple(w or 0 for w in cfg.layer_windows())
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        return KVCache.init(self.cfg, batch, max_len, dtype)
+
+    def _run_blocks(self, x, positions, mask: AttentionMask, cache: KVCache | None):
+        graphdef, state = nnx.split(self.blocks)
+        windows = jnp.asarray(self.windows, jnp.int32)
+        index = None if cache is None else cache.index
+
+        def layer(x, xs):
+            block_state, window, kv = xs
+            return nnx.merge(graphdef, block_state)(x, positions, mask.for_window(window), kv, index)
+
+        if self.cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.cfg.remat])
+        kv = None if cache is None else (cache.k, cache.v)
+        if self.cfg.scan_layers:
+            x, (ks, vs) = jax.lax.scan(layer, x, (state, windows, kv))
+        else:
+            outs = []
+            for i in range(self.cfg.num_layers):
+                x, out = layer(x, jax.tree.map(lambda a, i=i: a[i], (state, windows, kv)))
+                outs.append(out)
+            ks, vs = jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs])
+        return x, ks, vs
+
+    def forward_hidden(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+                       attention_mask: jax.Array | None = None, cache: KVCache | None = None):
+        """tokens: int32[B, T] -> (hidden [B, T, E], updated cache or None).
+
+        ``attention_mask`` (bool/int [B, T], 1 = real token) allows left and right padding. ``positions``
+        default to the count of real tokens before each one (continuing from the cache), which is what HF
+        computes for padded generation.
+        """
+        b, t = tokens.shape
+        valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        start = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
+        if positions is None:
+            positions = jnp.maximum(start[:, None] + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
+        positions = positions.astype(jnp.int32)
+        if cache is None:
+            mask = make_mask(positions, valid, positions, valid, jnp.arange(t))
+        else:
+            slots = cache.index + jnp.arange(t)
+            cache = cache.replace(
+                valid=jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index)),
+                positions=jax.lax.dynamic_update_slice(cache.positions, positions, (0, cache.index)),
+            )
+            mask = make_mask(positions, valid, cache.positions, cache.valid, slots)
+        x = constrain(self.embed(tokens), ("batch", "seq", "embed"))
+        x, ks, vs = self._run_blocks(x, positions, mask, cache)
+        if cache is not None:
+            cache = cache.replace(k=ks, v=vs, index=cache.index + t,
+                                  lengths=cache.lengths + valid.sum(axis=1, dtype=jnp.int32))
+        return self.final_norm(x), cache
+
+
+class CausalLM(Decoder):
+    """Decoder with a language-model head (tied or untied) and, optionally, a scalar value head."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, value_head: bool = False):
+        super().__init__(cfg, rngs=rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                                 dtype_of(cfg.param_dtype))
+        self.value_head = ScalarHead(cfg, rngs=rngs, bias=True) if value_head else None
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [B, T, E] -> float32[B, T, V], soft-capped for Gemma 2."""
+        if self.cfg.tie_word_embeddings:
+            logits = self.embed.attend(hidden)
+        else:
+            logits = jnp.einsum("bte,ev->btv", hidden, self.lm_head[...].astype(hidden.dtype),
+                                preferred_element_type=jnp.float32)
+        return softcap(logits.astype(jnp.float32), self.cfg.final_logit_softcap)
+
+    def forward(self, tokens, *, positions=None, attention_mask=None, cache=None) -> ModelOutput:
+        hidden, cache = self.forward_hidden(tokens, positions=positions, attention_mask=attention_mask, cache=cache)
+        scores = None if self.value_head is None else self.value_head(hidden)
+        return ModelOutput(logits=self.logits(hidden), hidden=hidden, scores=scores, cache=cache)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 attention_mask: jax.Array | None = None) -> jax.Array:
+        """tokens: int32[B, T] -> logits: float32[B, T, V]."""
+        return self.forward(tokens, positions=positions, attention_mask=attention_mask).logits
+
+
+class ScalarHead(nnx.Module):
+    """``[B, T, E] -> float32[B, T]``: HF's ``score`` layer (1 label, no bias) or a PPO value head."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, bias: bool = False):
+        self.weight = param(rngs, (cfg.hidden_size,), ("embed",), dtype_of(cfg.param_dtype))
+        self.bias = param(None, (), (), dtype_of(cfg.param_dtype), "zeros") if bias else None
+
+    def __call__(self, hidden: jax.Array) -> jax.Array:
+        out = jnp.einsum("bte,e->bt", hidden, self.weight[...].astype(hidden.dtype),
+                         preferred_element_type=jnp.float32)
+        return out if self.bias is None else out + self.bias[...].astype(jnp.float32)
+
+
+class ScoreModel(Decoder):
+    """Decoder with a scalar head per token: a reward model or a separate PPO critic.
+
+    The sequence score is the head's output at the last real token (``sequence_scores``), as in HF's
+    ``*ForSequenceClassification`` with one label.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        self.score = ScalarHead(cfg, rngs=rngs)
+
+    def forward(self, tokens, *, positions=None, attention_mask=None, cache=None) -> ModelOutput:
+        hidden, cache = self.forward_hidden(tokens, positions=positions, attention_mask=attention_mask, cache=cache)
+        return ModelOutput(logits=None, hidden=hidden, scores=self.score(hidden), cache=cache)
+
+    def __call__(self, tokens, positions=None, attention_mask=None) -> jax.Array:
+        """tokens: int32[B, T] -> per-token scores float32[B, T]."""
+        return self.forward(tokens, positions=positions, attention_mask=attention_mask).scores
+
+
+def sequence_scores(scores: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """scores float32[B, T], mask [B, T] -> float32[B]: the score at each row's last real token."""
+    t = attention_mask.shape[1]
+    last = t - 1 - jnp.argmax(jnp.flip(attention_mask.astype(bool), axis=1), axis=1)
+    return jnp.take_along_axis(scores, last[:, None], axis=1)[:, 0]
+
+
+HEADS: dict[str, Any] = {
+    "lm": CausalLM,
+    "lm+value": lambda cfg, *, rngs: CausalLM(cfg, rngs=rngs, value_head=True),
+    "score": ScoreModel,
+}

@@ -1,0 +1,1 @@
+"""Training entry point (``python -m jaxrl_llm.train``) and the stage registry."""

@@ -1,0 +1,54 @@
+"""``python -m jaxrl_llm.train --config configs/X.py [--config.a.b=value ...]``.
+
+Parses and validates the config before anything heavy is imported, prints the resolved config, then runs
+the stage named by ``config.stage``. Exit codes: 0 done, 2 configuration error, 3 stage not implemented.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+PROG = "jaxrl_llm.train"
+EXIT_CONFIG_ERROR = 2
+
+USAGE = f"""\
+usage: python -m {PROG} [--config PATH] [--config.KEY=VALUE ...]
+
+  --config PATH          a Python file whose get_config() returns the config (e.g. configs/quickstart.py);
+                         without it the base config is used
+  --config.KEY=VALUE     override one key, e.g. --config.optimizer.lr=1e-4 --config.train.steps 200;
+                         applied in order; VALUE is parsed as the key's type (bool: true/false,
+                         nullable keys: none)
+  -h, --help             show this message
+
+Every key with its default, allowed values and meaning: python -m jaxrl_llm.config
+The config is validated and printed before training starts; config.stage selects what runs.
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(USAGE, end="")
+        return 0
+    # Only the config package is imported up to here, so a mistake is reported in well under a second.
+    from jaxrl_llm.config import ConfigError, format_config, parse_args
+
+    try:
+        cfg = parse_args(argv)
+    except ConfigError as err:
+        problems = "\n".join(f"  {p}" for p in err.problems)
+        print(f"{PROG}: configuration error:\n{problems}", file=sys.stderr)
+        print(f"(see python -m {PROG} --help, and python -m jaxrl_llm.config for every key)", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    print(f"{PROG}: resolved config:\n{format_config(cfg)}", flush=True)
+
+    from jaxrl_llm.train.stages import run_stage
+
+    return run_stage(cfg)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

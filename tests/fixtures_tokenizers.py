@@ -1,0 +1,186 @@
+"""Tiny tokenizers trained in-process, for tests that need a real tokenizer on disk without a download.
+
+``make_hf_tokenizer_dir`` writes a byte-level BPE directory laid out by ``save_pretrained`` (ChatML special
+tokens and template, like Qwen); ``make_qwen_style_dir`` writes the same vocabulary as ``vocab.json`` +
+``merges.txt`` with no ``tokenizer.json``; ``make_sentencepiece_model`` writes a SentencePiece ``.model``.
+Each trains in well under a second.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+from typing import Literal
+
+import sentencepiece
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+CORPUS = (
+    "Hello world, this is a tiny corpus for training tokenizers in tests.",
+    "The quick brown fox jumps over the lazy dog.",
+    "user: What is 12 + 30? assistant: The answer is 42.",
+    "system: You are a helpful assistant. Think step by step.",
+    "Reinforcement learning from human feedback trains a policy against a reward.",
+) * 8
+
+BOS = "<|begin_of_text|>"
+EOS = "<|im_end|>"
+PAD = "<|endoftext|>"
+IM_START = "<|im_start|>"
+# Trained first, so they get ids 0..3 in this order.
+SPECIAL_TOKENS = (PAD, IM_START, EOS, BOS)
+
+# The ChatML template of Qwen2.5, without its tool-calling branches.
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# A template that reads the special-token variables, for tokenizers whose markers are BOS/EOS pieces.
+BOS_EOS_TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}"
+    "{{- '[' + message['role'] + '] ' + message['content'] + eos_token }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '[assistant] ' }}{%- endif %}"
+)
+
+
+def train_byte_level_bpe(vocab_size: int = 320) -> Tokenizer:
+    """A GPT-2 style byte-level BPE over ``CORPUS`` with ``SPECIAL_TOKENS``; BOS is added by the post-processor."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos_id)]
+    )
+    return tok
+
+
+def make_hf_tokenizer_dir(
+    tmp_path: Path,
+    *,
+    chat_template: str | None = CHATML_TEMPLATE,
+    vocab_size: int = 320,
+    template_in: Literal["tokenizer_config", "jinja_file"] = "tokenizer_config",
+    pad: bool = True,
+    generation_eos_ids: list[int] | None = None,
+    name: str = "hf_tokenizer",
+) -> Path:
+    """Save a tiny HF tokenizer (``tokenizer.json`` + ``tokenizer_config.json``) to ``tmp_path / name``.
+
+    Args:
+      chat_template: written where ``template_in`` says: inside ``tokenizer_config.json`` as most Hub
+        models ship it, or as the ``chat_template.jinja`` file transformers 5 writes; ``None`` for none.
+      pad: ``False`` leaves the pad token unset.
+      generation_eos_ids: written as ``generation_config.json``'s ``eos_token_id`` when given.
+    """
+    out = tmp_path / name
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=train_byte_level_bpe(vocab_size),
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD if pad else None,
+    )
+    hf.chat_template = chat_template
+    hf.save_pretrained(str(out))
+    jinja_file = out / "chat_template.jinja"
+    if chat_template is not None and template_in == "tokenizer_config":
+        jinja_file.unlink()
+        config_path = out / "tokenizer_config.json"
+        config = json.loads(config_path.read_text())
+        config["chat_template"] = chat_template
+        config_path.write_text(json.dumps(config, indent=2))
+    if generation_eos_ids is not None:
+        (out / "generation_config.json").write_text(json.dumps({"eos_token_id": generation_eos_ids}))
+    return out
+
+
+def make_qwen_style_dir(tmp_path: Path, *, vocab_size: int = 320, name: str = "qwen_style") -> Path:
+    """Write ``vocab.json`` + ``merges.txt`` + ``tokenizer_config.json`` (``Qwen2Tokenizer``), no ``tokenizer.json``."""
+    out = tmp_path / name
+    out.mkdir(parents=True)
+    tok = train_byte_level_bpe(vocab_size)
+    tok.model.save(str(out))
+    added = {
+        str(tok.token_to_id(t)): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for t in SPECIAL_TOKENS
+    }
+    config = {
+        "tokenizer_class": "Qwen2Tokenizer",
+        "added_tokens_decoder": added,
+        "bos_token": None,
+        "eos_token": EOS,
+        "pad_token": PAD,
+        "chat_template": CHATML_TEMPLATE,
+        "errors": "replace",
+        "split_special_tokens": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 32768,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def make_sentencepiece_model(tmp_path: Path, *, vocab_size: int = 120, name: str = "tiny.model") -> Path:
+    """Train a BPE SentencePiece model (unk=0, ``<s>``=1, ``</s>``=2, no pad) and write it to ``tmp_path / name``.
+
+    The ChatML markers are user-defined symbols, so they encode as single pieces.
+    """
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        # The corpus is too small for most vocabulary sizes; without this the trainer refuses.
+        hard_vocab_limit=False,
+        user_defined_symbols=[IM_START, EOS],
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    out = tmp_path / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(model.getvalue())
+    return out
+
+
+def make_sentencepiece_dir(tmp_path: Path, *, vocab_size: int = 120, name: str = "sp_dir") -> Path:
+    """A Llama 2 style directory: the SentencePiece model as ``tokenizer.model`` + ``tokenizer_config.json``."""
+    model = make_sentencepiece_model(tmp_path, vocab_size=vocab_size, name=f"{name}_src.model")
+    out = tmp_path / name
+    out.mkdir(parents=True)
+    shutil.move(model, out / "tokenizer.model")
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "legacy": False,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return out
