@@ -156,9 +156,13 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
 
 def _windows_from_hf(hf: dict[str, Any], num_layers: int) -> tuple[int | None, ...] | None:
     window = hf.get("sliding_window")
-    if not window or (hf.get("model_type") == "qwen2" and not hf.get("use_sliding_window", False)):
+    qwen = hf.get("model_type") in ("qwen2", "qwen3")
+    if not window or (qwen and not hf.get("use_sliding_window", False)):
         return None
     layer_types = hf.get("layer_types")
+    if layer_types is None and qwen:  # older Qwen configs: the layers from max_window_layers on slide
+        first = int(hf.get("max_window_layers", num_layers))
+        layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
     if layer_types is None:
         return (int(window),) * num_layers
     if len(layer_types) != num_layers:
@@ -257,18 +261,7 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         hf["hidden_act"] = "silu"
     else:
         hf["hidden_act"] = hf["hidden_activation"] = "gelu_pytorch_tanh"
-    windows = cfg.sliding_windows
-    if windows is not None:
-        sizes = {w for w in windows if w is not None}
-        if len(sizes) != 1:
-            raise ModelConfigError(f"HF configs hold one sliding window size; this model has {sorted(sizes)}")
-        hf["sliding_window"] = sizes.pop()
-        hf["layer_types"] = ["full_attention" if w is None else "sliding_attention" for w in windows]
-        if cfg.family == "qwen2":
-            hf["use_sliding_window"] = True
-    else:
-        hf["sliding_window"] = None
-        hf["layer_types"] = ["full_attention"] * cfg.num_layers
+    hf.update(_windows_to_hf(cfg))
     if cfg.family == "gemma2":
         hf.update(
             # transformers' strict config dataclass wants an int here (every published Gemma 2 uses one).
@@ -287,6 +280,27 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.qk_norm != (cfg.family == "qwen3"):
         raise ModelConfigError(f"qk_norm={cfg.qk_norm} does not match family {cfg.family!r} in an HF config")
     return hf
+
+
+def _windows_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """HF's window fields: ``layer_types`` where the family has them, one window for all layers for Mistral."""
+    windows = cfg.sliding_windows
+    per_layer = cfg.family in ("gemma2", "qwen2", "qwen3")
+    if windows is None:
+        if cfg.family == "gemma2":  # Gemma 2 always has the field; all-global layers make it inert
+            return {"sliding_window": cfg.max_seq_len, "layer_types": ["full_attention"] * cfg.num_layers}
+        return {"sliding_window": None} | ({"use_sliding_window": False} if per_layer else {})
+    sizes = {w for w in windows if w is not None}
+    if len(sizes) != 1:
+        raise ModelConfigError(f"HF configs hold one sliding window size; this model has {sorted(sizes)}")
+    out: dict[str, Any] = {"sliding_window": sizes.pop()}
+    if per_layer:
+        out["layer_types"] = ["full_attention" if w is None else "sliding_attention" for w in windows]
+        if cfg.family != "gemma2":
+            out["use_sliding_window"] = True
+    elif cfg.family != "mistral" or None in windows:
+        raise ModelConfigError(f"family {cfg.family!r} cannot express per-layer sliding windows in an HF config")
+    return out
 
 
 def _int_if_whole(x: float) -> int | float:

@@ -1,0 +1,26 @@
+"""Shared test setup."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Tests run on the host CPU; keep XLA from grabbing an accelerator's whole memory when one exists.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _absl_flags_parsed():
+    # Grain's multi-worker loader reads absl flags; tests never parse a command line.
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    yield

@@ -1,0 +1,74 @@
+"""Every way an HF checkpoint directory can be wrong gets an error naming the path and the problem."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from jaxrl_llm.models import CheckpointError, ModelConfigError, create_model, get_preset, load_hf, save_hf
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    save_hf(create_model(get_preset("llama-tiny")), path)
+    return path
+
+
+def _copy(checkpoint, tmp_path, *, config=None, tensors=None):
+    hf = json.loads((checkpoint / "config.json").read_text())
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(config(hf) if config else hf))
+    save_file(tensors(weights) if tensors else weights, str(tmp_path / "model.safetensors"))
+    return tmp_path
+
+
+def test_bad_path(tmp_path):
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'nope'}: not a directory"):
+        load_hf(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match=f"{tmp_path}: no config.json"):
+        load_hf(tmp_path)
+
+
+def test_unsupported_architecture(checkpoint, tmp_path):
+    path = _copy(checkpoint, tmp_path, config=lambda hf: {**hf, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+    with pytest.raises(ModelConfigError, match=r"model_type='gpt2' \(architectures=\['GPT2LMHeadModel'\]\) is not supported"):
+        load_hf(path)
+
+
+def test_missing_tensor(checkpoint, tmp_path):
+    path = _copy(checkpoint, tmp_path, tensors=lambda w: {k: v for k, v in w.items() if "layers.1.mlp.up_proj" not in k})
+    with pytest.raises(CheckpointError, match=r"tensor 'model.layers.1.mlp.up_proj.weight' is missing"):
+        load_hf(path)
+
+
+def test_misshaped_tensor(checkpoint, tmp_path):
+    def shrink(w):
+        w["model.layers.0.self_attn.k_proj.weight"] = np.zeros((8, 64), np.float32)
+        return w
+
+    path = _copy(checkpoint, tmp_path, tensors=shrink)
+    with pytest.raises(CheckpointError, match=r"'model.layers.0.self_attn.k_proj.weight' has shape \(8, 64\) but config.json implies \(32, 64\)"):
+        load_hf(path)
+
+
+def test_missing_weights_file_and_pytorch_bin(checkpoint, tmp_path):
+    (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no model.safetensors.*PyTorch .bin checkpoints are not supported"):
+        load_hf(tmp_path)
+
+
+def test_broken_config_json(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
+        load_hf(tmp_path)
+
+
+def test_missing_config_field(checkpoint, tmp_path):
+    path = _copy(checkpoint, tmp_path, config=lambda hf: {k: v for k, v in hf.items() if k != "hidden_size"})
+    with pytest.raises(ModelConfigError, match="missing required field 'hidden_size'"):
+        load_hf(path)
