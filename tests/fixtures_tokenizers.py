@@ -15,8 +15,17 @@ from pathlib import Path
 from typing import Literal
 
 import sentencepiece
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+
+from jaxrl_llm.render.train_tokenizer import (  # noqa: F401 - re-exported for tests
+    BOS,
+    CHATML_TEMPLATE,
+    EOS,
+    IM_START,
+    PAD,
+    SPECIAL_TOKENS,
+    save_hf_tokenizer,
+)
+from jaxrl_llm.render.train_tokenizer import train_byte_level_bpe as _train_bpe
 
 CORPUS = (
     "Hello world, this is a tiny corpus for training tokenizers in tests.",
@@ -25,21 +34,6 @@ CORPUS = (
     "system: You are a helpful assistant. Think step by step.",
     "Reinforcement learning from human feedback trains a policy against a reward.",
 ) * 8
-
-BOS = "<|begin_of_text|>"
-EOS = "<|im_end|>"
-PAD = "<|endoftext|>"
-IM_START = "<|im_start|>"
-# Trained first, so they get ids 0..3 in this order.
-SPECIAL_TOKENS = (PAD, IM_START, EOS, BOS)
-
-# The ChatML template of Qwen2.5, without its tool-calling branches.
-CHATML_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
 
 # A template that reads the special-token variables, for tokenizers whose markers are BOS/EOS pieces.
 BOS_EOS_TEMPLATE = (
@@ -50,23 +44,9 @@ BOS_EOS_TEMPLATE = (
 )
 
 
-def train_byte_level_bpe(vocab_size: int = 320) -> Tokenizer:
-    """A GPT-2 style byte-level BPE over ``CORPUS`` with ``SPECIAL_TOKENS``; BOS is added by the post-processor."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    bos_id = tok.token_to_id(BOS)
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos_id)]
-    )
-    return tok
+def train_byte_level_bpe(vocab_size: int = 320):
+    """The package's byte-level BPE trained over ``CORPUS``; BOS is added by the post-processor."""
+    return _train_bpe(CORPUS, vocab_size=vocab_size)
 
 
 def make_hf_tokenizer_dir(
@@ -87,22 +67,13 @@ def make_hf_tokenizer_dir(
       pad: ``False`` leaves the pad token unset.
       generation_eos_ids: written as ``generation_config.json``'s ``eos_token_id`` when given.
     """
-    out = tmp_path / name
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=train_byte_level_bpe(vocab_size),
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD if pad else None,
+    out = save_hf_tokenizer(
+        train_byte_level_bpe(vocab_size),
+        tmp_path / name,
+        chat_template=chat_template,
+        pad=pad,
+        template_in_config=template_in == "tokenizer_config",
     )
-    hf.chat_template = chat_template
-    hf.save_pretrained(str(out))
-    jinja_file = out / "chat_template.jinja"
-    if chat_template is not None and template_in == "tokenizer_config":
-        jinja_file.unlink()
-        config_path = out / "tokenizer_config.json"
-        config = json.loads(config_path.read_text())
-        config["chat_template"] = chat_template
-        config_path.write_text(json.dumps(config, indent=2))
     if generation_eos_ids is not None:
         (out / "generation_config.json").write_text(json.dumps({"eos_token_id": generation_eos_ids}))
     return out

@@ -46,3 +46,32 @@ def create_model(cfg: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None, r
         with jax.set_mesh(mesh):
             state = jax.jit(init, out_shardings=shardings)()
     return nnx.merge(graphdef, state)
+
+
+_SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                "head_dim", "max_seq_len")
+
+
+def model_config(section) -> ModelConfig:
+    """The :class:`ModelConfig` a validated ``config.model`` section describes (preset + size overrides)."""
+    from .presets import get_preset
+
+    execution = dict(param_dtype=section.param_dtype, dtype=section.dtype, remat=section.remat,
+                     scan_layers=bool(section.scan_layers))
+    if section.path:
+        from .config import from_hf_config
+        from .hf_io import read_hf_config
+
+        return from_hf_config(read_hf_config(section.path), **execution)
+    sizes = {k: getattr(section, k) for k in _SIZE_FIELDS if getattr(section, k) is not None}
+    return get_preset(section.preset, **sizes, **execution)
+
+
+def build_model(section, *, seed: int = 0, mesh: Mesh | None = None, head: str = "lm"):
+    """The model a validated ``config.model`` section names: loaded from ``path``, else built from scratch."""
+    if section.path:
+        from .hf_io import load_hf
+
+        return load_hf(section.path, dtype=section.param_dtype, compute_dtype=section.dtype, mesh=mesh, head=head,
+                       remat=section.remat, scan_layers=bool(section.scan_layers))
+    return create_model(model_config(section), seed=seed, mesh=mesh, head=head)

@@ -197,20 +197,22 @@ def _new_head_param(p: tuple[str, ...], shape: tuple[int, ...], dtype) -> np.nda
     return (INIT_STD * np.random.default_rng(0).standard_normal(shape)).astype(dtype)
 
 
-def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, mesh: Mesh | None = None, head: str | None = None,
-            rules=DEFAULT_RULES, **overrides):
+def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=None, mesh: Mesh | None = None,
+            head: str | None = None, rules=DEFAULT_RULES, **overrides):
     """Reads an HF checkpoint directory into a model whose parameters are ``dtype`` (sharded on ``mesh``).
 
+    The model computes in ``compute_dtype`` (default: ``dtype``); logits are float32 either way.
     ``head`` defaults to the checkpoint's own (``*ForCausalLM`` -> "lm", ``*ForSequenceClassification``
     -> "score"); asking for a head the checkpoint lacks (a reward head on a base model) initialises that
     head randomly, as HF does, and logs it. ``overrides`` replace :class:`ModelConfig` fields (compute
-    ``dtype`` name, ``remat``, ``scan_layers``, ...).
+    ``remat``, ``scan_layers``, ...).
     """
     path = Path(path)
     hf = read_hf_config(path)
     head = head or _head_from_hf(hf)
     dtype_name = jnp.dtype(dtype).name
-    cfg = from_hf_config(hf, **{"param_dtype": dtype_name, "dtype": dtype_name, **overrides})
+    compute_name = jnp.dtype(compute_dtype or dtype).name
+    cfg = from_hf_config(hf, param_dtype=dtype_name, dtype=compute_name, **overrides)
     reader = _SafetensorsReader(path)
     graphdef, abstract = nnx.split(abstract_model(cfg, head=head))
     shardings = dict(_flat(state_shardings(abstract, mesh, rules))) if mesh is not None else {}
