@@ -162,8 +162,15 @@ def test_at_most_one_parallel_axis_fills():
 
 
 def _checkpoint(tmp_path, **hf) -> str:
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **hf}))
+    from jaxrl_llm.models import get_preset, to_hf_config
+
+    (tmp_path / "config.json").write_text(json.dumps({**to_hf_config(get_preset("llama-tiny")), **hf}))
     return str(tmp_path)
+
+
+def test_model_path_with_an_unsupported_architecture(tmp_path):
+    text = _problems(_overridden(model__path=_checkpoint(tmp_path, model_type="gpt2")))
+    assert "model.path=" in text and "model_type='gpt2'" in text and "is not supported" in text
 
 
 def test_model_path_with_size_override(tmp_path):

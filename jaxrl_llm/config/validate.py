@@ -236,11 +236,15 @@ def _checkpoint_arch(path: str) -> tuple[dict[str, tuple[int, str]], str | None]
     config_json = os.path.join(path, "config.json")
     if not os.path.isfile(config_json):
         return {}, f"model.path={path!r}: not an HF checkpoint directory (no config.json in it)"
+    from jaxrl_llm.models.config import ModelConfigError, from_hf_config
+
     try:
         with open(config_json) as f:
-            max_len = int(json.load(f).get("max_position_embeddings", 2048))
+            arch = from_hf_config(json.load(f))
     except (OSError, ValueError, TypeError, AttributeError) as err:
-        return {}, f"model.path={path!r}: cannot read config.json ({err})"
+        reason = str(err) if isinstance(err, ModelConfigError) else f"cannot read config.json ({err})"
+        return {}, f"model.path={path!r}: {reason}"
+    max_len = arch.max_seq_len
     return {"max_seq_len": (max_len, f"max_position_embeddings={max_len} (in {config_json})")}, None
 
 
