@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
 VOCAB = 97
 
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -30,6 +30,13 @@ def hf_config(family: str, **overrides):
         "qwen3": (t.Qwen3Config, dict()),
         "gemma2": (t.Gemma2Config, dict(sliding_window=4, query_pre_attn_scalar=16, attn_logit_softcapping=5.0,
                                         final_logit_softcapping=3.0)),
+        # Every other layer global, distinct local/global RoPE bases, linear scaling on the global ones.
+        "gemma3": (t.Gemma3TextConfig, dict(sliding_window=4, query_pre_attn_scalar=16,
+                                            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                            rope_parameters={
+                                                "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                                   "rope_theta": 1e6},
+                                                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
     }[family]
     cls, kw = extra
     return cls(**{**_COMMON, **kw, **overrides})

@@ -26,7 +26,7 @@ def _left_padded(seed: int, batch: int = 3, length: int = 14):
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_prefill_then_decode_equals_full_forward(family, scan_layers):
     # Windows of 4 (the tiny presets use 8), so decoding crosses window edges.
-    windows = {"mistral": (4, 4, 4), "gemma2": (4, None, 4)}.get(family)
+    windows = {"mistral": (4, 4, 4), "gemma2": (4, None, 4), "gemma3": (4, 4, None)}.get(family)
     cfg = get_preset(f"{family}-tiny", vocab_size=97, num_layers=3, sliding_windows=windows, scan_layers=scan_layers)
     model = create_model(cfg, seed=1)
     tokens, mask = _left_padded(seed=2)

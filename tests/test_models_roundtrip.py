@@ -91,7 +91,7 @@ def test_value_head_round_trip_and_fresh_heads(tmp_path):
 def test_real_size_config_round_trips_through_transformers():
     from jaxrl_llm.models import from_hf_config, to_hf_config
 
-    for name in ("llama3.1-8b", "qwen3-8b", "gemma2-9b", "qwen2.5-0.5b", "mistral-7b-v0.3"):
+    for name in ("llama3.1-8b", "qwen3-8b", "gemma2-9b", "gemma3-1b", "qwen2.5-0.5b", "mistral-7b-v0.3"):
         cfg = get_preset(name)
         hf = to_hf_config(cfg)
         config = transformers.AutoConfig.for_model(**{k: v for k, v in hf.items() if k != "architectures"})

@@ -18,7 +18,7 @@ def test_parameter_count_equals_the_published_one(name):
     assert get_preset(name).num_params() == PUBLISHED_PARAMS[name]
 
 
-@pytest.mark.parametrize("name", ["llama3.1-8b", "qwen3-8b", "gemma2-2b"])
+@pytest.mark.parametrize("name", ["llama3.1-8b", "qwen3-8b", "gemma2-2b", "gemma3-1b"])
 def test_published_counts_agree_with_transformers_on_the_meta_device(name):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

@@ -1,4 +1,4 @@
-"""Flax NNX decoder-only transformers (Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 2) with HF import/export."""
+"""Flax NNX decoder-only transformers (Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 2, Gemma 3) with HF import/export."""
 
 from .build import abstract_model, build_model, count_params, create_model, model_config
 from .cache import KVCache

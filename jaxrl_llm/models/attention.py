@@ -8,7 +8,7 @@ from flax import nnx, struct
 
 from ..parallel import constrain
 from .config import ModelConfig
-from .layers import RMSNorm, apply_rope, dtype_of, param, rope_inv_freq, softcap
+from .layers import RMSNorm, apply_rope, dtype_of, param, softcap
 
 
 @struct.dataclass
@@ -49,9 +49,9 @@ class Attention(nnx.Module):
             y = y + getattr(self, f"{name}_bias")[...].astype(x.dtype)
         return y
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, inv_freq: jax.Array,
                  kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None):
-        """x: [B, T, E]; positions: int32[B, T]; mask: bool[B, T, S].
+        """x: [B, T, E]; positions: int32[B, T]; mask: bool[B, T, S]; inv_freq: float32[D/2] (this layer's RoPE).
 
         Without ``kv`` the keys are this call's tokens (S = T). With ``kv`` (this layer's cache slices,
         [B, S, K, D] each) the new keys and values are written at slot ``index`` first.
@@ -61,7 +61,6 @@ class Attention(nnx.Module):
         q, k, v = self._project(x, "q"), self._project(x, "k"), self._project(x, "v")
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         if kv is not None:
             k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))

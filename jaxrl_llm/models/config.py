@@ -1,8 +1,8 @@
 """Architecture description shared by every model family.
 
-One frozen dataclass describes Llama, Mistral, Qwen2/2.5, Qwen3 and Gemma 2: the families differ only in
+One frozen dataclass describes Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 2 and Gemma 3: the families differ only in
 switches (qkv bias, q/k norm, norm offset, post-norms, soft-capping, per-layer sliding windows), so the
-forward pass is one code path with no per-family branches. HF ``config.json`` files convert both ways.
+forward pass is one code path with no per-family branches. Gemma 3 adds per-layer RoPE bases (local vs global layers). HF ``config.json`` files convert both ways.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
+GEMMA = ("gemma2", "gemma3")
 
 # HF `model_type` -> our family, and the family -> the HF architecture class written on export.
 _HF_MODEL_TYPES = {
@@ -19,6 +20,7 @@ _HF_MODEL_TYPES = {
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "gemma2": "gemma2",
+    "gemma3_text": "gemma3",  # the text-only Gemma 3 (1B, or the language model of a larger one)
 }
 _HF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -26,6 +28,7 @@ _HF_ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
 }
 _DTYPES = ("float32", "bfloat16")
 
@@ -60,6 +63,8 @@ class ModelConfig:
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
+    # Gemma 3: sliding-window layers use their own RoPE base, unscaled; None = every layer uses rope_theta.
+    local_rope_theta: float | None = None
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2: bias on q, k and v projections.
@@ -111,6 +116,12 @@ class ModelConfig:
     def layer_windows(self) -> tuple[int | None, ...]:
         return self.sliding_windows or (None,) * self.num_layers
 
+    def layer_rope(self) -> tuple[tuple[float, RopeScaling | None], ...]:
+        """(base, scaling) of each layer's RoPE: global layers scale, Gemma 3's local layers do not."""
+        local = (self.local_rope_theta, None) if self.local_rope_theta is not None else None
+        glob = (self.rope_theta, self.rope_scaling)
+        return tuple(glob if w is None or local is None else local for w in self.layer_windows())
+
     def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)
 
@@ -132,26 +143,44 @@ class ModelConfig:
 # ---------------------------------------------------------------------------------------------- HF I/O
 
 
-def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
-    # transformers 5 writes `rope_parameters` (theta inside); older checkpoints `rope_theta` + `rope_scaling`.
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    merged = {**scaling, **params}
-    rope_type = merged.get("rope_type", merged.get("type", "default"))
+def _parse_rope(params: dict[str, Any], default_theta: float) -> tuple[float, RopeScaling | None]:
+    theta = float(params.get("rope_theta", default_theta))
+    rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type in (None, "default"):
         return theta, None
     if rope_type == "llama3":
         return theta, RopeScaling(
             rope_type="llama3",
-            factor=float(merged["factor"]),
-            low_freq_factor=float(merged["low_freq_factor"]),
-            high_freq_factor=float(merged["high_freq_factor"]),
-            original_max_position_embeddings=int(merged["original_max_position_embeddings"]),
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
         )
     if rope_type == "linear":
-        return theta, RopeScaling(rope_type="linear", factor=float(merged["factor"]))
+        return theta, RopeScaling(rope_type="linear", factor=float(params["factor"]))
     raise ModelConfigError(f"rope scaling type {rope_type!r} is not supported (supported: default, linear, llama3)")
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None, float | None]:
+    """(global base, global scaling, local base or None) from either HF config generation.
+
+    transformers 5 writes ``rope_parameters`` (theta inside; per layer type for Gemma 3); older checkpoints
+    write ``rope_theta`` + ``rope_scaling`` (+ ``rope_local_base_freq`` for Gemma 3).
+    """
+    params = hf.get("rope_parameters") or {}
+    default_theta = float(hf.get("rope_theta", 10000.0))
+    if "full_attention" in params or "sliding_attention" in params:
+        theta, scaling = _parse_rope(params.get("full_attention") or {}, default_theta)
+        local = params.get("sliding_attention")
+        if local is None:
+            return theta, scaling, None
+        local_theta, local_scaling = _parse_rope(local, default_theta)
+        if local_scaling is not None:
+            raise ModelConfigError("config.json: RoPE scaling on sliding-window layers is not supported")
+        return theta, scaling, local_theta
+    theta, scaling = _parse_rope({**(hf.get("rope_scaling") or {}), **params}, default_theta)
+    local = hf.get("rope_local_base_freq")
+    return theta, scaling, None if local is None else float(local)
 
 
 def _windows_from_hf(hf: dict[str, Any], num_layers: int) -> tuple[int | None, ...] | None:
@@ -163,6 +192,9 @@ def _windows_from_hf(hf: dict[str, Any], num_layers: int) -> tuple[int | None, .
     if layer_types is None and qwen:  # older Qwen configs: the layers from max_window_layers on slide
         first = int(hf.get("max_window_layers", num_layers))
         layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+    if layer_types is None and hf.get("model_type") == "gemma3_text":  # older Gemma 3: every 6th is global
+        every = int(hf.get("sliding_window_pattern", 6))
+        layer_types = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(num_layers)]
     if layer_types is None:
         return (int(window),) * num_layers
     if len(layer_types) != num_layers:
@@ -183,7 +215,7 @@ def from_hf_config(hf: dict[str, Any], **overrides) -> ModelConfig:
     try:
         e, h = int(hf["hidden_size"]), int(hf["num_attention_heads"])
         num_layers = int(hf["num_hidden_layers"])
-        theta, scaling = _rope_from_hf(hf)
+        theta, scaling, local_theta = _rope_from_hf(hf)
         kw: dict[str, Any] = dict(
             family=family,
             vocab_size=int(hf["vocab_size"]),
@@ -196,8 +228,9 @@ def from_hf_config(hf: dict[str, Any], **overrides) -> ModelConfig:
             max_seq_len=int(hf.get("max_position_embeddings", 2048)),
             rope_theta=theta,
             rope_scaling=scaling,
+            local_rope_theta=local_theta,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", family == "gemma2")),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", family in GEMMA)),
             attention_bias=bool(hf.get("attention_bias", family == "qwen2")),
             sliding_windows=_windows_from_hf(hf, num_layers),
             bos_token_id=hf.get("bos_token_id"),
@@ -213,9 +246,9 @@ def from_hf_config(hf: dict[str, Any], **overrides) -> ModelConfig:
         raise ModelConfigError(f"config.json: activation {act!r} is not supported (silu, gelu_pytorch_tanh)")
     if hf.get("mlp_bias"):
         raise ModelConfigError("config.json: mlp_bias=true is not supported")
-    if family == "qwen3":
+    if family in ("qwen3", "gemma3"):
         kw["qk_norm"] = True
-    if family == "gemma2":
+    if family in GEMMA:
         kw.update(
             norm_offset=1.0,
             post_norms=True,
@@ -232,7 +265,7 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     """The ``config.json`` dict that HF transformers loads as the same architecture."""
     hf: dict[str, Any] = {
         "architectures": [_HF_ARCHITECTURES[cfg.family]],
-        "model_type": cfg.family,
+        "model_type": "gemma3_text" if cfg.family == "gemma3" else cfg.family,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
@@ -255,6 +288,12 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         if cfg.rope_scaling.rope_type == "linear":
             rope = {"rope_type": "linear", "factor": cfg.rope_scaling.factor, "rope_theta": cfg.rope_theta}
     hf["rope_parameters"] = rope
+    if cfg.family == "gemma3":
+        local = {"rope_type": "default", "rope_theta": cfg.local_rope_theta or cfg.rope_theta}
+        hf["rope_parameters"] = {"full_attention": rope, "sliding_attention": local}
+        hf["rope_local_base_freq"] = local["rope_theta"]
+    elif cfg.local_rope_theta is not None:
+        raise ModelConfigError(f"family {cfg.family!r} cannot express local_rope_theta in an HF config")
     hf["rope_theta"] = cfg.rope_theta  # read by transformers 4.x as well
     hf["rope_scaling"] = None if cfg.rope_scaling is None else rope
     if cfg.activation == "silu":
@@ -262,7 +301,7 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     else:
         hf["hidden_act"] = hf["hidden_activation"] = "gelu_pytorch_tanh"
     hf.update(_windows_to_hf(cfg))
-    if cfg.family == "gemma2":
+    if cfg.family in GEMMA:
         hf.update(
             # transformers' strict config dataclass wants an int here (every published Gemma 2 uses one).
             query_pre_attn_scalar=_int_if_whole(cfg.query_pre_attn_scalar or cfg.head_dim),
@@ -277,7 +316,7 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         None,
     ):
         raise ModelConfigError(f"family {cfg.family!r} cannot express Gemma-style switches in an HF config")
-    if cfg.qk_norm != (cfg.family == "qwen3"):
+    if cfg.qk_norm != (cfg.family in ("qwen3", "gemma3")):
         raise ModelConfigError(f"qk_norm={cfg.qk_norm} does not match family {cfg.family!r} in an HF config")
     return hf
 
@@ -285,9 +324,9 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
 def _windows_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """HF's window fields: ``layer_types`` where the family has them, one window for all layers for Mistral."""
     windows = cfg.sliding_windows
-    per_layer = cfg.family in ("gemma2", "qwen2", "qwen3")
+    per_layer = cfg.family in ("gemma2", "gemma3", "qwen2", "qwen3")
     if windows is None:
-        if cfg.family == "gemma2":  # Gemma 2 always has the field; all-global layers make it inert
+        if cfg.family in GEMMA:  # Gemma always has the field; all-global layers make it inert
             return {"sliding_window": cfg.max_seq_len, "layer_types": ["full_attention"] * cfg.num_layers}
         return {"sliding_window": None} | ({"use_sliding_window": False} if per_layer else {})
     sizes = {w for w in windows if w is not None}
@@ -296,7 +335,7 @@ def _windows_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     out: dict[str, Any] = {"sliding_window": sizes.pop()}
     if per_layer:
         out["layer_types"] = ["full_attention" if w is None else "sliding_attention" for w in windows]
-        if cfg.family != "gemma2":
+        if cfg.family not in GEMMA:
             out["use_sliding_window"] = True
     elif cfg.family != "mistral" or None in windows:
         raise ModelConfigError(f"family {cfg.family!r} cannot express per-layer sliding windows in an HF config")

@@ -21,9 +21,18 @@ _GEMMA2 = dict(
 )
 
 
+_GEMMA3 = dict(_GEMMA2, family="gemma3", qk_norm=True, attn_logit_softcap=None, final_logit_softcap=None,
+               rope_theta=1e6, local_rope_theta=10000.0)
+
+
 def _alternating(window: int, num_layers: int) -> tuple[int | None, ...]:
     """Gemma 2: even layers use a sliding window, odd layers attend globally."""
     return tuple(window if i % 2 == 0 else None for i in range(num_layers))
+
+
+def _five_to_one(window: int, num_layers: int) -> tuple[int | None, ...]:
+    """Gemma 3: five sliding-window layers, then one global layer."""
+    return tuple(None if (i + 1) % 6 == 0 else window for i in range(num_layers))
 
 
 def _tiny(**kw) -> ModelConfig:
@@ -40,6 +49,8 @@ PRESETS: dict[str, ModelConfig] = {
     "qwen3-tiny": _tiny(family="qwen3", qk_norm=True),
     "gemma2-tiny": _tiny(**{**_GEMMA2, "sliding_windows": _alternating(8, 2),
                                       "query_pre_attn_scalar": 16.0}),
+    "gemma3-tiny": _tiny(**{**_GEMMA3, "sliding_windows": (8, None), "query_pre_attn_scalar": 16.0,
+                            "rope_scaling": RopeScaling("linear", 8.0)}),
     # ~30M parameters: the benchmark size for the training step.
     "llama-30m": ModelConfig(family="llama", vocab_size=8192, hidden_size=512, intermediate_size=1536,
                              num_layers=6, num_heads=8, num_kv_heads=4, head_dim=64, max_seq_len=2048,
@@ -81,6 +92,10 @@ PRESETS: dict[str, ModelConfig] = {
                              num_heads=16, num_kv_heads=8, head_dim=256, max_seq_len=8192,
                              query_pre_attn_scalar=256.0, sliding_windows=_alternating(4096, 42),
                              bos_token_id=2, eos_token_id=1, pad_token_id=0, **_GEMMA2),
+    "gemma3-1b": ModelConfig(vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_layers=26,
+                             num_heads=4, num_kv_heads=1, head_dim=256, max_seq_len=32768,
+                             query_pre_attn_scalar=256.0, sliding_windows=_five_to_one(512, 26),
+                             bos_token_id=2, eos_token_id=1, pad_token_id=0, **_GEMMA3),
 }
 
 # Parameter counts as published (model cards / safetensors index `total_size` / 2 bytes for bf16).
@@ -94,6 +109,7 @@ PUBLISHED_PARAMS = {
     "qwen3-8b": 8_190_735_360,
     "gemma2-2b": 2_614_341_888,
     "gemma2-9b": 9_241_705_984,
+    "gemma3-1b": 999_885_952,
 }
 
 

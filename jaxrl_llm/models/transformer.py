@@ -2,8 +2,8 @@
 
 Blocks are created with ``nnx.vmap``, so every block parameter carries a leading layer axis. The forward
 runs them either with ``lax.scan`` (``scan_layers``: one compiled block, fast compiles for deep models) or
-unrolled (more room for XLA to fuse across layers). Per-layer differences (Gemma 2's alternating sliding
-windows) are data, not structure, so both paths are the same code.
+unrolled (more room for XLA to fuse across layers). Per-layer differences (Gemma's sliding windows, Gemma
+3's local RoPE base) are data, not structure, so both paths are the same code.
 """
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
 from ..parallel import constrain
 from .attention import Attention, AttentionMask, make_mask
 from .cache import KVCache
 from .config import ModelConfig
-from .layers import MLP, Embed, RMSNorm, dtype_of, param, softcap
+from .layers import MLP, Embed, RMSNorm, dtype_of, param, rope_inv_freq, softcap
 
 
 class Block(nnx.Module):
@@ -34,8 +35,8 @@ class Block(nnx.Module):
             self.mlp_post_norm = RMSNorm(cfg.hidden_size, cfg)
         self.post_norms = cfg.post_norms
 
-    def __call__(self, x, positions, mask, kv=None, index=None):
-        h, kv = self.attn(self.attn_norm(x), positions, mask, kv, index)
+    def __call__(self, x, positions, mask, inv_freq, kv=None, index=None):
+        h, kv = self.attn(self.attn_norm(x), positions, mask, inv_freq, kv, index)
         if self.post_norms:
             h = self.attn_post_norm(h)
         x = x + h
@@ -80,22 +81,25 @@ class Decoder(nnx.Module):
 
     def _run_blocks(self, x, positions, mask: AttentionMask, cache: KVCache | None):
         graphdef, state = nnx.split(self.blocks)
+        # What differs between layers (window, RoPE base) is scanned data, so all layers share one program.
         windows = jnp.asarray(self.windows, jnp.int32)
+        inv_freqs = jnp.asarray(np.stack([rope_inv_freq(self.cfg.head_dim, theta, scaling)
+                                          for theta, scaling in self.cfg.layer_rope()]))
         index = None if cache is None else cache.index
 
         def layer(x, xs):
-            block_state, window, kv = xs
-            return nnx.merge(graphdef, block_state)(x, positions, mask.for_window(window), kv, index)
+            block_state, window, inv_freq, kv = xs
+            return nnx.merge(graphdef, block_state)(x, positions, mask.for_window(window), inv_freq, kv, index)
 
         if self.cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.cfg.remat])
         kv = None if cache is None else (cache.k, cache.v)
         if self.cfg.scan_layers:
-            x, (ks, vs) = jax.lax.scan(layer, x, (state, windows, kv))
+            x, (ks, vs) = jax.lax.scan(layer, x, (state, windows, inv_freqs, kv))
         else:
             outs = []
             for i in range(self.cfg.num_layers):
-                x, out = layer(x, jax.tree.map(lambda a, i=i: a[i], (state, windows, kv)))
+                x, out = layer(x, jax.tree.map(lambda a, i=i: a[i], (state, windows, inv_freqs, kv)))
                 outs.append(out)
             ks, vs = jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs])
         return x, ks, vs
