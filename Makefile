@@ -18,15 +18,16 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 quickstart: $(VENV)/.installed
 	$(PY) scripts/quickstart.py
 
-test: $(VENV)/.installed-test
-	$(VENV)/bin/ruff check .
+test: lint
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 format: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

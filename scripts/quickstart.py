@@ -72,19 +72,27 @@ def main(argv: list[str]) -> int:
 
     run_dir = Path(cfg.run_dir)
     started = time.perf_counter()
-    tok_dir = save_hf_tokenizer(train_byte_level_bpe(arithmetic_corpus(), vocab_size=384), run_dir / "tokenizer")
+    tok_dir = save_hf_tokenizer(
+        train_byte_level_bpe(arithmetic_corpus(), vocab_size=384), run_dir / "tokenizer"
+    )
     tokenizer = load_tokenizer(tok_dir)
-    print(f"\n[1/4] tokenizer: {tokenizer.vocab_size} tokens, ChatML template sha256 {tokenizer.template_sha256[:12]}")
+    print(
+        f"\n[1/4] tokenizer: {tokenizer.vocab_size} tokens, ChatML template sha256 {tokenizer.template_sha256[:12]}"
+    )
 
     mesh = mesh_from_config(cfg.parallel)
     if cfg.model.path:
         model = build_model(cfg.model, mesh=mesh)
     else:  # a model from scratch gets the tokenizer's vocabulary; the validated config itself stays as is
-        model = create_model(model_config(cfg.model).replace(vocab_size=tokenizer.vocab_size), seed=cfg.seed,
-                             mesh=mesh)
+        model = create_model(
+            model_config(cfg.model).replace(vocab_size=tokenizer.vocab_size), seed=cfg.seed, mesh=mesh
+        )
     print(f"[2/4] model: {model.cfg.family}, {count_params(model):,} parameters on mesh {dict(mesh.shape)}")
 
-    prompts = [[{"role": "user", "content": "What is 12 + 30?"}], [{"role": "user", "content": "What is 7 + 5?"}]]
+    prompts = [
+        [{"role": "user", "content": "What is 12 + 30?"}],
+        [{"role": "user", "content": "What is 7 + 5?"}],
+    ]
     texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True) for p in prompts]
     ids = [tokenizer.encode(t) for t in texts]
     width = max(map(len, ids))
@@ -96,16 +104,22 @@ def main(argv: list[str]) -> int:
     # Every cached step must pick what the full, uncached forward picks.
     full_ids = jnp.concatenate([prompt_ids, generated], axis=1)
     full_mask = jnp.concatenate([prompt_mask, jnp.ones_like(generated)], axis=1)
-    reference = jnp.argmax(model(full_ids, attention_mask=full_mask)[:, width - 1:-1], axis=-1)
+    reference = jnp.argmax(model(full_ids, attention_mask=full_mask)[:, width - 1 : -1], axis=-1)
     agree = bool((reference == generated).all())
-    print(f"[3/4] greedy decode with KV cache (untrained weights, so the text is noise); "
-          f"cached == uncached: {agree}")
+    print(
+        f"[3/4] greedy decode with KV cache (untrained weights, so the text is noise); "
+        f"cached == uncached: {agree}"
+    )
     for text, row in zip(texts, np.asarray(generated), strict=True):
         print(f"      {text!r} -> {tokenizer.decode(row.tolist())!r}")
 
     export = save_hf(model, run_dir / "hf_export")
     reloaded = load_hf(export)
-    delta = float(jnp.abs(reloaded(full_ids, attention_mask=full_mask) - model(full_ids, attention_mask=full_mask)).max())
+    delta = float(
+        jnp.abs(
+            reloaded(full_ids, attention_mask=full_mask) - model(full_ids, attention_mask=full_mask)
+        ).max()
+    )
     print(f"[4/4] exported to {export} and reloaded: max |logit difference| = {delta:.1e}")
     print(f"\nquickstart finished in {time.perf_counter() - started:.1f}s")
     return 0 if agree and delta == 0.0 else 1

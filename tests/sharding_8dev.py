@@ -43,7 +43,9 @@ def check_param_shardings(model, mesh):
         assert got == tuple(spec) + (None,) * (array.ndim - len(spec)), (path, array.sharding.spec, spec)
         assert logical_to_spec(variable_axes(params[path])) == spec, path
     q = params[("blocks", "attn", "q")].get_value()
-    assert q.addressable_shards[0].data.shape == (CFG.num_layers, 32, 2, 16), q.addressable_shards[0].data.shape
+    assert q.addressable_shards[0].data.shape == (CFG.num_layers, 32, 2, 16), q.addressable_shards[
+        0
+    ].data.shape
     assert len({s.device for s in q.addressable_shards}) == 8
 
 

@@ -34,13 +34,23 @@ def test_bad_path(tmp_path):
 
 
 def test_unsupported_architecture(checkpoint, tmp_path):
-    path = _copy(checkpoint, tmp_path, config=lambda hf: {**hf, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
-    with pytest.raises(ModelConfigError, match=r"model_type='gpt2' \(architectures=\['GPT2LMHeadModel'\]\) is not supported"):
+    path = _copy(
+        checkpoint,
+        tmp_path,
+        config=lambda hf: {**hf, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]},
+    )
+    with pytest.raises(
+        ModelConfigError, match=r"model_type='gpt2' \(architectures=\['GPT2LMHeadModel'\]\) is not supported"
+    ):
         load_hf(path)
 
 
 def test_missing_tensor(checkpoint, tmp_path):
-    path = _copy(checkpoint, tmp_path, tensors=lambda w: {k: v for k, v in w.items() if "layers.1.mlp.up_proj" not in k})
+    path = _copy(
+        checkpoint,
+        tmp_path,
+        tensors=lambda w: {k: v for k, v in w.items() if "layers.1.mlp.up_proj" not in k},
+    )
     with pytest.raises(CheckpointError, match=r"tensor 'model.layers.1.mlp.up_proj.weight' is missing"):
         load_hf(path)
 
@@ -51,14 +61,19 @@ def test_misshaped_tensor(checkpoint, tmp_path):
         return w
 
     path = _copy(checkpoint, tmp_path, tensors=shrink)
-    with pytest.raises(CheckpointError, match=r"'model.layers.0.self_attn.k_proj.weight' has shape \(8, 64\) but config.json implies \(32, 64\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"'model.layers.0.self_attn.k_proj.weight' has shape \(8, 64\) but config.json implies \(32, 64\)",
+    ):
         load_hf(path)
 
 
 def test_missing_weights_file_and_pytorch_bin(checkpoint, tmp_path):
     (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="no model.safetensors.*PyTorch .bin checkpoints are not supported"):
+    with pytest.raises(
+        CheckpointError, match="no model.safetensors.*PyTorch .bin checkpoints are not supported"
+    ):
         load_hf(tmp_path)
 
 

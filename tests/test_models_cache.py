@@ -27,7 +27,9 @@ def _left_padded(seed: int, batch: int = 3, length: int = 14):
 def test_prefill_then_decode_equals_full_forward(family, scan_layers):
     # Windows of 4 (the tiny presets use 8), so decoding crosses window edges.
     windows = {"mistral": (4, 4, 4), "gemma2": (4, None, 4), "gemma3": (4, 4, None)}.get(family)
-    cfg = get_preset(f"{family}-tiny", vocab_size=97, num_layers=3, sliding_windows=windows, scan_layers=scan_layers)
+    cfg = get_preset(
+        f"{family}-tiny", vocab_size=97, num_layers=3, sliding_windows=windows, scan_layers=scan_layers
+    )
     model = create_model(cfg, seed=1)
     tokens, mask = _left_padded(seed=2)
     full = np.asarray(model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask)))
@@ -38,7 +40,7 @@ def test_prefill_then_decode_equals_full_forward(family, scan_layers):
     logits = [np.asarray(out.logits)]
     cache = out.cache
     for t in range(prompt, tokens.shape[1]):
-        out = step(jnp.asarray(tokens[:, t:t + 1]), jnp.asarray(mask[:, t:t + 1]), cache)
+        out = step(jnp.asarray(tokens[:, t : t + 1]), jnp.asarray(mask[:, t : t + 1]), cache)
         cache = out.cache
         logits.append(np.asarray(out.logits))
     cached = np.concatenate(logits, axis=1)

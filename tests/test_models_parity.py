@@ -26,7 +26,9 @@ def test_logits_match_hf_on_padded_batch(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
-@pytest.mark.parametrize("execution", [dict(scan_layers=True), dict(remat="full"), dict(scan_layers=True, remat="dots")])
+@pytest.mark.parametrize(
+    "execution", [dict(scan_layers=True), dict(remat="full"), dict(scan_layers=True, remat="dots")]
+)
 def test_scan_and_remat_give_the_same_logits(family, execution, tmp_path):
     hf_model, path = make_hf_model(family, tmp_path)
     tokens, mask = padded_batch(seed=1)
@@ -51,7 +53,7 @@ def test_a_rows_logits_do_not_depend_on_other_rows_padding(tmp_path):
     tokens, mask = padded_batch(seed=3)
     batched = np.asarray(model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask)))
     row = 1  # left-padded: alone and unpadded, it must give the same logits
-    alone = np.asarray(model(jnp.asarray(tokens[row:row + 1, mask[row] == 1])))
+    alone = np.asarray(model(jnp.asarray(tokens[row : row + 1, mask[row] == 1])))
     np.testing.assert_allclose(batched[row, mask[row] == 1], alone[0], atol=TOL)
 
 
@@ -62,8 +64,15 @@ def test_score_model_matches_hf_sequence_classification(family, tmp_path):
     assert isinstance(model, ScoreModel)
     tokens, mask = padded_batch(seed=4)
     with torch.no_grad():  # HF finds each row's last real token through pad_token_id (0 here)
-        want = hf_model(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask),
-                        position_ids=torch.tensor(np.maximum(np.cumsum(mask, 1) - 1, 0))).logits[:, 0].numpy()
+        want = (
+            hf_model(
+                input_ids=torch.tensor(tokens, dtype=torch.long),
+                attention_mask=torch.tensor(mask),
+                position_ids=torch.tensor(np.maximum(np.cumsum(mask, 1) - 1, 0)),
+            )
+            .logits[:, 0]
+            .numpy()
+        )
     scores = model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
     got = np.asarray(sequence_scores(scores, jnp.asarray(mask)))
     np.testing.assert_allclose(got, want, atol=TOL)

@@ -77,7 +77,9 @@ def test_value_head_round_trip_and_fresh_heads(tmp_path):
     model = create_model(_tiny("llama"), seed=7, head="lm+value")
     save_hf(model, tmp_path)
     loaded = load_hf(tmp_path, head="lm+value")
-    np.testing.assert_array_equal(np.asarray(model.value_head.weight[...]), np.asarray(loaded.value_head.weight[...]))
+    np.testing.assert_array_equal(
+        np.asarray(model.value_head.weight[...]), np.asarray(loaded.value_head.weight[...])
+    )
     tokens = jnp.arange(1, 7, dtype=jnp.int32)[None]
     out = loaded.forward(tokens)
     assert out.scores.shape == (1, 6) and out.logits.shape == (1, 6, 97)

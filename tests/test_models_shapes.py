@@ -42,5 +42,7 @@ def test_invalid_architectures_are_named():
         get_preset("llama-tiny", num_heads=6, num_kv_heads=4)
     with pytest.raises(ModelConfigError, match="family='gpt2' is not supported"):
         get_preset("llama-tiny", family="gpt2")
-    with pytest.raises(ModelConfigError, match="unknown model preset 'llama-tiyn'. Did you mean 'llama-tiny'"):
+    with pytest.raises(
+        ModelConfigError, match="unknown model preset 'llama-tiyn'. Did you mean 'llama-tiny'"
+    ):
         get_preset("llama-tiyn")

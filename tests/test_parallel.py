@@ -23,12 +23,15 @@ def test_minus_one_fills_the_remaining_devices():
     assert resolve_axis_sizes((2, 2, 2), 8) == (2, 2, 2)
 
 
-@pytest.mark.parametrize("sizes, devices, message", [
-    ((-1, -1, 1), 8, "at most one may be -1"),
-    ((3, -1, 1), 8, "8 devices are not divisible by 3"),
-    ((2, 2, 1), 8, "need 4 devices but 8 are available"),
-    ((0, 1, 1), 1, "each size must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "sizes, devices, message",
+    [
+        ((-1, -1, 1), 8, "at most one may be -1"),
+        ((3, -1, 1), 8, "8 devices are not divisible by 3"),
+        ((2, 2, 1), 8, "need 4 devices but 8 are available"),
+        ((0, 1, 1), 1, "each size must be >= 1"),
+    ],
+)
 def test_mesh_errors_name_the_axes(sizes, devices, message):
     with pytest.raises(MeshError, match=message):
         resolve_axis_sizes(sizes, devices)
@@ -51,7 +54,13 @@ def test_one_device_mesh_runs_the_model():
 
 def test_parameters_are_sharded_as_the_rules_say_on_8_devices():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sharding_8dev.py")], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "sharding_8dev.py")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "8-device sharding checks passed" in proc.stdout

@@ -29,7 +29,13 @@ class AttentionMask:
 
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        e, h, k, d, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, dtype_of(cfg.param_dtype)
+        e, h, k, d, pd = (
+            cfg.hidden_size,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            dtype_of(cfg.param_dtype),
+        )
         self.q = param(rngs, (e, h, d), ("embed", "heads", "head_dim"), pd)
         self.k = param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), pd)
         self.v = param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), pd)
@@ -49,8 +55,15 @@ class Attention(nnx.Module):
             y = y + getattr(self, f"{name}_bias")[...].astype(x.dtype)
         return y
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, inv_freq: jax.Array,
-                 kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None):
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+        inv_freq: jax.Array,
+        kv: tuple[jax.Array, jax.Array] | None = None,
+        index: jax.Array | None = None,
+    ):
         """x: [B, T, E]; positions: int32[B, T]; mask: bool[B, T, S]; inv_freq: float32[D/2] (this layer's RoPE).
 
         Without ``kv`` the keys are this call's tokens (S = T). With ``kv`` (this layer's cache slices,
@@ -74,13 +87,20 @@ class Attention(nnx.Module):
         # A finite minimum (not -inf) keeps fully masked rows (padding queries) free of NaNs.
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(x.dtype)).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(x.dtype)).reshape(
+            b, t, cfg.num_heads, cfg.head_dim
+        )
         out = jnp.einsum("bthd,hde->bte", out, self.o[...].astype(x.dtype))
         return out, (k, v)
 
 
-def make_mask(positions: jax.Array, valid: jax.Array, key_positions: jax.Array, key_valid: jax.Array,
-              query_slots: jax.Array) -> AttentionMask:
+def make_mask(
+    positions: jax.Array,
+    valid: jax.Array,
+    key_positions: jax.Array,
+    key_valid: jax.Array,
+    query_slots: jax.Array,
+) -> AttentionMask:
     """positions/valid: [B, T] for the queries; key_*: [B, S]; query_slots: int32[T] slot of each query."""
     key_slots = jnp.arange(key_valid.shape[1])
     causal = key_slots[None, None, :] <= query_slots[None, :, None]

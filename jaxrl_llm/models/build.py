@@ -26,8 +26,9 @@ def count_params(model) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def create_model(cfg: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None, rules=DEFAULT_RULES,
-                 head: str = "lm"):
+def create_model(
+    cfg: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None, rules=DEFAULT_RULES, head: str = "lm"
+):
     """A randomly initialised model (HF-style normal(0.02) weights, unit norms).
 
     With a ``mesh`` the initialiser is compiled with the shardings the rules give each parameter as its
@@ -48,16 +49,28 @@ def create_model(cfg: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None, r
     return nnx.merge(graphdef, state)
 
 
-_SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                "head_dim", "max_seq_len")
+_SIZE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "max_seq_len",
+)
 
 
 def model_config(section) -> ModelConfig:
     """The :class:`ModelConfig` a validated ``config.model`` section describes (preset + size overrides)."""
     from .presets import get_preset
 
-    execution = dict(param_dtype=section.param_dtype, dtype=section.dtype, remat=section.remat,
-                     scan_layers=bool(section.scan_layers))
+    execution = dict(
+        param_dtype=section.param_dtype,
+        dtype=section.dtype,
+        remat=section.remat,
+        scan_layers=bool(section.scan_layers),
+    )
     if section.path:
         from .config import from_hf_config
         from .hf_io import read_hf_config
@@ -72,6 +85,13 @@ def build_model(section, *, seed: int = 0, mesh: Mesh | None = None, head: str =
     if section.path:
         from .hf_io import load_hf
 
-        return load_hf(section.path, dtype=section.param_dtype, compute_dtype=section.dtype, mesh=mesh, head=head,
-                       remat=section.remat, scan_layers=bool(section.scan_layers))
+        return load_hf(
+            section.path,
+            dtype=section.param_dtype,
+            compute_dtype=section.dtype,
+            mesh=mesh,
+            head=head,
+            remat=section.remat,
+            scan_layers=bool(section.scan_layers),
+        )
     return create_model(model_config(section), seed=seed, mesh=mesh, head=head)

@@ -1,8 +1,9 @@
 """Architecture description shared by every model family.
 
-One frozen dataclass describes Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 2 and Gemma 3: the families differ only in
-switches (qkv bias, q/k norm, norm offset, post-norms, soft-capping, per-layer sliding windows), so the
-forward pass is one code path with no per-family branches. Gemma 3 adds per-layer RoPE bases (local vs global layers). HF ``config.json`` files convert both ways.
+One frozen dataclass describes Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 2 and Gemma 3: the families differ
+only in switches (qkv bias, q/k norm, norm offset, post-norms, soft-capping, per-layer sliding windows and
+RoPE bases), so the forward pass is one code path with no per-family branches. HF ``config.json`` files
+convert both ways.
 """
 
 from __future__ import annotations
@@ -92,11 +93,21 @@ class ModelConfig:
         problems = []
         if self.family not in FAMILIES:
             problems.append(f"family={self.family!r} is not supported; supported: {', '.join(FAMILIES)}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+        ):
             if int(getattr(self, name)) <= 0:
                 problems.append(f"{name}={getattr(self, name)} must be positive")
         if self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads:
-            problems.append(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+            problems.append(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
         if self.activation not in ("silu", "gelu_tanh"):
             problems.append(f"activation={self.activation!r}; supported: silu, gelu_tanh")
         for name in ("param_dtype", "dtype"):
@@ -105,7 +116,9 @@ class ModelConfig:
         if self.remat not in ("none", "full", "dots"):
             problems.append(f"remat={self.remat!r}; supported: none, full, dots")
         if self.sliding_windows is not None and len(self.sliding_windows) != self.num_layers:
-            problems.append(f"sliding_windows has {len(self.sliding_windows)} entries for {self.num_layers} layers")
+            problems.append(
+                f"sliding_windows has {len(self.sliding_windows)} entries for {self.num_layers} layers"
+            )
         if problems:
             raise ModelConfigError("invalid model config: " + "; ".join(problems))
 
@@ -127,7 +140,13 @@ class ModelConfig:
 
     def num_params(self, *, head: str = "lm") -> int:
         """Parameter count from the shapes alone (the tests cross-check it against built models)."""
-        e, h, kv, d, m = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate_size
+        e, h, kv, d, m = (
+            self.hidden_size,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.intermediate_size,
+        )
         attn = e * d * (2 * h + 2 * kv) + (d * (h + 2 * kv) if self.attention_bias else 0)
         attn += 2 * d if self.qk_norm else 0
         norms = e * (4 if self.post_norms else 2)
@@ -158,7 +177,9 @@ def _parse_rope(params: dict[str, Any], default_theta: float) -> tuple[float, Ro
         )
     if rope_type == "linear":
         return theta, RopeScaling(rope_type="linear", factor=float(params["factor"]))
-    raise ModelConfigError(f"rope scaling type {rope_type!r} is not supported (supported: default, linear, llama3)")
+    raise ModelConfigError(
+        f"rope scaling type {rope_type!r} is not supported (supported: default, linear, llama3)"
+    )
 
 
 def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None, float | None]:
@@ -194,11 +215,15 @@ def _windows_from_hf(hf: dict[str, Any], num_layers: int) -> tuple[int | None, .
         layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
     if layer_types is None and hf.get("model_type") == "gemma3_text":  # older Gemma 3: every 6th is global
         every = int(hf.get("sliding_window_pattern", 6))
-        layer_types = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(num_layers)]
+        layer_types = [
+            "full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(num_layers)
+        ]
     if layer_types is None:
         return (int(window),) * num_layers
     if len(layer_types) != num_layers:
-        raise ModelConfigError(f"config.json: layer_types has {len(layer_types)} entries for {num_layers} layers")
+        raise ModelConfigError(
+            f"config.json: layer_types has {len(layer_types)} entries for {num_layers} layers"
+        )
     windows = tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
     return windows if any(w is not None for w in windows) else None
 
@@ -239,7 +264,9 @@ def from_hf_config(hf: dict[str, Any], **overrides) -> ModelConfig:
             pad_token_id=hf.get("pad_token_id"),
         )
     except KeyError as err:
-        raise ModelConfigError(f"config.json: missing required field {err.args[0]!r} for model_type={model_type!r}") from None
+        raise ModelConfigError(
+            f"config.json: missing required field {err.args[0]!r} for model_type={model_type!r}"
+        ) from None
     act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
     kw["activation"] = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}.get(act)
     if kw["activation"] is None:
@@ -308,7 +335,13 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
             attn_logit_softcapping=cfg.attn_logit_softcap,
             final_logit_softcapping=cfg.final_logit_softcap,
         )
-    elif (cfg.norm_offset, cfg.post_norms, cfg.embed_scale, cfg.attn_logit_softcap, cfg.final_logit_softcap) != (
+    elif (
+        cfg.norm_offset,
+        cfg.post_norms,
+        cfg.embed_scale,
+        cfg.attn_logit_softcap,
+        cfg.final_logit_softcap,
+    ) != (
         0.0,
         False,
         False,
@@ -338,7 +371,9 @@ def _windows_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         if cfg.family not in GEMMA:
             out["use_sliding_window"] = True
     elif cfg.family != "mistral" or None in windows:
-        raise ModelConfigError(f"family {cfg.family!r} cannot express per-layer sliding windows in an HF config")
+        raise ModelConfigError(
+            f"family {cfg.family!r} cannot express per-layer sliding windows in an HF config"
+        )
     return out
 
 

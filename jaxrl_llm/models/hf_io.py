@@ -114,8 +114,11 @@ class _SafetensorsReader:
             found = sorted(p.name for p in path.iterdir())
             raise CheckpointError(
                 f"{path}: no model.safetensors or model.safetensors.index.json (found: {', '.join(found) or 'nothing'})"
-                + ("; PyTorch .bin checkpoints are not supported, convert them to safetensors" if any(
-                    f.endswith(".bin") for f in found) else "")
+                + (
+                    "; PyTorch .bin checkpoints are not supported, convert them to safetensors"
+                    if any(f.endswith(".bin") for f in found)
+                    else ""
+                )
             )
         self._handles: dict[str, object] = {}
         if weight_map is None:
@@ -142,7 +145,9 @@ class _SafetensorsReader:
 def read_hf_config(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory (expected an HF checkpoint directory with config.json)")
+        raise CheckpointError(
+            f"{path}: not a directory (expected an HF checkpoint directory with config.json)"
+        )
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise CheckpointError(f"{path}: no config.json")
@@ -158,7 +163,9 @@ def _head_from_hf(hf: dict) -> str:
     if any(a.endswith("ForSequenceClassification") for a in archs):
         num_labels = len(hf.get("id2label") or {0: ""})
         if num_labels != 1:
-            raise CheckpointError(f"sequence-classification checkpoints need 1 label, this one has {num_labels}")
+            raise CheckpointError(
+                f"sequence-classification checkpoints need 1 label, this one has {num_labels}"
+            )
         return "score"
     return "lm"
 
@@ -167,8 +174,9 @@ def _flat(state: nnx.State) -> list[tuple[tuple[str, ...], nnx.Variable]]:
     return [(tuple(str(k) for k in p), var) for p, var in nnx.to_flat_state(state)]
 
 
-def _read_param(reader: _SafetensorsReader, keys: list[str], kind: str, shape: tuple[int, ...],
-                stacked: bool, where: str) -> np.ndarray:
+def _read_param(
+    reader: _SafetensorsReader, keys: list[str], kind: str, shape: tuple[int, ...], stacked: bool, where: str
+) -> np.ndarray:
     """Reads and converts one parameter; block parameters are stacked over layers."""
     per_layer = shape[1:] if stacked else shape
     expected = _hf_shape(per_layer, kind)
@@ -179,7 +187,8 @@ def _read_param(reader: _SafetensorsReader, keys: list[str], kind: str, shape: t
         x = reader.get(key)
         if tuple(x.shape) != expected:
             raise CheckpointError(
-                f"{where}: tensor {key!r} has shape {tuple(x.shape)} but config.json implies {expected}")
+                f"{where}: tensor {key!r} has shape {tuple(x.shape)} but config.json implies {expected}"
+            )
         arrays.append(_to_ours(x, per_layer, kind))
     return np.stack(arrays) if stacked else arrays[0]
 
@@ -197,8 +206,16 @@ def _new_head_param(p: tuple[str, ...], shape: tuple[int, ...], dtype) -> np.nda
     return (INIT_STD * np.random.default_rng(0).standard_normal(shape)).astype(dtype)
 
 
-def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=None, mesh: Mesh | None = None,
-            head: str | None = None, rules=DEFAULT_RULES, **overrides):
+def load_hf(
+    path: str | os.PathLike,
+    *,
+    dtype=jnp.float32,
+    compute_dtype=None,
+    mesh: Mesh | None = None,
+    head: str | None = None,
+    rules=DEFAULT_RULES,
+    **overrides,
+):
     """Reads an HF checkpoint directory into a model whose parameters are ``dtype`` (sharded on ``mesh``).
 
     The model computes in ``compute_dtype`` (default: ``dtype``); logits are float32 either way.

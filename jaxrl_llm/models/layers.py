@@ -22,8 +22,9 @@ def dtype_of(name: str) -> jnp.dtype:
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype,
-          init: str = "normal") -> nnx.Param:
+def param(
+    rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype, init: str = "normal"
+) -> nnx.Param:
     """A parameter annotated with the logical names of its axes (read by ``parallel.state_shardings``)."""
     if init == "normal":
         value = INIT_STD * jax.random.normal(rngs.params(), shape, dtype)
@@ -53,8 +54,9 @@ class Embed(nnx.Module):
     """Token embedding ``[V, E]``; also the output projection when embeddings are tied."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.embedding = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
-                               dtype_of(cfg.param_dtype))
+        self.embedding = param(
+            rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype_of(cfg.param_dtype)
+        )
         self.scale = math.sqrt(cfg.hidden_size) if cfg.embed_scale else None
         self.dtype = dtype_of(cfg.dtype)
 
@@ -68,8 +70,9 @@ class Embed(nnx.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied output projection: float[B, T, E] -> float32[B, T, V]."""
-        return jnp.einsum("bte,ve->btv", x, self.embedding[...].astype(x.dtype),
-                          preferred_element_type=jnp.float32)
+        return jnp.einsum(
+            "bte,ve->btv", x, self.embedding[...].astype(x.dtype), preferred_element_type=jnp.float32
+        )
 
 
 class MLP(nnx.Module):
@@ -104,7 +107,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> n
     high_wavelen = old_len / scaling.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
     scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
-    smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
     smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return np.where(medium, smoothed, scaled).astype(np.float32)

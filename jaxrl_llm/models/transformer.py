@@ -83,13 +83,18 @@ class Decoder(nnx.Module):
         graphdef, state = nnx.split(self.blocks)
         # What differs between layers (window, RoPE base) is scanned data, so all layers share one program.
         windows = jnp.asarray(self.windows, jnp.int32)
-        inv_freqs = jnp.asarray(np.stack([rope_inv_freq(self.cfg.head_dim, theta, scaling)
-                                          for theta, scaling in self.cfg.layer_rope()]))
+        inv_freqs = jnp.asarray(
+            np.stack(
+                [rope_inv_freq(self.cfg.head_dim, theta, scaling) for theta, scaling in self.cfg.layer_rope()]
+            )
+        )
         index = None if cache is None else cache.index
 
         def layer(x, xs):
             block_state, window, inv_freq, kv = xs
-            return nnx.merge(graphdef, block_state)(x, positions, mask.for_window(window), inv_freq, kv, index)
+            return nnx.merge(graphdef, block_state)(
+                x, positions, mask.for_window(window), inv_freq, kv, index
+            )
 
         if self.cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.cfg.remat])
@@ -104,8 +109,14 @@ class Decoder(nnx.Module):
             ks, vs = jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs])
         return x, ks, vs
 
-    def forward_hidden(self, tokens: jax.Array, *, positions: jax.Array | None = None,
-                       attention_mask: jax.Array | None = None, cache: KVCache | None = None):
+    def forward_hidden(
+        self,
+        tokens: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ):
         """tokens: int32[B, T] -> (hidden [B, T, E], updated cache or None).
 
         ``attention_mask`` (bool/int [B, T], 1 = real token) allows left and right padding. ``positions``
@@ -130,8 +141,9 @@ class Decoder(nnx.Module):
         x = constrain(self.embed(tokens), ("batch", "seq", "embed"))
         x, ks, vs = self._run_blocks(x, positions, mask, cache)
         if cache is not None:
-            cache = cache.replace(k=ks, v=vs, index=cache.index + t,
-                                  lengths=cache.lengths + valid.sum(axis=1, dtype=jnp.int32))
+            cache = cache.replace(
+                k=ks, v=vs, index=cache.index + t, lengths=cache.lengths + valid.sum(axis=1, dtype=jnp.int32)
+            )
         return self.final_norm(x), cache
 
 
@@ -141,8 +153,9 @@ class CausalLM(Decoder):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, value_head: bool = False):
         super().__init__(cfg, rngs=rngs)
         if not cfg.tie_word_embeddings:
-            self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
-                                 dtype_of(cfg.param_dtype))
+            self.lm_head = param(
+                rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype_of(cfg.param_dtype)
+            )
         self.value_head = ScalarHead(cfg, rngs=rngs, bias=True) if value_head else None
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -150,17 +163,24 @@ class CausalLM(Decoder):
         if self.cfg.tie_word_embeddings:
             logits = self.embed.attend(hidden)
         else:
-            logits = jnp.einsum("bte,ev->btv", hidden, self.lm_head[...].astype(hidden.dtype),
-                                preferred_element_type=jnp.float32)
+            logits = jnp.einsum(
+                "bte,ev->btv",
+                hidden,
+                self.lm_head[...].astype(hidden.dtype),
+                preferred_element_type=jnp.float32,
+            )
         return softcap(logits.astype(jnp.float32), self.cfg.final_logit_softcap)
 
     def forward(self, tokens, *, positions=None, attention_mask=None, cache=None) -> ModelOutput:
-        hidden, cache = self.forward_hidden(tokens, positions=positions, attention_mask=attention_mask, cache=cache)
+        hidden, cache = self.forward_hidden(
+            tokens, positions=positions, attention_mask=attention_mask, cache=cache
+        )
         scores = None if self.value_head is None else self.value_head(hidden)
         return ModelOutput(logits=self.logits(hidden), hidden=hidden, scores=scores, cache=cache)
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 attention_mask: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, tokens: jax.Array, positions: jax.Array | None = None, attention_mask: jax.Array | None = None
+    ) -> jax.Array:
         """tokens: int32[B, T] -> logits: float32[B, T, V]."""
         return self.forward(tokens, positions=positions, attention_mask=attention_mask).logits
 
@@ -173,8 +193,9 @@ class ScalarHead(nnx.Module):
         self.bias = param(None, (), (), dtype_of(cfg.param_dtype), "zeros") if bias else None
 
     def __call__(self, hidden: jax.Array) -> jax.Array:
-        out = jnp.einsum("bte,e->bt", hidden, self.weight[...].astype(hidden.dtype),
-                         preferred_element_type=jnp.float32)
+        out = jnp.einsum(
+            "bte,e->bt", hidden, self.weight[...].astype(hidden.dtype), preferred_element_type=jnp.float32
+        )
         return out if self.bias is None else out + self.bias[...].astype(jnp.float32)
 
 
@@ -190,7 +211,9 @@ class ScoreModel(Decoder):
         self.score = ScalarHead(cfg, rngs=rngs)
 
     def forward(self, tokens, *, positions=None, attention_mask=None, cache=None) -> ModelOutput:
-        hidden, cache = self.forward_hidden(tokens, positions=positions, attention_mask=attention_mask, cache=cache)
+        hidden, cache = self.forward_hidden(
+            tokens, positions=positions, attention_mask=attention_mask, cache=cache
+        )
         return ModelOutput(logits=None, hidden=hidden, scores=self.score(hidden), cache=cache)
 
     def __call__(self, tokens, positions=None, attention_mask=None) -> jax.Array:

@@ -63,14 +63,20 @@ def _fit_to_shape(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, what: s
                 keep.append(a)
                 size *= mesh.shape[a]
             else:
-                log.warning("%s: dimension %d is not divisible by mesh axis %r (%d); replicating it instead",
-                            what, dim, a, mesh.shape[a])
+                log.warning(
+                    "%s: dimension %d is not divisible by mesh axis %r (%d); replicating it instead",
+                    what,
+                    dim,
+                    a,
+                    mesh.shape[a],
+                )
         fitted.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
     return PartitionSpec(*fitted)
 
 
-def named_sharding(axes: LogicalAxes, shape: Sequence[int], mesh: Mesh, rules: Rules = DEFAULT_RULES,
-                   what: str = "array") -> NamedSharding:
+def named_sharding(
+    axes: LogicalAxes, shape: Sequence[int], mesh: Mesh, rules: Rules = DEFAULT_RULES, what: str = "array"
+) -> NamedSharding:
     return NamedSharding(mesh, _fit_to_shape(logical_to_spec(axes, rules), shape, mesh, what))
 
 
