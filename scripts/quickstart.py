@@ -66,10 +66,11 @@ def main(argv: list[str]) -> int:
     import numpy as np
 
     from jaxrl_llm.models import build_model, count_params, create_model, load_hf, model_config, save_hf
-    from jaxrl_llm.parallel import mesh_from_config
+    from jaxrl_llm.parallel import initialize, mesh_from_config
     from jaxrl_llm.render import load_tokenizer
     from jaxrl_llm.render.train_tokenizer import save_hf_tokenizer, train_byte_level_bpe
 
+    initialize(cfg.parallel.coordinator_address, cfg.parallel.num_processes, cfg.parallel.process_id)
     run_dir = Path(cfg.run_dir)
     started = time.perf_counter()
     tok_dir = save_hf_tokenizer(

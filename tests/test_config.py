@@ -161,6 +161,15 @@ def test_at_most_one_parallel_axis_fills():
     validate(_overridden(parallel__data=2, parallel__fsdp=-1))
 
 
+def test_multi_process_settings():
+    text = _problems(_overridden(parallel__num_processes=2, parallel__process_id=2))
+    assert "parallel.process_id=2, parallel.num_processes=2: parallel.process_id must be below" in text
+    assert "needs the coordinator's host:port" in text
+    validate(
+        _overridden(parallel__num_processes=2, parallel__process_id=1, parallel__coordinator_address="h:1")
+    )
+
+
 def _checkpoint(tmp_path, **hf) -> str:
     from jaxrl_llm.models import get_preset, to_hf_config
 

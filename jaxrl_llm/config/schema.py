@@ -149,6 +149,15 @@ FIELDS: tuple[Field, ...] = (
     Field("parallel.data", -1, _PARALLEL.format("data-parallel"), int, lo=1, special=(-1,)),
     Field("parallel.fsdp", 1, _PARALLEL.format("FSDP (parameter-sharding)"), int, lo=1, special=(-1,)),
     Field("parallel.tensor", 1, _PARALLEL.format("tensor-parallel"), int, lo=1, special=(-1,)),
+    Field(
+        "parallel.coordinator_address",
+        "",
+        "host:port of process 0 for a multi-process run without a cluster manager (several processes on "
+        "one machine, GPU hosts). Empty = single process, or auto-detected on TPU pods and SLURM.",
+        str,
+    ),
+    Field("parallel.num_processes", 1, "Processes in a multi-process run (one per host).", int, lo=1),
+    Field("parallel.process_id", 0, "This process's index, 0 .. parallel.num_processes - 1.", int, lo=0),
     # Optimizer.
     Field("optimizer.name", "adamw", "Optimizer.", str, ("adamw", "adafactor", "lion", "sgd")),
     Field("optimizer.lr", 3e-4, "Peak learning rate (reached after warmup).", float, lo=0, lo_open=True),

@@ -170,11 +170,25 @@ def _combinations(good: dict[str, Any]) -> list[str]:
 
 
 def _parallel(good: dict[str, Any]) -> list[str]:
+    problems = []
     fill = [k for k in ("parallel.data", "parallel.fsdp", "parallel.tensor") if good.get(k) == -1]
-    if len(fill) < 2:
-        return []
-    named = ", ".join(f"{k}=-1" for k in fill)
-    return [f"{named}: at most one parallel axis may be -1 (fill the remaining devices); set the others"]
+    if len(fill) > 1:
+        named = ", ".join(f"{k}=-1" for k in fill)
+        problems.append(
+            f"{named}: at most one parallel axis may be -1 (fill the remaining devices); set the others"
+        )
+    count, index = good.get("parallel.num_processes"), good.get("parallel.process_id")
+    if count is not None and index is not None and index >= count:
+        problems.append(
+            f"parallel.process_id={index!r}, parallel.num_processes={count!r}: "
+            "parallel.process_id must be below parallel.num_processes"
+        )
+    if count is not None and count > 1 and good.get("parallel.coordinator_address") == "":
+        problems.append(
+            f"parallel.num_processes={count!r}, parallel.coordinator_address='': a multi-process run "
+            "needs the coordinator's host:port (process 0)"
+        )
+    return problems
 
 
 def _model(good: dict[str, Any]) -> list[str]:

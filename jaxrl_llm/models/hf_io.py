@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from ..parallel import DEFAULT_RULES, state_shardings
+from ..parallel import DEFAULT_RULES, is_main_process, state_shardings, to_host
 from .build import abstract_model
 from .config import ModelConfig, from_hf_config, to_hf_config
 from .layers import INIT_STD
@@ -261,16 +261,16 @@ def _architecture(cfg: ModelConfig, head: str, hf: dict) -> list[str]:
 def save_hf(model, path: str | os.PathLike, *, dtype=None, max_shard_bytes: int = 5 * 2**30) -> Path:
     """Writes ``config.json`` and safetensors (sharded past ``max_shard_bytes``) that HF transformers loads.
 
-    ``dtype`` (e.g. ``jnp.bfloat16``) converts on the way out; the default keeps the parameter dtype.
+    ``dtype`` (e.g. ``jnp.bfloat16``) converts on the way out; the default keeps the parameter dtype. In a
+    multi-process run every process must call it (parameters are gathered collectively); process 0 writes.
     """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     cfg: ModelConfig = model.cfg
     head = "score" if hasattr(model, "score") else "lm"
     tensors: dict[str, np.ndarray] = {}
     for p, var in _flat(nnx.state(model, nnx.Param)):
         keys, kind = hf_keys(p, cfg)
-        array = np.asarray(jax.device_get(var.get_value()))
+        array = to_host(var.get_value())
         if dtype is not None:
             array = array.astype(jnp.dtype(dtype))
         per_layer = list(array) if p[0] == "blocks" else [array]
@@ -281,6 +281,9 @@ def save_hf(model, path: str | os.PathLike, *, dtype=None, max_shard_bytes: int 
     if head == "score":
         hf["id2label"], hf["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
     hf["torch_dtype"] = hf["dtype"] = jnp.dtype(dtype or cfg.param_dtype).name
+    if not is_main_process():
+        return path
+    path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     _write_safetensors(tensors, path, max_shard_bytes)
     return path

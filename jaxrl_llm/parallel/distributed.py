@@ -1,0 +1,63 @@
+"""Multi-process (multi-host) start-up: one JAX process per host, all devices in one global mesh.
+
+On a TPU pod slice or under SLURM, ``jax.distributed.initialize()`` finds its peers by itself. Elsewhere
+(several processes on one machine, or GPU hosts without a cluster manager) the coordinator address, the
+process count and this process's id are given explicitly, from config or from the environment variables
+``JAXRL_COORDINATOR``, ``JAXRL_NUM_PROCESSES`` and ``JAXRL_PROCESS_ID``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+_started = False
+
+
+def initialize(coordinator_address: str = "", num_processes: int = 1, process_id: int = 0) -> bool:
+    """Joins the other processes before any device is touched; returns whether this run is multi-process.
+
+    Arguments win over the ``JAXRL_*`` environment variables. With one process and no coordinator this
+    does nothing, so single-host code calls it unconditionally.
+    """
+    global _started
+    address = coordinator_address or os.environ.get("JAXRL_COORDINATOR", "")
+    count = int(os.environ.get("JAXRL_NUM_PROCESSES", num_processes)) if num_processes == 1 else num_processes
+    index = int(os.environ.get("JAXRL_PROCESS_ID", process_id)) if process_id == 0 else process_id
+    if _started:
+        return jax.process_count() > 1
+    if count == 1 and not address:
+        if not _cluster_detected():
+            return False
+        jax.distributed.initialize()  # TPU pod or SLURM: JAX reads the topology itself
+        _started = True
+        return jax.process_count() > 1
+    if not 0 <= index < count:
+        raise ValueError(f"process_id={index} must be in [0, {count}) for num_processes={count}")
+    jax.distributed.initialize(coordinator_address=address or None, num_processes=count, process_id=index)
+    _started = True
+    return jax.process_count() > 1
+
+
+def _cluster_detected() -> bool:
+    """A multi-host TPU slice or a SLURM job with several tasks, whose peers JAX can find by itself."""
+    tpu_hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+    return len(tpu_hosts) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def is_main_process() -> bool:
+    """Process 0 writes files (checkpoints, exports, logs); the others only compute."""
+    return jax.process_index() == 0
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of a (possibly multi-process sharded) array as a numpy array, on every process.
+
+    A collective when the array spans processes: every process must call it, in the same order.
+    """
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
