@@ -161,6 +161,13 @@ def test_at_most_one_parallel_axis_fills():
     validate(_overridden(parallel__data=2, parallel__fsdp=-1))
 
 
+def test_model_size_keys_are_the_architectures_sizes():
+    from jaxrl_llm.config.schema import MODEL_SIZES
+    from jaxrl_llm.models.config import SIZE_FIELDS
+
+    assert MODEL_SIZES == SIZE_FIELDS
+
+
 def test_multi_process_settings():
     text = _problems(_overridden(parallel__num_processes=2, parallel__process_id=2))
     assert "parallel.process_id=2, parallel.num_processes=2: parallel.process_id must be below" in text

@@ -15,6 +15,8 @@ from typing import Any
 import ml_collections
 
 STAGE_NAMES = ("sft", "rm", "dpo", "kto", "orpo", "simpo", "ppo", "grpo")
+# Mirrors jaxrl_llm.models.config.SIZE_FIELDS (a test keeps them equal); not imported from there so that
+# reading the table never loads JAX.
 MODEL_SIZES = (
     "vocab_size",
     "hidden_size",

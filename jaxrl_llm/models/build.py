@@ -7,7 +7,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from ..parallel import DEFAULT_RULES, state_shardings
-from .config import ModelConfig, ModelConfigError
+from .config import SIZE_FIELDS, ModelConfig, ModelConfigError
 from .transformer import HEADS
 
 
@@ -49,18 +49,6 @@ def create_model(
     return nnx.merge(graphdef, state)
 
 
-_SIZE_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_layers",
-    "num_heads",
-    "num_kv_heads",
-    "head_dim",
-    "max_seq_len",
-)
-
-
 def model_config(section) -> ModelConfig:
     """The :class:`ModelConfig` a validated ``config.model`` section describes (preset + size overrides)."""
     from .presets import get_preset
@@ -76,7 +64,7 @@ def model_config(section) -> ModelConfig:
         from .hf_io import read_hf_config
 
         return from_hf_config(read_hf_config(section.path), **execution)
-    sizes = {k: getattr(section, k) for k in _SIZE_FIELDS if getattr(section, k) is not None}
+    sizes = {k: getattr(section, k) for k in SIZE_FIELDS if getattr(section, k) is not None}
     return get_preset(section.preset, **sizes, **execution)
 
 

@@ -13,6 +13,17 @@ from typing import Any
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
 GEMMA = ("gemma2", "gemma3")
+# The integer sizes of an architecture; config.model.<name> overrides a preset's value.
+SIZE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "max_seq_len",
+)
 
 # HF `model_type` -> our family, and the family -> the HF architecture class written on export.
 _HF_MODEL_TYPES = {
@@ -93,15 +104,7 @@ class ModelConfig:
         problems = []
         if self.family not in FAMILIES:
             problems.append(f"family={self.family!r} is not supported; supported: {', '.join(FAMILIES)}")
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_layers",
-            "num_heads",
-            "num_kv_heads",
-            "head_dim",
-        ):
+        for name in SIZE_FIELDS:
             if int(getattr(self, name)) <= 0:
                 problems.append(f"{name}={getattr(self, name)} must be positive")
         if self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads:
