@@ -1,0 +1,66 @@
+"""``python -m jaxrl_llm.bench``: throughput measurements, never asserted by tests.
+
+    python -m jaxrl_llm.bench peak
+    python -m jaxrl_llm.bench forward --model llama-30m --batch 8 --seq-len 256 [--compare-hf] [--json OUT]
+
+``--model`` is a preset name (random weights) or an HF checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .forward import bench_forward
+from .peak import machine_peaks
+
+
+def _print(result: dict) -> None:
+    width = max(map(len, result))
+    for key, value in result.items():
+        shown = f"{value:,.4g}" if isinstance(value, float) else value
+        print(f"{key:<{width}}  {shown}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxrl_llm.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    peak = sub.add_parser("peak", help="this machine's matmul FLOP/s and copy bandwidth")
+    peak.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    fwd = sub.add_parser("forward", help="prefill/forward tokens per second of a model")
+    fwd.add_argument("--model", default="llama-30m", help="preset name or HF checkpoint directory")
+    fwd.add_argument("--batch", type=int, default=8)
+    fwd.add_argument("--seq-len", type=int, default=256)
+    fwd.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    fwd.add_argument("--repeats", type=int, default=5)
+    fwd.add_argument("--compare-hf", action="store_true", help="also run HF transformers (PyTorch) forward")
+    for p in (peak, fwd):
+        p.add_argument("--json", metavar="OUT", help="also write the result as one JSON object")
+    args = parser.parse_args(argv)
+    if args.command == "peak":
+        import jax.numpy as jnp
+
+        result = machine_peaks(jnp.dtype(args.dtype))
+    else:
+        result = bench_forward(
+            args.model,
+            batch=args.batch,
+            seq_len=args.seq_len,
+            dtype=args.dtype,
+            repeats=args.repeats,
+            compare_hf=args.compare_hf,
+        )
+    _print(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

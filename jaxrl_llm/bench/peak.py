@@ -1,0 +1,44 @@
+"""This machine's measured ceilings: dense matmul FLOP/s and memory copy bandwidth.
+
+Benchmarks report their throughput as a fraction of these, measured in the same run, rather than of a
+datasheet number that a CPU (or a throttled GPU) never reaches.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def timed(fn, *args, repeats: int = 5) -> float:
+    """Median wall time of ``fn(*args)`` (already compiled), in seconds, after one warm-up call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_flops_per_s(dtype=jnp.float32, n: int | None = None, repeats: int = 5) -> float:
+    """Best sustained FLOP/s of an ``n x n @ n x n`` matmul (n: 2048 on CPU, 8192 on accelerators)."""
+    n = n or (2048 if jax.default_backend() == "cpu" else 8192)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    matmul = jax.jit(lambda x, y: x @ y)
+    return 2 * n**3 / timed(matmul, a, b, repeats=repeats)
+
+
+def copy_bytes_per_s(megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes read plus written per second by an elementwise pass over a large float32 array."""
+    x = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
+    add = jax.jit(lambda v: v + 1.0)
+    return 2 * x.nbytes / timed(add, x, repeats=repeats)
+
+
+def machine_peaks(dtype=jnp.float32) -> dict[str, float]:
+    return {"matmul_flops_per_s": matmul_flops_per_s(dtype), "copy_bytes_per_s": copy_bytes_per_s()}

@@ -1,0 +1,43 @@
+"""The benchmark command runs and reports its fields (timings are measured, never asserted)."""
+
+from __future__ import annotations
+
+import json
+
+from jaxrl_llm.bench.__main__ import main
+from jaxrl_llm.bench.forward import forward_flops
+from jaxrl_llm.models import get_preset
+
+
+def test_forward_flops_by_hand():
+    cfg = get_preset("llama-tiny")  # E=64, H=4, KV=2, D=16, M=128, V=256, L=2
+    per_layer = 64 * 16 * (2 * 4 + 2 * 2) + 3 * 64 * 128
+    per_token = 2 * (2 * per_layer + 64 * 256) + 4 * 2 * 4 * 16 * 10
+    assert forward_flops(cfg, batch=3, seq_len=10) == 3 * 10 * per_token
+
+
+def test_forward_bench_writes_json(tmp_path, capsys):
+    out = tmp_path / "forward.json"
+    assert (
+        main(
+            [
+                "forward",
+                "--model",
+                "llama-tiny",
+                "--batch",
+                "2",
+                "--seq-len",
+                "16",
+                "--repeats",
+                "1",
+                "--compare-hf",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    result = json.loads(out.read_text())
+    for key in ("tokens_per_s", "step_s", "compile_s", "peak_fraction", "peer_tokens_per_s", "speedup"):
+        assert result[key] > 0, key
+    assert "tokens_per_s" in capsys.readouterr().out
