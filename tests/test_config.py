@@ -380,3 +380,12 @@ def test_parse_args_validates():
 def test_format_config_lists_every_key():
     text = format_config(_overridden(optimizer__lr=0.5))
     assert "optimizer.lr" in text and "0.5" in text and len(text.splitlines()) == len(FIELDS)
+
+
+def test_docs_config_reference_is_current():
+    from pathlib import Path
+
+    from jaxrl_llm.config import describe
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    assert describe() in doc, "docs/config.md is stale: regenerate it from `python -m jaxrl_llm.config`"
