@@ -33,6 +33,18 @@ def test_bad_path(tmp_path):
         load_hf(tmp_path)
 
 
+def test_hub_ids_are_not_downloaded(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="Qwen/Qwen3-8B: not a directory.*Hub ids are not downloaded"):
+        load_hf("Qwen/Qwen3-8B")
+
+
+def test_multimodal_gemma3_is_named(checkpoint, tmp_path):
+    path = _copy(checkpoint, tmp_path, config=lambda hf: {**hf, "model_type": "gemma3", "text_config": {}})
+    with pytest.raises(ModelConfigError, match="multimodal Gemma 3 checkpoint"):
+        load_hf(path)
+
+
 def test_unsupported_architecture(checkpoint, tmp_path):
     path = _copy(
         checkpoint,

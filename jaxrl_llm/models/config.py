@@ -234,6 +234,11 @@ def _windows_from_hf(hf: dict[str, Any], num_layers: int) -> tuple[int | None, .
 def from_hf_config(hf: dict[str, Any], **overrides) -> ModelConfig:
     """Converts an HF ``config.json`` dict into a :class:`ModelConfig`."""
     model_type = hf.get("model_type")
+    if model_type == "gemma3" and "text_config" in hf:
+        raise ModelConfigError(
+            "config.json: a multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration); only the text "
+            "model (model_type 'gemma3_text', e.g. gemma-3-1b) is supported"
+        )
     if model_type not in _HF_MODEL_TYPES:
         raise ModelConfigError(
             f"config.json: model_type={model_type!r} (architectures={hf.get('architectures')}) is not supported; "

@@ -145,8 +145,13 @@ class _SafetensorsReader:
 def read_hf_config(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_dir():
+        looks_like_hub_id = (
+            not path.exists() and len(path.parts) == 2 and not str(path).startswith((".", "/"))
+        )
+        hub = "; Hub ids are not downloaded: fetch it first (e.g. `hf download ID --local-dir DIR`)"
         raise CheckpointError(
             f"{path}: not a directory (expected an HF checkpoint directory with config.json)"
+            + (hub if looks_like_hub_id else "")
         )
     cfg_file = path / "config.json"
     if not cfg_file.exists():
