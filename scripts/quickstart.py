@@ -34,19 +34,28 @@ def arithmetic_corpus(n: int = 400, seed: int = 0) -> list[str]:
 
 
 def greedy_decode(model, prompt_ids, prompt_mask, max_new_tokens: int):
-    """Prefill once, then one cached forward per token; a stand-in until the rollout layer (issue #5)."""
+    """Prefill once, then one cached forward per token; a stand-in until the rollout layer (issue #5).
+
+    The model crosses the jit boundary as (graphdef, state): parameters are arguments of the compiled
+    step, not constants baked into it.
+    """
     import jax
     import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def step(state, tokens, mask, cache):
+        out = nnx.merge(graphdef, state).forward(tokens, attention_mask=mask, cache=cache)
+        return jnp.argmax(out.logits[:, -1], axis=-1), out.cache
 
     batch, prompt_len = prompt_ids.shape
-    step = jax.jit(lambda toks, mask, cache: model.forward(toks, attention_mask=mask, cache=cache))
-    out = step(prompt_ids, prompt_mask, model.init_cache(batch, prompt_len + max_new_tokens))
-    tokens = [jnp.argmax(out.logits[:, -1], axis=-1)]
-    cache = out.cache
+    token, cache = step(state, prompt_ids, prompt_mask, model.init_cache(batch, prompt_len + max_new_tokens))
+    tokens = [token]
     for _ in range(max_new_tokens - 1):
-        out = step(tokens[-1][:, None], jnp.ones((batch, 1), jnp.int32), cache)
-        cache = out.cache
-        tokens.append(jnp.argmax(out.logits[:, -1], axis=-1))
+        token, cache = step(state, token[:, None], jnp.ones((batch, 1), jnp.int32), cache)
+        tokens.append(token)
     return jnp.stack(tokens, axis=1)
 
 
