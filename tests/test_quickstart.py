@@ -6,42 +6,40 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_quickstart_script_runs(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "scripts/quickstart.py",
-            "--config",
-            "configs/quickstart.py",
-            f"--config.run_dir={tmp_path / 'run'}",
-            "--config.model.preset=gemma2-tiny",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+def _quickstart(*overrides: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "scripts/quickstart.py", "--config", "configs/quickstart.py", *overrides]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["--config.model.preset=gemma2-tiny"],
+        ["--config.model.scan_layers=true", "--config.model.dtype=bfloat16", "--config.model.remat=full"],
+    ],
+)
+def test_quickstart_script_runs(tmp_path, overrides):
+    proc = _quickstart(f"--config.run_dir={tmp_path / 'run'}", *overrides)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "cached == uncached: True" in proc.stdout
+    if "--config.model.dtype=bfloat16" not in overrides:
+        assert "cached == uncached for 16/16 tokens" in proc.stdout
     assert "max |logit difference| = 0.0e+00" in proc.stdout
     assert (tmp_path / "run" / "hf_export" / "model.safetensors").exists()
 
 
-def test_quickstart_reports_config_errors_without_a_traceback():
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "scripts/quickstart.py",
-            "--config",
-            "configs/quickstart.py",
-            "--config.model.preset=lama-tiny",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 2
-    assert "model.preset" in proc.stderr and "llama-tiny" in proc.stderr and "Traceback" not in proc.stderr
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.model.preset=lama-tiny", "did you mean 'llama-tiny'"),
+        ("--config.parallel.tensor=3", "mesh axes (data=-1, fsdp=1, tensor=3)"),
+    ],
+)
+def test_quickstart_reports_user_errors_without_a_traceback(tmp_path, override, message):
+    proc = _quickstart(f"--config.run_dir={tmp_path}", override)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr

@@ -14,13 +14,15 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from jaxrl_llm.errors import UserError
+
 from .schema import FIELDS, FIELDS_BY_KEY, MODEL_SIZES, Field, section_of
 
 _SECTIONS = {section_of(f.key) for f in FIELDS} - {""}
 _MISSING = object()
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration mistake a user made; ``problems`` holds one line per mistake."""
 
     def __init__(self, problems: str | Iterable[str]):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from jaxrl_llm.errors import UserError
+
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
 GEMMA = ("gemma2", "gemma3")
 # The integer sizes of an architecture; config.model.<name> overrides a preset's value.
@@ -45,7 +47,7 @@ _HF_ARCHITECTURES = {
 _DTYPES = ("float32", "bfloat16")
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError):
     """An architecture description that cannot be built (unsupported family, bad field)."""
 
 

@@ -21,6 +21,8 @@ from jax.sharding import Mesh
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from jaxrl_llm.errors import UserError
+
 from ..parallel import DEFAULT_RULES, is_main_process, state_shardings, to_host
 from .build import abstract_model
 from .config import ModelConfig, from_hf_config, to_hf_config
@@ -29,7 +31,7 @@ from .layers import INIT_STD
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """An HF checkpoint directory that cannot be read (missing files or tensors, wrong shapes)."""
 
 

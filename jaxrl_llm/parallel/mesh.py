@@ -9,10 +9,12 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
+from jaxrl_llm.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
-class MeshError(ValueError):
+class MeshError(UserError):
     """Mesh axis sizes that do not fit the devices available."""
 
 

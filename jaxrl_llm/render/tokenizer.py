@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import sentencepiece
 
+from jaxrl_llm.errors import UserError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -33,7 +35,7 @@ _HF_ONLY_FILES = (
 )
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """A tokenizer path that cannot be loaded, or a chat request the tokenizer cannot serve."""
 
 
@@ -122,6 +124,14 @@ class Tokenizer(abc.ABC):
 
     def _template_identity(self) -> str | None:
         return self.chat_template
+
+    def check_fits(self, model_vocab_size: int) -> None:
+        """Raises when some ids of this tokenizer have no row in a model's embedding table."""
+        if self.vocab_size > model_vocab_size:
+            raise TokenizerError(
+                f"tokenizer {self.name_or_path} has {self.vocab_size} ids but the model's vocab_size is "
+                f"{model_vocab_size}: ids >= {model_vocab_size} would index past the embedding table"
+            )
 
     def _no_template_error(self) -> TokenizerError:
         return TokenizerError(

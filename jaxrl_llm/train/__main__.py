@@ -1,7 +1,8 @@
 """``python -m jaxrl_llm.train --config configs/X.py [--config.a.b=value ...]``.
 
 Parses and validates the config before anything heavy is imported, prints the resolved config, then runs
-the stage named by ``config.stage``. Exit codes: 0 done, 2 configuration error, 3 stage not implemented.
+the stage named by ``config.stage``. Exit codes: 0 done, 2 user error (configuration, paths, checkpoints,
+data), 3 stage not implemented.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 PROG = "jaxrl_llm.train"
-EXIT_CONFIG_ERROR = 2
+EXIT_CONFIG_ERROR = 2  # the same status as any other user error (jaxrl_llm.errors.EXIT_USER_ERROR)
 
 USAGE = f"""\
 usage: python -m {PROG} [--config PATH] [--config.KEY=VALUE ...]
@@ -45,9 +46,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG_ERROR
     print(f"{PROG}: resolved config:\n{format_config(cfg)}", flush=True)
 
+    from jaxrl_llm.errors import EXIT_USER_ERROR, UserError
     from jaxrl_llm.train.stages import run_stage
 
-    return run_stage(cfg)
+    try:
+        return run_stage(cfg)
+    except UserError as err:  # a bad path, checkpoint, mesh or dataset found while running: no traceback
+        print(f"{PROG}: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":
