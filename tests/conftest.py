@@ -12,8 +12,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# Tests run on the host CPU; keep XLA from grabbing an accelerator's whole memory when one exists.
+# Keep XLA from grabbing an accelerator's whole memory when the suite runs on one (JAX CUDA).
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+
+# Reference comparisons are float32-exact: on GPUs, default matmuls would use TF32 and miss 1e-4 parity.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -37,17 +37,10 @@ def main(address: str, process_id: int, export_dir: str) -> None:
     reference = create_model(CFG, seed=0)(jnp.asarray(tokens))  # this process alone, on one device
     np.testing.assert_allclose(to_host(logits), np.asarray(reference), atol=1e-5)
 
-    save_hf(model, export_dir)  # collective gather; process 0 writes
-    multihost_barrier()
+    save_hf(model, export_dir)  # collective gather; process 0 writes, the others wait for it
     loaded = load_hf(export_dir, mesh=mesh)
     np.testing.assert_array_equal(to_host(loaded.embed.embedding.get_value()), to_host(embedding))
     print(f"process {process_id}: multi-process checks passed (main={is_main_process()})")
-
-
-def multihost_barrier() -> None:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices("export written")
 
 
 if __name__ == "__main__":

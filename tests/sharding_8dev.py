@@ -75,6 +75,16 @@ def main():
         check_param_shardings(loaded, mesh)
         np.testing.assert_allclose(np.asarray(loaded(tokens)), want, atol=1e-5)
 
+    # The KV cache is born sharded too: batch over the data axes, KV heads over tensor.
+    cache = sharded.init_cache(8, 32, mesh=mesh)
+    assert tuple(cache.k.sharding.spec) == (None, ("data", "fsdp"), None, "tensor", None), (
+        cache.k.sharding.spec
+    )
+    assert cache.k.addressable_shards[0].data.shape == (CFG.num_layers, 2, 32, 1, 16)
+    with jax.set_mesh(mesh):
+        out = jax.jit(lambda s, t, c: nnx.merge(graphdef, s).forward(t, cache=c))(state, batch, cache)
+    np.testing.assert_allclose(np.asarray(out.logits), want, atol=1e-5)
+
     # -1 fills the remaining devices; heads that do not divide the tensor axis are replicated, not an error.
     class Parallel:
         data, fsdp, tensor = -1, 2, 2

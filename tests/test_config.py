@@ -197,7 +197,9 @@ def test_model_path_with_size_override(tmp_path):
 
 def test_model_path_must_exist(tmp_path):
     missing = str(tmp_path / "no-such-ckpt")
-    assert f"model.path={missing!r}: no such directory" in _problems(_overridden(model__path=missing))
+    assert f"model.path={missing!r}: not a directory" in _problems(_overridden(model__path=missing))
+    hub_id = _problems(_overridden(model__path="meta-llama/Llama-3.1-8B"))
+    assert "model.path='meta-llama/Llama-3.1-8B': not a directory" in hub_id and "not downloaded" in hub_id
     assert "no config.json" in _problems(_overridden(model__path=str(tmp_path)))
 
 

@@ -45,6 +45,16 @@ def test_multimodal_gemma3_is_named(checkpoint, tmp_path):
         load_hf(path)
 
 
+def test_tensors_the_model_would_ignore_are_an_error(checkpoint, tmp_path):
+    def add_bias(w):  # an o_proj bias the config does not announce: loading it silently would be wrong
+        w["model.layers.0.self_attn.o_proj.bias"] = np.zeros((64,), np.float32)
+        return w
+
+    path = _copy(checkpoint, tmp_path, tensors=add_bias)
+    with pytest.raises(CheckpointError, match=r"1 tensors have no place in a llama model.*o_proj.bias"):
+        load_hf(path)
+
+
 def test_unsupported_architecture(checkpoint, tmp_path):
     path = _copy(
         checkpoint,

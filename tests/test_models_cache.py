@@ -13,12 +13,15 @@ from tests.hf_reference import FAMILIES
 TOL = 1e-5
 
 
-def _left_padded(seed: int, batch: int = 3, length: int = 14):
+def _padded(seed: int, batch: int = 4, length: int = 14):
+    """Prompts (first 6 tokens) left- and right-padded, and a row that skips one decode step."""
     rng = np.random.RandomState(seed)
     tokens = rng.randint(1, 97, (batch, length)).astype(np.int32)
     mask = np.ones((batch, length), np.int32)
-    mask[1, :3] = 0
-    mask[2, :6] = 0
+    mask[1, :3] = 0  # left-padded prompt
+    mask[2, :5] = 0  # a 1-token prompt
+    mask[3, 4:6] = 0  # right-padded prompt
+    mask[0, 9] = 0  # a padded decode step (e.g. a finished row in a batch still decoding)
     return np.where(mask == 1, tokens, 0), mask
 
 
@@ -31,12 +34,12 @@ def test_prefill_then_decode_equals_full_forward(family, scan_layers):
         f"{family}-tiny", vocab_size=97, num_layers=3, sliding_windows=windows, scan_layers=scan_layers
     )
     model = create_model(cfg, seed=1)
-    tokens, mask = _left_padded(seed=2)
+    tokens, mask = _padded(seed=2)
     full = np.asarray(model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask)))
 
     prompt = 6
     step = jax.jit(lambda toks, m, cache: model.forward(toks, attention_mask=m, cache=cache))
-    out = step(jnp.asarray(tokens[:, :prompt]), jnp.asarray(mask[:, :prompt]), model.init_cache(3, 20))
+    out = step(jnp.asarray(tokens[:, :prompt]), jnp.asarray(mask[:, :prompt]), model.init_cache(4, 20))
     logits = [np.asarray(out.logits)]
     cache = out.cache
     for t in range(prompt, tokens.shape[1]):
@@ -55,3 +58,9 @@ def test_cache_shapes_and_dtype():
     cache = create_model(cfg).init_cache(2, 32)
     assert cache.k.shape == (cfg.num_layers, 2, 32, cfg.num_kv_heads, cfg.head_dim)
     assert cache.k.dtype == jnp.bfloat16 and cache.max_len == 32
+
+
+def test_input_longer_than_the_cache_is_refused():
+    model = create_model(get_preset("llama-tiny"))
+    with pytest.raises(ValueError, match="10 tokens do not fit a KV cache of 8 slots"):
+        model.forward(jnp.ones((1, 10), jnp.int32), cache=model.init_cache(1, 8))

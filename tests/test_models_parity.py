@@ -25,6 +25,27 @@ def test_logits_match_hf_on_padded_batch(family, tmp_path):
     assert np.abs(got - want)[valid].max() <= TOL
 
 
+@pytest.mark.parametrize(
+    "family, overrides",
+    [
+        ("llama", dict(attention_bias=True)),  # outside Qwen2 this biases o_proj too
+        ("qwen3", dict(attention_bias=True)),
+        ("mistral", dict(sliding_window=None)),
+        # Qwen2 with sliding windows on the layers from max_window_layers on.
+        ("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    ],
+)
+def test_config_variants_match_hf(family, overrides, tmp_path):
+    hf_model, path = make_hf_model(family, tmp_path, **overrides)
+    model = load_hf(path)
+    if family == "qwen2":
+        assert model.cfg.sliding_windows == (None, 4, 4)
+    tokens, mask = padded_batch(seed=7)
+    want = hf_logits(hf_model, tokens, mask)
+    got = np.asarray(model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask)))
+    assert np.abs(got - want)[mask.astype(bool)].max() <= TOL
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 @pytest.mark.parametrize(
     "execution", [dict(scan_layers=True), dict(remat="full"), dict(scan_layers=True, remat="dots")]

@@ -8,7 +8,6 @@ once rather than again as every combination it touches.
 from __future__ import annotations
 
 import difflib
-import json
 import numbers
 import os
 from collections.abc import Iterable, Mapping
@@ -246,22 +245,18 @@ def _seq_len(good: dict[str, Any], arch: dict[str, tuple[int, str]]) -> list[str
 
 
 def _checkpoint_arch(path: str) -> tuple[dict[str, tuple[int, str]], str | None]:
-    """Reads what the checks need from ``<path>/config.json``; the problem line if it cannot."""
-    if not os.path.exists(path):
-        return {}, f"model.path={path!r}: no such directory"
-    config_json = os.path.join(path, "config.json")
-    if not os.path.isfile(config_json):
-        return {}, f"model.path={path!r}: not an HF checkpoint directory (no config.json in it)"
-    from jaxrl_llm.models.config import ModelConfigError, from_hf_config
+    """Reads what the checks need from ``<path>/config.json``, with the loader's own reading and errors."""
+    from jaxrl_llm.errors import UserError
+    from jaxrl_llm.models import from_hf_config, read_hf_config
 
     try:
-        with open(config_json) as f:
-            arch = from_hf_config(json.load(f))
-    except (OSError, ValueError, TypeError, AttributeError) as err:
-        reason = str(err) if isinstance(err, ModelConfigError) else f"cannot read config.json ({err})"
+        arch = from_hf_config(read_hf_config(path))
+    except UserError as err:
+        reason = str(err).removeprefix(f"{path}: ")  # the key already names the path
         return {}, f"model.path={path!r}: {reason}"
     max_len = arch.max_seq_len
-    return {"max_seq_len": (max_len, f"max_position_embeddings={max_len} (in {config_json})")}, None
+    where = os.path.join(path, "config.json")
+    return {"max_seq_len": (max_len, f"max_position_embeddings={max_len} (in {where})")}, None
 
 
 def _tokenizer(good: dict[str, Any]) -> list[str]:

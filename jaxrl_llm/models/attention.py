@@ -44,6 +44,8 @@ class Attention(nnx.Module):
             self.q_bias = param(None, (h, d), ("heads", "head_dim"), pd, "zeros")
             self.k_bias = param(None, (k, d), ("kv_heads", "head_dim"), pd, "zeros")
             self.v_bias = param(None, (k, d), ("kv_heads", "head_dim"), pd, "zeros")
+        if cfg.attention_out_bias:
+            self.o_bias = param(None, (e,), ("embed",), pd, "zeros")
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg, axes=("head_dim",))
             self.k_norm = RMSNorm(d, cfg, axes=("head_dim",))
@@ -91,6 +93,8 @@ class Attention(nnx.Module):
             b, t, cfg.num_heads, cfg.head_dim
         )
         out = jnp.einsum("bthd,hde->bte", out, self.o[...].astype(x.dtype))
+        if cfg.attention_out_bias:
+            out = out + self.o_bias[...].astype(x.dtype)
         return out, (k, v)
 
 

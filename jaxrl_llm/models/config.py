@@ -81,7 +81,8 @@ class ModelConfig:
     local_rope_theta: float | None = None
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # Qwen2: bias on q, k and v projections.
+    attention_bias: bool = False  # bias on the q, k and v projections (always on for Qwen2)
+    attention_out_bias: bool = False  # bias on the output projection (HF `attention_bias` outside Qwen2)
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE.
     norm_offset: float = 0.0  # Gemma: RMSNorm scales by (offset + w).
     post_norms: bool = False  # Gemma 2: norms after attention and MLP outputs too.
@@ -153,6 +154,7 @@ class ModelConfig:
             self.intermediate_size,
         )
         attn = e * d * (2 * h + 2 * kv) + (d * (h + 2 * kv) if self.attention_bias else 0)
+        attn += e if self.attention_out_bias else 0
         attn += 2 * d if self.qk_norm else 0
         norms = e * (4 if self.post_norms else 2)
         per_layer = attn + 3 * e * m + norms
@@ -266,7 +268,10 @@ def from_hf_config(hf: dict[str, Any], **overrides) -> ModelConfig:
             local_rope_theta=local_theta,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", family in GEMMA)),
-            attention_bias=bool(hf.get("attention_bias", family == "qwen2")),
+            # Qwen2 always has q/k/v biases and never an o_proj bias; elsewhere HF's `attention_bias`
+            # puts a bias on all four projections.
+            attention_bias=family == "qwen2" or bool(hf.get("attention_bias", False)),
+            attention_out_bias=family != "qwen2" and bool(hf.get("attention_bias", False)),
             sliding_windows=_windows_from_hf(hf, num_layers),
             bos_token_id=hf.get("bos_token_id"),
             # Lists become tuples: the config is a static (hashable) argument of compiled functions.
@@ -313,7 +318,7 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.rms_norm_eps,
         "tie_word_embeddings": cfg.tie_word_embeddings,
-        "attention_bias": cfg.attention_bias,
+        "attention_bias": cfg.attention_bias,  # Qwen2's config ignores it (its q/k/v biases are fixed)
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id,
         "pad_token_id": cfg.pad_token_id,
@@ -359,6 +364,19 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         None,
     ):
         raise ModelConfigError(f"family {cfg.family!r} cannot express Gemma-style switches in an HF config")
+    qwen2 = cfg.family == "qwen2"
+    if (cfg.attention_bias, cfg.attention_out_bias) not in (
+        [(True, False)] if qwen2 else [(False, False), (True, True)]
+    ):
+        raise ModelConfigError(
+            f"attention_bias={cfg.attention_bias}, attention_out_bias={cfg.attention_out_bias} cannot be "
+            f"expressed in an HF {cfg.family} config ("
+            + (
+                "Qwen2 has q/k/v biases and no output bias)"
+                if qwen2
+                else "biases are on all four projections or none)"
+            )
+        )
     if cfg.qk_norm != (cfg.family in ("qwen3", "gemma3")):
         raise ModelConfigError(f"qk_norm={cfg.qk_norm} does not match family {cfg.family!r} in an HF config")
     return hf

@@ -23,7 +23,7 @@ from safetensors.numpy import save_file
 
 from jaxrl_llm.errors import UserError
 
-from ..parallel import DEFAULT_RULES, is_main_process, state_shardings, to_host
+from ..parallel import DEFAULT_RULES, barrier, is_main_process, state_shardings, to_host
 from .build import abstract_model
 from .config import ModelConfig, from_hf_config, to_hf_config
 from .layers import INIT_STD
@@ -46,6 +46,7 @@ _BLOCK_KEYS = {
     ("attn", "q_bias"): ("self_attn.q_proj.bias", "flat"),
     ("attn", "k_bias"): ("self_attn.k_proj.bias", "flat"),
     ("attn", "v_bias"): ("self_attn.v_proj.bias", "flat"),
+    ("attn", "o_bias"): ("self_attn.o_proj.bias", "flat"),
     ("attn", "q_norm", "weight"): ("self_attn.q_norm.weight", "flat"),
     ("attn", "k_norm", "weight"): ("self_attn.k_norm.weight", "flat"),
     ("mlp", "gate"): ("mlp.gate_proj.weight", "linear1"),
@@ -64,7 +65,11 @@ _TOP_KEYS = {
     ("value_head", "bias"): ("v_head.summary.bias", "flat"),
 }
 _HEAD_PATHS = {("score", "weight"), ("value_head", "weight"), ("value_head", "bias")}
+# Tensors a checkpoint may hold that this model rightly leaves out: cached RoPE tables, and heads the caller
+# chose not to load (a policy read from a reward-model checkpoint, say). Any other leftover is an error: it
+# means the checkpoint computes something this model would silently skip.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_OPTIONAL_HEAD_PREFIXES = ("score.", "v_head.", "lm_head.")
 
 
 def _block_key(path: tuple[str, ...], cfg: ModelConfig) -> str:
@@ -253,14 +258,19 @@ def load_hf(
         sharding = shardings[p].get_value() if p in shardings else None
         loaded.append((p, var.replace(_place(array, sharding))))
     unused = [k for k in reader.weight_map if k not in used and not k.endswith(_IGNORED_SUFFIXES)]
-    if cfg.tie_word_embeddings and "lm_head.weight" in unused:
-        unused.remove("lm_head.weight")  # some tied checkpoints store the shared matrix twice
-    if unused:
-        log.warning("%s: %d checkpoint tensors were not used: %s", path, len(unused), ", ".join(unused[:8]))
+    dropped = [k for k in unused if k.startswith(_OPTIONAL_HEAD_PREFIXES)]
+    if dropped:  # e.g. a tied checkpoint that also stores lm_head, or a score head when loading head="lm"
+        log.info("%s: not loading %s", path, ", ".join(dropped))
+    unexpected = [k for k in unused if k not in dropped]
+    if unexpected:
+        raise CheckpointError(
+            f"{path}: {len(unexpected)} tensors have no place in a {cfg.family} model with this config.json "
+            f"(an unsupported feature?): {', '.join(unexpected[:8])}"
+        )
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
 
 
-def _architecture(cfg: ModelConfig, head: str, hf: dict) -> list[str]:
+def _architecture(head: str, hf: dict) -> list[str]:
     causal = hf["architectures"][0]
     return [causal.replace("ForCausalLM", "ForSequenceClassification")] if head == "score" else [causal]
 
@@ -269,7 +279,8 @@ def save_hf(model, path: str | os.PathLike, *, dtype=None, max_shard_bytes: int 
     """Writes ``config.json`` and safetensors (sharded past ``max_shard_bytes``) that HF transformers loads.
 
     ``dtype`` (e.g. ``jnp.bfloat16``) converts on the way out; the default keeps the parameter dtype. In a
-    multi-process run every process must call it (parameters are gathered collectively); process 0 writes.
+    multi-process run every process must call it (parameters are gathered collectively); process 0 writes
+    and the others wait for it.
     """
     path = Path(path)
     cfg: ModelConfig = model.cfg
@@ -284,15 +295,15 @@ def save_hf(model, path: str | os.PathLike, *, dtype=None, max_shard_bytes: int 
         for key, x in zip(keys, per_layer, strict=True):
             tensors[key] = _to_hf(x, kind)
     hf = to_hf_config(cfg)
-    hf["architectures"] = _architecture(cfg, head, hf)
+    hf["architectures"] = _architecture(head, hf)
     if head == "score":
         hf["id2label"], hf["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
     hf["torch_dtype"] = hf["dtype"] = jnp.dtype(dtype or cfg.param_dtype).name
-    if not is_main_process():
-        return path
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    _write_safetensors(tensors, path, max_shard_bytes)
+    if is_main_process():
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        _write_safetensors(tensors, path, max_shard_bytes)
+    barrier(f"save_hf {path}")  # no process reads the export before process 0 has written it
     return path
 
 

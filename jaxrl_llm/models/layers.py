@@ -61,8 +61,14 @@ class Embed(nnx.Module):
         self.dtype = dtype_of(cfg.dtype)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        """tokens: int32[B, T] -> float[B, T, E]."""
-        x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+        """tokens: int32[B, T] -> float[B, T, E].
+
+        An id outside [0, V) (negative ones included) embeds as NaN rather than wrapping or clipping to
+        another token's row, so a tokenizer/model vocabulary mismatch fails loudly.
+        """
+        vocab = self.embedding.shape[0]
+        tokens = jnp.where(tokens < 0, vocab, tokens)
+        x = jnp.take(self.embedding[...], tokens, axis=0, mode="fill", fill_value=jnp.nan).astype(self.dtype)
         if self.scale is not None:
             # Gemma rounds the scale to the compute dtype before multiplying; so do we.
             x = x * jnp.asarray(self.scale, self.dtype)

@@ -76,8 +76,9 @@ class Decoder(nnx.Module):
         self.final_norm = RMSNorm(cfg.hidden_size, cfg)
         self.windows = tuple(w or 0 for w in cfg.layer_windows())
 
-    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
-        return KVCache.init(self.cfg, batch, max_len, dtype)
+    def init_cache(self, batch: int, max_len: int, dtype=None, *, mesh=None) -> KVCache:
+        """An empty KV cache for this model (sharded on ``mesh`` when given); see :class:`KVCache`."""
+        return KVCache.init(self.cfg, batch, max_len, dtype, mesh=mesh)
 
     def _run_blocks(self, x, positions, mask: AttentionMask, cache: KVCache | None):
         graphdef, state = nnx.split(self.blocks)
@@ -92,22 +93,23 @@ class Decoder(nnx.Module):
 
         def layer(x, xs):
             block_state, window, inv_freq, kv = xs
-            return nnx.merge(graphdef, block_state)(
+            x, new_kv = nnx.merge(graphdef, block_state)(
                 x, positions, mask.for_window(window), inv_freq, kv, index
             )
+            return x, None if kv is None else new_kv  # without a cache, nothing is stacked or kept
 
         if self.cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.cfg.remat])
         kv = None if cache is None else (cache.k, cache.v)
         if self.cfg.scan_layers:
-            x, (ks, vs) = jax.lax.scan(layer, x, (state, windows, inv_freqs, kv))
+            x, new_kv = jax.lax.scan(layer, x, (state, windows, inv_freqs, kv))
         else:
             outs = []
             for i in range(self.cfg.num_layers):
                 x, out = layer(x, jax.tree.map(lambda a, i=i: a[i], (state, windows, inv_freqs, kv)))
                 outs.append(out)
-            ks, vs = jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs])
-        return x, ks, vs
+            new_kv = None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        return x, new_kv
 
     def forward_hidden(
         self,
@@ -124,7 +126,12 @@ class Decoder(nnx.Module):
         computes for padded generation.
         """
         b, t = tokens.shape
+        if cache is not None and t > cache.max_len:
+            raise ValueError(
+                f"{t} tokens do not fit a KV cache of {cache.max_len} slots; make a larger cache"
+            )
         valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        tokens = jnp.where(valid, tokens, 0)  # whatever id pads a row, it embeds as a real (masked) token
         start = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
         if positions is None:
             positions = jnp.maximum(start[:, None] + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
@@ -139,10 +146,13 @@ class Decoder(nnx.Module):
             )
             mask = make_mask(positions, valid, cache.positions, cache.valid, slots)
         x = constrain(self.embed(tokens), ("batch", "seq", "embed"))
-        x, ks, vs = self._run_blocks(x, positions, mask, cache)
+        x, new_kv = self._run_blocks(x, positions, mask, cache)
         if cache is not None:
             cache = cache.replace(
-                k=ks, v=vs, index=cache.index + t, lengths=cache.lengths + valid.sum(axis=1, dtype=jnp.int32)
+                k=new_kv[0],
+                v=new_kv[1],
+                index=cache.index + t,
+                lengths=cache.lengths + valid.sum(axis=1, dtype=jnp.int32),
             )
         return self.final_norm(x), cache
 

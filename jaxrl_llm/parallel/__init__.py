@@ -1,6 +1,6 @@
 """Device meshes, logical-axis sharding rules and multi-process start-up, shared by every layer."""
 
-from .distributed import initialize, is_main_process, to_host
+from .distributed import barrier, initialize, is_main_process, to_host
 from .mesh import MESH_AXES, MeshError, make_mesh, mesh_from_config, resolve_axis_sizes
 from .rules import (
     DEFAULT_RULES,

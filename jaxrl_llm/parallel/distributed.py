@@ -17,16 +17,19 @@ from jax.experimental import multihost_utils
 _started = False
 
 
-def initialize(coordinator_address: str = "", num_processes: int = 1, process_id: int = 0) -> bool:
+def initialize(
+    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> bool:
     """Joins the other processes before any device is touched; returns whether this run is multi-process.
 
-    Arguments win over the ``JAXRL_*`` environment variables. With one process and no coordinator this
-    does nothing, so single-host code calls it unconditionally.
+    A value given here wins over its ``JAXRL_*`` environment variable; unset ones (None, or an empty
+    address) fall back to it. With one process and no coordinator this does nothing, so single-host code
+    calls it unconditionally.
     """
     global _started
     address = coordinator_address or os.environ.get("JAXRL_COORDINATOR", "")
-    count = int(os.environ.get("JAXRL_NUM_PROCESSES", num_processes)) if num_processes == 1 else num_processes
-    index = int(os.environ.get("JAXRL_PROCESS_ID", process_id)) if process_id == 0 else process_id
+    count = int(os.environ.get("JAXRL_NUM_PROCESSES", 1)) if num_processes is None else num_processes
+    index = int(os.environ.get("JAXRL_PROCESS_ID", 0)) if process_id is None else process_id
     if _started:
         return jax.process_count() > 1
     if count == 1 and not address:
@@ -51,6 +54,12 @@ def _cluster_detected() -> bool:
 def is_main_process() -> bool:
     """Process 0 writes files (checkpoints, exports, logs); the others only compute."""
     return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches the same ``name``d point; free in a single-process run."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def to_host(x: jax.Array) -> np.ndarray:

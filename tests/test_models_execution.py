@@ -1,0 +1,42 @@
+"""Execution options change how the model runs, never what it computes: scan, remat, gradients."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxrl_llm.models import create_model, get_preset
+
+TOKENS = jnp.asarray(np.random.RandomState(0).randint(1, 256, (2, 10)), jnp.int32)
+
+
+def _loss_and_grad(cfg):
+    graphdef, state = nnx.split(create_model(cfg, seed=0))
+
+    def loss(state):
+        logits = nnx.merge(graphdef, state)(TOKENS)
+        return -jnp.mean(jax.nn.log_softmax(logits)[:, :-1].max(-1))
+
+    return loss, state
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(remat="full"), dict(remat="dots"), dict(scan_layers=True), dict(scan_layers=True, remat="full")],
+)
+def test_gradients_equal_the_plain_model(options):
+    base = get_preset("gemma2-tiny")
+    plain_loss, state = _loss_and_grad(base)
+    loss, _ = _loss_and_grad(base.replace(**options))
+    want, got = jax.grad(plain_loss)(state), jax.grad(loss)(state)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+@pytest.mark.parametrize("remat, present", [("none", False), ("full", True), ("dots", True)])
+def test_remat_is_in_the_gradient_program(remat, present):
+    loss, state = _loss_and_grad(get_preset("llama-tiny", remat=remat))
+    assert ("remat" in str(jax.make_jaxpr(jax.grad(loss))(state))) == present
