@@ -1,0 +1,1 @@
+"""The data layer: canonical records, readers, validation, filters, versioning and pipelines."""
