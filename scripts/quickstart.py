@@ -33,7 +33,7 @@ def arithmetic_corpus(n: int = 400, seed: int = 0) -> list[str]:
     return lines
 
 
-def greedy_decode(model, prompt_ids, prompt_mask, max_new_tokens: int):
+def greedy_decode(model, prompt_ids, prompt_mask, max_new_tokens: int, mesh=None):
     """Prefill once, then one cached forward per token; a stand-in until the rollout layer (issue #5).
 
     The model crosses the jit boundary as (graphdef, state): parameters are arguments of the compiled
@@ -51,7 +51,8 @@ def greedy_decode(model, prompt_ids, prompt_mask, max_new_tokens: int):
         return jnp.argmax(out.logits[:, -1], axis=-1), out.cache
 
     batch, prompt_len = prompt_ids.shape
-    token, cache = step(state, prompt_ids, prompt_mask, model.init_cache(batch, prompt_len + max_new_tokens))
+    cache = model.init_cache(batch, prompt_len + max_new_tokens, mesh=mesh)  # born sharded like the batch
+    token, cache = step(state, prompt_ids, prompt_mask, cache)
     tokens = [token]
     for _ in range(max_new_tokens - 1):
         token, cache = step(state, token[:, None], jnp.ones((batch, 1), jnp.int32), cache)
@@ -64,7 +65,7 @@ def main(argv: list[str]) -> int:
 
     try:
         return run(argv or ["--config", str(ROOT / "configs" / "quickstart.py")])
-    except UserError as err:  # config, mesh, checkpoint or tokenizer mistakes: a message, not a traceback
+    except (UserError, OSError) as err:  # config, mesh, checkpoint, tokenizer or run_dir mistakes
         print(f"quickstart: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
 
@@ -116,7 +117,7 @@ def run(args: list[str]) -> int:
     prompt_ids = jnp.asarray([[pad] * (width - len(x)) + x for x in ids], jnp.int32)  # left padding
     prompt_mask = jnp.asarray([[0] * (width - len(x)) + [1] * len(x) for x in ids], jnp.int32)
     with jax.set_mesh(mesh):
-        generated = greedy_decode(model, prompt_ids, prompt_mask, max_new_tokens=8)
+        generated = greedy_decode(model, prompt_ids, prompt_mask, max_new_tokens=8, mesh=mesh)
     # Every cached step must pick what the full, uncached forward picks (exactly in float32; bfloat16
     # rounding differs between the two paths and may flip a near-tie).
     full_ids = jnp.concatenate([prompt_ids, generated], axis=1)

@@ -41,3 +41,8 @@ def test_forward_bench_writes_json(tmp_path, capsys):
     for key in ("tokens_per_s", "step_s", "compile_s", "peak_fraction", "peer_tokens_per_s", "speedup"):
         assert result[key] > 0, key
     assert "tokens_per_s" in capsys.readouterr().out
+
+
+def test_bad_model_is_a_message_not_a_traceback(capsys):
+    assert main(["forward", "--model", "llama-tiyn"]) == 2
+    assert "unknown model preset 'llama-tiyn'. Did you mean 'llama-tiny'" in capsys.readouterr().err

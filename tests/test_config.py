@@ -168,6 +168,14 @@ def test_model_size_keys_are_the_architectures_sizes():
     assert MODEL_SIZES == SIZE_FIELDS
 
 
+def test_run_dir_must_not_be_a_file(tmp_path):
+    path = tmp_path / "a_file"
+    path.write_text("")
+    assert f"run_dir={str(path)!r}: exists and is not a directory" in _problems(
+        _overridden(run_dir=str(path))
+    )
+
+
 def test_multi_process_settings():
     text = _problems(_overridden(parallel__num_processes=2, parallel__process_id=2))
     assert "parallel.process_id=2, parallel.num_processes=2: parallel.process_id must be below" in text

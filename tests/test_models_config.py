@@ -71,3 +71,54 @@ def test_export_refuses_what_hf_cannot_express():
         to_hf_config(get_preset("qwen2-tiny", attention_out_bias=True))
     with pytest.raises(ModelConfigError, match="rope scaling type 'yarn' is not supported"):
         from_hf_config({**BASE, "model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+
+
+@pytest.mark.parametrize(
+    "model_type, extra",
+    [
+        ("gemma2", dict(head_dim=16)),  # published Gemma 2 config.json files carry no layer_types
+        ("gemma3_text", dict(head_dim=16)),
+        ("mistral", dict(attention_bias=True)),  # Mistral has no biases whatever the field says
+        ("qwen2", dict()),
+    ],
+)
+def test_missing_fields_mean_what_they_mean_to_transformers(model_type, extra):
+    transformers = pytest.importorskip("transformers")
+    minimal = {k: v for k, v in BASE.items() if k != "head_dim"} | extra | {"model_type": model_type}
+    hf = transformers.AutoConfig.for_model(**minimal)
+    ours = from_hf_config(minimal)
+    window = getattr(hf, "sliding_window", None)
+    types = getattr(hf, "layer_types", None) or ["full_attention"] * hf.num_hidden_layers
+    if model_type == "qwen2" and not hf.use_sliding_window:
+        types = ["full_attention"] * hf.num_hidden_layers
+    if model_type == "mistral":  # MistralModel applies sliding_window, when set, to every layer
+        types = ["sliding_attention" if window else "full_attention"] * hf.num_hidden_layers
+    want = tuple(window if t == "sliding_attention" else None for t in types)
+    assert ours.layer_windows() == want
+    assert ours.attn_logit_softcap == getattr(hf, "attn_logit_softcapping", None)
+    assert ours.final_logit_softcap == getattr(hf, "final_logit_softcapping", None)
+    if model_type.startswith("gemma"):
+        assert ours.query_pre_attn_scalar == hf.query_pre_attn_scalar
+    assert not ours.attention_out_bias if model_type == "mistral" else True
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[]", "expected a JSON object, got list"),
+        ('{"model_type": "llama", "vocab_size": null}', "missing required"),
+        ("\xff\xfe", "not valid JSON"),
+    ],
+)
+def test_malformed_config_json_is_a_clear_error(tmp_path, text, message):
+    from jaxrl_llm.models import CheckpointError, load_hf
+
+    (tmp_path / "config.json").write_bytes(text.encode("latin-1"))
+    with pytest.raises((CheckpointError, ModelConfigError), match=message):
+        load_hf(tmp_path)
+
+
+def test_wrong_typed_config_field_is_a_clear_error():
+    bad = {**BASE, "model_type": "llama", "vocab_size": None}
+    with pytest.raises(ModelConfigError, match="wrong type or value"):
+        from_hf_config(bad)

@@ -40,3 +40,24 @@ def test_gradients_equal_the_plain_model(options):
 def test_remat_is_in_the_gradient_program(remat, present):
     loss, state = _loss_and_grad(get_preset("llama-tiny", remat=remat))
     assert ("remat" in str(jax.make_jaxpr(jax.grad(loss))(state))) == present
+
+
+def test_padding_ids_never_matter_and_bad_real_ids_are_loud():
+    model = create_model(get_preset("llama-tiny"), seed=0)
+    mask = jnp.asarray([[0, 0, 1, 1, 1]])
+    real = jnp.asarray([[0, 0, 5, 6, 7]])
+    want = np.asarray(model(real, attention_mask=mask))[0, 2:]
+    for pad in (999, -100, 255):  # out of range, negative (would wrap), in range: all the same
+        tokens = real.at[0, :2].set(pad)
+        np.testing.assert_array_equal(np.asarray(model(tokens, attention_mask=mask))[0, 2:], want)
+    # A real token outside the vocabulary poisons its row with NaN instead of reading another row.
+    assert np.isnan(np.asarray(model(jnp.asarray([[5, 300, 7]])))).all()
+    assert np.isnan(np.asarray(model(jnp.asarray([[5, -3, 7]])))).all()
+    assert not np.isnan(np.asarray(model(jnp.asarray([[5, 255, 7]])))).any()
+
+
+def test_decoding_past_the_cache_end_is_refused_outside_jit():
+    model = create_model(get_preset("llama-tiny"), seed=0)
+    out = model.forward(jnp.ones((1, 6), jnp.int32), cache=model.init_cache(1, 8))
+    with pytest.raises(ValueError, match="holds 6 of 8 slots: 4 more tokens do not fit"):
+        model.forward(jnp.ones((1, 4), jnp.int32), cache=out.cache)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxrl_llm.models import CausalLM, ScoreModel, create_model, get_preset, load_hf, save_hf
+from jaxrl_llm.models import CausalLM, ScoreModel, create_model, get_preset, load_hf, save_hf, sequence_scores
 from tests.hf_reference import FAMILIES, hf_logits, padded_batch, transformers
 
 TOL = 1e-4
@@ -24,9 +24,20 @@ def _params(model) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
 
 
+def _perturbed(cfg, seed: int, head: str = "lm"):
+    """A model whose every parameter is random: fresh init leaves norms at 1 (or 0) and biases at 0, where
+    an export mistake (a wrong norm name, a lost bias) would not show."""
+    model = create_model(cfg, seed=seed, head=head)
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    noisy = [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)]
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, noisy))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_save_hf_loads_in_transformers_with_the_same_logits(family, tmp_path):
-    model = create_model(_tiny(family), seed=3)
+    model = _perturbed(_tiny(family), seed=3)
     save_hf(model, tmp_path)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     assert type(hf_model).__name__.lower().startswith(family)
@@ -62,11 +73,20 @@ def test_bfloat16_export_and_load(tmp_path):
     assert next(hf_model.parameters()).dtype.__str__() == "torch.bfloat16"
 
 
-def test_score_model_round_trip_through_transformers(tmp_path):
-    model = create_model(_tiny("llama"), seed=6, head="score")
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_score_model_round_trip_through_transformers(family, tmp_path):
+    model = _perturbed(_tiny(family).replace(pad_token_id=0), seed=6, head="score")
     save_hf(model, tmp_path)
-    hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path, attn_implementation="eager"
+    ).eval()
     assert hf_model.config.num_labels == 1
+    tokens, mask = padded_batch(seed=8)  # HF finds each row's last real token through pad_token_id 0
+    want = hf_logits(hf_model, tokens, mask)[:, 0]
+    got = np.asarray(
+        sequence_scores(model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask)), jnp.asarray(mask))
+    )
+    np.testing.assert_allclose(got, want, atol=TOL)
     loaded = load_hf(tmp_path)
     assert isinstance(loaded, ScoreModel)
     for a, b in zip(_params(model), _params(loaded), strict=True):

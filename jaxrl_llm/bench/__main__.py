@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 
+from ..errors import EXIT_USER_ERROR, UserError
 from .forward import bench_forward
 from .peak import machine_peaks
 
@@ -42,24 +43,31 @@ def main(argv: list[str] | None = None) -> int:
     for p in (peak, fwd):
         p.add_argument("--json", metavar="OUT", help="also write the result as one JSON object")
     args = parser.parse_args(argv)
-    if args.command == "peak":
-        import jax.numpy as jnp
-
-        result = machine_peaks(jnp.dtype(args.dtype))
-    else:
-        result = bench_forward(
-            args.model,
-            batch=args.batch,
-            seq_len=args.seq_len,
-            dtype=args.dtype,
-            repeats=args.repeats,
-            compare_hf=args.compare_hf,
-        )
+    try:
+        result = _run(args)
+    except UserError as err:  # a bad --model name or path: one line, no traceback
+        print(f"jaxrl_llm.bench: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
     _print(result)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     return 0
+
+
+def _run(args: argparse.Namespace) -> dict:
+    if args.command == "peak":
+        import jax.numpy as jnp
+
+        return machine_peaks(jnp.dtype(args.dtype))
+    return bench_forward(
+        args.model,
+        batch=args.batch,
+        seq_len=args.seq_len,
+        dtype=args.dtype,
+        repeats=args.repeats,
+        compare_hf=args.compare_hf,
+    )
 
 
 if __name__ == "__main__":

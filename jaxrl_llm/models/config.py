@@ -45,6 +45,23 @@ _HF_ARCHITECTURES = {
     "gemma3": "Gemma3ForCausalLM",
 }
 _DTYPES = ("float32", "bfloat16")
+# transformers' class defaults for the fields we read that a config.json may leave out (published Gemma 2
+# files, for one, carry no layer_types): a missing key must mean what it means to HF.
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mistral": {"sliding_window": 4096},
+    "gemma2": {
+        "sliding_window": 4096,
+        "query_pre_attn_scalar": 256,
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+    },
+    "gemma3_text": {
+        "sliding_window": 4096,
+        "query_pre_attn_scalar": 256,
+        "rope_theta": 1e6,
+        "rope_local_base_freq": 10000.0,
+    },
+}
 
 
 class ModelConfigError(UserError):
@@ -220,6 +237,8 @@ def _windows_from_hf(hf: dict[str, Any], num_layers: int) -> tuple[int | None, .
     if layer_types is None and qwen:  # older Qwen configs: the layers from max_window_layers on slide
         first = int(hf.get("max_window_layers", num_layers))
         layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+    if layer_types is None and hf.get("model_type") == "gemma2":  # Gemma 2: even layers slide
+        layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)]
     if layer_types is None and hf.get("model_type") == "gemma3_text":  # older Gemma 3: every 6th is global
         every = int(hf.get("sliding_window_pattern", 6))
         layer_types = [
@@ -249,6 +268,7 @@ def from_hf_config(hf: dict[str, Any], **overrides) -> ModelConfig:
             f"supported model types: {', '.join(_HF_MODEL_TYPES)}"
         )
     family = _HF_MODEL_TYPES[model_type]
+    hf = {**_HF_DEFAULTS.get(model_type, {}), **hf}
     try:
         e, h = int(hf["hidden_size"]), int(hf["num_attention_heads"])
         num_layers = int(hf["num_hidden_layers"])
@@ -268,10 +288,11 @@ def from_hf_config(hf: dict[str, Any], **overrides) -> ModelConfig:
             local_rope_theta=local_theta,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", family in GEMMA)),
-            # Qwen2 always has q/k/v biases and never an o_proj bias; elsewhere HF's `attention_bias`
-            # puts a bias on all four projections.
-            attention_bias=family == "qwen2" or bool(hf.get("attention_bias", False)),
-            attention_out_bias=family != "qwen2" and bool(hf.get("attention_bias", False)),
+            # Qwen2 always has q/k/v biases and never an o_proj bias; Mistral never has biases; elsewhere
+            # HF's `attention_bias` puts a bias on all four projections.
+            attention_bias=family == "qwen2"
+            or (family != "mistral" and bool(hf.get("attention_bias", False))),
+            attention_out_bias=family not in ("qwen2", "mistral") and bool(hf.get("attention_bias", False)),
             sliding_windows=_windows_from_hf(hf, num_layers),
             bos_token_id=hf.get("bos_token_id"),
             # Lists become tuples: the config is a static (hashable) argument of compiled functions.
@@ -282,6 +303,8 @@ def from_hf_config(hf: dict[str, Any], **overrides) -> ModelConfig:
         raise ModelConfigError(
             f"config.json: missing required field {err.args[0]!r} for model_type={model_type!r}"
         ) from None
+    except (TypeError, ValueError) as err:  # e.g. "vocab_size": null, or a string where a number belongs
+        raise ModelConfigError(f"config.json: a field has the wrong type or value ({err})") from None
     act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
     kw["activation"] = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}.get(act)
     if kw["activation"] is None:
@@ -364,22 +387,23 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         None,
     ):
         raise ModelConfigError(f"family {cfg.family!r} cannot express Gemma-style switches in an HF config")
-    qwen2 = cfg.family == "qwen2"
-    if (cfg.attention_bias, cfg.attention_out_bias) not in (
-        [(True, False)] if qwen2 else [(False, False), (True, True)]
-    ):
+    allowed, rule = _BIAS_LAYOUTS.get(cfg.family, _BIAS_LAYOUTS[None])
+    if (cfg.attention_bias, cfg.attention_out_bias) not in allowed:
         raise ModelConfigError(
             f"attention_bias={cfg.attention_bias}, attention_out_bias={cfg.attention_out_bias} cannot be "
-            f"expressed in an HF {cfg.family} config ("
-            + (
-                "Qwen2 has q/k/v biases and no output bias)"
-                if qwen2
-                else "biases are on all four projections or none)"
-            )
+            f"expressed in an HF {cfg.family} config ({rule})"
         )
     if cfg.qk_norm != (cfg.family in ("qwen3", "gemma3")):
         raise ModelConfigError(f"qk_norm={cfg.qk_norm} does not match family {cfg.family!r} in an HF config")
     return hf
+
+
+# (q/k/v bias, o bias) pairs each family's HF config can express.
+_BIAS_LAYOUTS = {
+    "qwen2": ([(True, False)], "Qwen2 has q/k/v biases and no output bias"),
+    "mistral": ([(False, False)], "Mistral has no attention biases"),
+    None: ([(False, False), (True, True)], "biases are on all four projections or none"),
+}
 
 
 def _windows_to_hf(cfg: ModelConfig) -> dict[str, Any]:

@@ -164,9 +164,12 @@ def read_hf_config(path: str | os.PathLike) -> dict:
     if not cfg_file.exists():
         raise CheckpointError(f"{path}: no config.json")
     try:
-        return json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as err:
+        hf = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{cfg_file}: not valid JSON ({err})") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{cfg_file}: expected a JSON object, got {type(hf).__name__}")
+    return hf
 
 
 def _head_from_hf(hf: dict) -> str:
@@ -272,7 +275,14 @@ def load_hf(
 
 def _architecture(head: str, hf: dict) -> list[str]:
     causal = hf["architectures"][0]
-    return [causal.replace("ForCausalLM", "ForSequenceClassification")] if head == "score" else [causal]
+    if head != "score":
+        return [causal]
+    # Gemma 3's text-only classifier has its own class; Gemma3ForSequenceClassification is multimodal.
+    return [
+        causal.replace("Gemma3ForCausalLM", "Gemma3TextForCausalLM").replace(
+            "ForCausalLM", "ForSequenceClassification"
+        )
+    ]
 
 
 def save_hf(model, path: str | os.PathLike, *, dtype=None, max_shard_bytes: int = 5 * 2**30) -> Path:

@@ -126,10 +126,8 @@ class Decoder(nnx.Module):
         computes for padded generation.
         """
         b, t = tokens.shape
-        if cache is not None and t > cache.max_len:
-            raise ValueError(
-                f"{t} tokens do not fit a KV cache of {cache.max_len} slots; make a larger cache"
-            )
+        if cache is not None:
+            _check_fits(cache, t)
         valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         tokens = jnp.where(valid, tokens, 0)  # whatever id pads a row, it embeds as a real (masked) token
         start = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
@@ -155,6 +153,21 @@ class Decoder(nnx.Module):
                 lengths=cache.lengths + valid.sum(axis=1, dtype=jnp.int32),
             )
         return self.final_norm(x), cache
+
+
+def _check_fits(cache: KVCache, t: int) -> None:
+    """Refuses writes past the cache's end where they can be seen: always for the call's own length, and
+    for the running index when it is concrete (outside jit). Inside jit the caller bounds the steps."""
+    if t > cache.max_len:
+        raise ValueError(f"{t} tokens do not fit a KV cache of {cache.max_len} slots; make a larger cache")
+    try:
+        used = int(cache.index)
+    except jax.errors.ConcretizationTypeError:
+        return
+    if used + t > cache.max_len:
+        raise ValueError(
+            f"the KV cache holds {used} of {cache.max_len} slots: {t} more tokens do not fit; make a larger cache"
+        )
 
 
 class CausalLM(Decoder):

@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return run_stage(cfg)
-    except UserError as err:  # a bad path, checkpoint, mesh or dataset found while running: no traceback
+    except (UserError, OSError) as err:  # a bad path, checkpoint, mesh or dataset found while running
         print(f"{PROG}: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
 
