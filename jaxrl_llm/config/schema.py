@@ -27,6 +27,23 @@ MODEL_SIZES = (
     "head_dim",
     "max_seq_len",
 )
+# Mirror jaxrl_llm.data.records.KINDS and the formats of jaxrl_llm.data.sources (tests keep them equal);
+# not imported from there so that reading the table never loads the readers.
+DATA_KINDS = ("auto", "conversation", "preference", "unpaired", "prompt", "text")
+DATA_FORMATS = (
+    "auto",
+    "jsonl",
+    "json",
+    "parquet",
+    "text",
+    "hf_disk",
+    "tfds",
+    "alpaca",
+    "sharegpt",
+    "openai",
+    "gsm8k",
+    "canonical",
+)
 
 
 def _preset_names() -> tuple[str, ...]:
@@ -155,11 +172,26 @@ FIELDS: tuple[Field, ...] = (
         "parallel.coordinator_address",
         "",
         "host:port of process 0 for a multi-process run without a cluster manager (several processes on "
-        "one machine, GPU hosts). Empty = single process, or auto-detected on TPU pods and SLURM.",
+        "one machine, GPU hosts). Empty = $JAXRL_COORDINATOR if set, else single process (or auto-detected "
+        "on TPU pods and SLURM).",
         str,
     ),
-    Field("parallel.num_processes", 1, "Processes in a multi-process run (one per host).", int, lo=1),
-    Field("parallel.process_id", 0, "This process's index, 0 .. parallel.num_processes - 1.", int, lo=0),
+    Field(
+        "parallel.num_processes",
+        None,
+        "Processes in a multi-process run (one per host). None = $JAXRL_NUM_PROCESSES, else 1.",
+        int,
+        lo=1,
+        nullable=True,
+    ),
+    Field(
+        "parallel.process_id",
+        None,
+        "This process's index, 0 .. parallel.num_processes - 1. None = $JAXRL_PROCESS_ID, else 0.",
+        int,
+        lo=0,
+        nullable=True,
+    ),
     # Optimizer.
     Field("optimizer.name", "adamw", "Optimizer.", str, ("adamw", "adafactor", "lion", "sgd")),
     Field("optimizer.lr", 3e-4, "Peak learning rate (reached after warmup).", float, lo=0, lo_open=True),
@@ -206,6 +238,69 @@ FIELDS: tuple[Field, ...] = (
     Field("train.eval_every", 100, "Evaluate every this many steps.", int, lo=1),
     Field("train.save_every", 100, "Save a checkpoint every this many steps.", int, lo=1),
     Field("train.keep_checkpoints", 3, "How many recent checkpoints to keep on disk.", int, lo=1),
+    # Data.
+    Field(
+        "data.path",
+        "",
+        "Dataset file or directory (JSONL, JSON array, Parquet, HF save_to_disk folder, TFDS name, ...). "
+        "Check it with python -m jaxrl_llm.data validate PATH.",
+        str,
+    ),
+    Field(
+        "data.format",
+        "auto",
+        "How to read and convert data.path: auto decides by the file name and the first record.",
+        str,
+        DATA_FORMATS,
+    ),
+    Field(
+        "data.kind",
+        "auto",
+        "Canonical record kind; auto = the one the format fixes, else the first valid record's. Every "
+        "record must be of this kind.",
+        str,
+        DATA_KINDS,
+    ),
+    Field(
+        "data.dataset_info",
+        "",
+        "LLaMA-Factory dataset_info.json registry; set with data.name to load a registered dataset.",
+        str,
+    ),
+    Field("data.name", "", "Dataset name inside data.dataset_info.", str),
+    Field(
+        "data.on_error",
+        "raise",
+        "What a record that cannot be read or validated does: raise stops with its file, line and field; "
+        "skip counts it and writes it to <run_dir>/rejects.jsonl.",
+        str,
+        ("raise", "skip"),
+    ),
+    Field(
+        "data.max_turns",
+        None,
+        "Drop records whose longest conversation has more messages than this (system and tool messages "
+        "count). None = no limit.",
+        int,
+        lo=1,
+        nullable=True,
+    ),
+    Field("data.dedup", True, "Drop exact duplicates (text compared with whitespace runs collapsed).", bool),
+    Field("data.drop_empty_turns", True, "Drop records with an empty or whitespace-only message.", bool),
+    Field(
+        "data.check_tool_calls",
+        True,
+        "Drop records with a tool call whose arguments are not a JSON object, or that names a tool the "
+        "record's tools do not declare.",
+        bool,
+    ),
+    Field(
+        "data.check_role_order",
+        True,
+        "Drop records whose roles are out of order: system only first, user and assistant alternate "
+        "starting with user, tool results only after an assistant tool call.",
+        bool,
+    ),
 )
 
 SECTIONS = {
@@ -215,6 +310,7 @@ SECTIONS = {
     "parallel": "Device mesh (product of the axes = number of devices)",
     "optimizer": "Optimizer and learning-rate schedule",
     "train": "Training loop",
+    "data": "Dataset, validation and quality filters (python -m jaxrl_llm.data validate checks one)",
 }
 
 FIELDS_BY_KEY: dict[str, Field] = {f.key: f for f in FIELDS}

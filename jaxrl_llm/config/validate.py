@@ -152,7 +152,7 @@ def validate(cfg: Any) -> None:
 
 def _combinations(good: dict[str, Any]) -> list[str]:
     """Checks across keys; ``good`` holds only keys whose own value passed, so a bad key skips its checks."""
-    problems = _parallel(good) + _model(good) + _tokenizer(good)
+    problems = _parallel(good) + _model(good) + _tokenizer(good) + _run_dir(good) + _data(good)
     if "train.batch_size" in good and "train.grad_accum_steps" in good:
         bs, accum = good["train.batch_size"], good["train.grad_accum_steps"]
         if bs % accum:
@@ -184,12 +184,20 @@ def _parallel(good: dict[str, Any]) -> list[str]:
             f"parallel.process_id={index!r}, parallel.num_processes={count!r}: "
             "parallel.process_id must be below parallel.num_processes"
         )
-    if count is not None and count > 1 and good.get("parallel.coordinator_address") == "":
+    address = good.get("parallel.coordinator_address") or os.environ.get("JAXRL_COORDINATOR", "")
+    if count is not None and count > 1 and not address:
         problems.append(
             f"parallel.num_processes={count!r}, parallel.coordinator_address='': a multi-process run "
             "needs the coordinator's host:port (process 0)"
         )
     return problems
+
+
+def _run_dir(good: dict[str, Any]) -> list[str]:
+    path = good.get("run_dir")
+    if path and os.path.exists(path) and not os.path.isdir(path):
+        return [f"run_dir={path!r}: exists and is not a directory"]
+    return []
 
 
 def _model(good: dict[str, Any]) -> list[str]:
@@ -263,4 +271,18 @@ def _tokenizer(good: dict[str, Any]) -> list[str]:
     path = good.get("tokenizer.path")
     if path and not os.path.exists(path):
         return [f"tokenizer.path={path!r}: no such file or directory"]
+    return []
+
+
+def _data(good: dict[str, Any]) -> list[str]:
+    info, name = good.get("data.dataset_info"), good.get("data.name")
+    if info is None or name is None:
+        return []
+    if bool(info) != bool(name):
+        return [
+            f"data.dataset_info={info!r}, data.name={name!r}: set both (a LLaMA-Factory registry and the "
+            "dataset name in it) or neither"
+        ]
+    if info and not os.path.isfile(info):
+        return [f"data.dataset_info={info!r}: no such file"]
     return []

@@ -1,0 +1,262 @@
+"""One entry point from a source to canonical records: read, convert, validate, filter, count, version.
+
+Every record read ends in exactly one of three places, and the counts always satisfy
+``read == accepted + rejected + sum(filtered.values())``:
+
+- rejected: the reader could not parse it, or it does not convert to / validate as the dataset's kind.
+  With ``on_error="raise"`` the first one raises its ``RecordError`` (file, line or index, field path);
+  with ``"skip"`` it is counted and, when ``rejects_path`` is given, written there as one JSON line
+  ``{"location", "reason", "field", "raw"}``. The rejects file is written (truncated) even when nothing is
+  rejected, so a run's artifacts never hold a stale one from an earlier run; in raise mode it is not
+  written at all.
+- filtered: valid but dropped by a quality filter, counted by reason (see ``filters``).
+- accepted: kept, in source order.
+
+The dataset's kind is the source's when the format fixes it (alpaca is conversation, LLaMA-Factory
+``ranking`` is preference, ...), else ``kind`` when given, else the kind of the first valid record; every
+record must then be of that kind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+from .filters import DEFAULT_FILTERS, FilterConfig, Filters
+from .manifest import build_manifest, file_sha256, source_entry, write_manifest
+from .records import KINDS, DataError, Location, RawRecord, RecordError
+from .schema import KIND_KEYS, detect_kind, validate_record
+
+ON_ERROR = ("raise", "skip")
+REJECTS_NAME = "rejects.jsonl"
+MAX_ERRORS = 10  # error messages kept in LoadedDataset.errors; the rest are only counted (and in rejects)
+_RAW_LIMIT = 500
+
+
+class SourceLike(Protocol):
+    """What ``jaxrl_llm.data.sources.open_source`` returns: where the records are and how to convert them."""
+
+    path: str
+    format: str
+    kind: str | None
+
+    def records(self) -> Iterator[RawRecord]: ...
+
+    def convert(self, value: Any) -> dict: ...
+
+
+class UnreadableRecord(RecordError):
+    """A record the reader could not parse (broken JSON line, bytes that are not UTF-8, ...)."""
+
+    def __init__(self, reason: str, location: Location):
+        super().__init__("", reason, location=location)
+        # RecordError phrases "expected X"; a reader's reason already says what is wrong.
+        self.args = (f"{location}: {reason}",)
+
+
+@dataclasses.dataclass
+class Counts:
+    """Where the records read went; ``filtered`` maps a filter reason to its count."""
+
+    read: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    filtered: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "read": self.read,
+            "accepted": self.accepted,
+            "rejected": self.rejected,
+            "filtered": dict(sorted(self.filtered.items())),
+        }
+
+    def check(self) -> None:
+        """Raises AssertionError when a record was lost or counted twice (a bug, never a data problem)."""
+        total = self.accepted + self.rejected + sum(self.filtered.values())
+        if self.read != total:
+            raise AssertionError(f"record counts do not add up: {self.as_dict()}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedDataset:
+    """Accepted canonical records in source order, their kind, the counts, the manifest, and the first
+    ``MAX_ERRORS`` rejection messages (each naming the file, the record and the field)."""
+
+    records: list[dict]
+    kind: str | None
+    counts: Counts
+    manifest: dict[str, Any]
+    errors: list[str]
+
+    @property
+    def content_hash(self) -> str:
+        return self.manifest["content_hash"]
+
+
+def open_source(source: str | os.PathLike | None, **kwargs: Any) -> SourceLike:
+    """``jaxrl_llm.data.sources.open_source``, imported on use (the readers live there)."""
+    from jaxrl_llm.data.sources import open_source as _open
+
+    return _open(source, **kwargs)
+
+
+class _Loader:
+    """The per-record bookkeeping of one ``load_dataset`` call."""
+
+    def __init__(
+        self, source: SourceLike, kind: str | None, on_error: str, filters: Filters, rejects: IO | None
+    ):
+        self.source, self.kind, self.on_error = source, kind, on_error
+        self.filters, self.rejects = filters, rejects
+        self.counts = Counts()
+        self.records: list[dict] = []
+        self.errors: list[str] = []
+
+    def take(self, raw: RawRecord) -> None:
+        self.counts.read += 1
+        try:
+            record = self._canonical(raw)
+        except RecordError as err:
+            self._reject(raw, err if err.location is not None else err.at(raw.location))
+            return
+        reason = self.filters(record)
+        if reason is not None:
+            self.counts.filtered[reason] = self.counts.filtered.get(reason, 0) + 1
+        else:
+            self.counts.accepted += 1
+            self.records.append(record)
+
+    def _canonical(self, raw: RawRecord) -> dict:
+        if raw.error is not None:
+            raise UnreadableRecord(raw.error, raw.location)
+        value = self.source.convert(raw.value)
+        kind = self.kind or detect_kind(value)
+        if kind is None:
+            got = sorted(value) if isinstance(value, dict) else type(value).__name__
+            keys = ", ".join(repr(k) for k in ("messages", "prompt", "chosen", "completion", "text"))
+            raise RecordError("", f"a record of one of the kinds {list(KINDS)} (keys such as {keys})", got)
+        record = validate_record(kind, value)
+        self.kind = kind  # the first valid record fixes the kind of the rest
+        return record
+
+    def _reject(self, raw: RawRecord, err: RecordError) -> None:
+        if self.on_error == "raise":
+            raise err
+        self.counts.rejected += 1
+        if len(self.errors) < MAX_ERRORS:
+            self.errors.append(str(err))
+        if self.rejects is not None:
+            entry = {
+                "location": str(raw.location),
+                "reason": str(err).removeprefix(f"{raw.location}: "),
+                "field": err.field,
+                "raw": None if raw.error is not None else _truncated(raw.value),
+            }
+            self.rejects.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+
+def _truncated(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _RAW_LIMIT else text[: _RAW_LIMIT - 3] + "..."
+
+
+def _check_arguments(kind: str, on_error: str) -> None:
+    if kind != "auto" and kind not in KIND_KEYS:
+        raise DataError(f"kind={kind!r}: expected 'auto' or one of {', '.join(repr(k) for k in KINDS)}")
+    if on_error not in ON_ERROR:
+        raise DataError(f"on_error={on_error!r}: expected 'raise' or 'skip'")
+
+
+def load_dataset(
+    source: str | os.PathLike | SourceLike | None,
+    *,
+    format: str = "auto",
+    kind: str = "auto",
+    dataset_info: str | os.PathLike | None = None,
+    name: str | None = None,
+    on_error: str = "raise",
+    rejects_path: str | os.PathLike | None = None,
+    filters: FilterConfig = DEFAULT_FILTERS,
+) -> LoadedDataset:
+    """Reads ``source`` (a path, or an already opened source) into validated, filtered canonical records.
+
+    Args:
+      source: a file or directory (read by ``jaxrl_llm.data.sources.open_source`` with ``format``,
+        ``dataset_info`` and ``name``; None or empty with ``dataset_info`` reads the registry entry's
+        file), or an object with ``path``, ``format``, ``kind``, ``records()`` and ``convert()``.
+      kind: ``"auto"`` or one of ``KINDS``; it must agree with the source's kind when the format fixes one.
+      on_error: ``"raise"`` (the first bad record raises) or ``"skip"`` (count it, write it to rejects).
+      rejects_path: where ``"skip"`` writes rejected records (parent directories are created).
+      filters: which quality filters run.
+
+    Raises:
+      DataError: the source cannot be read, or the arguments are wrong.
+      RecordError: with ``on_error="raise"``, the first record that cannot be read or validated.
+    """
+    _check_arguments(kind, on_error)
+    opened = _opened(source, format=format, kind=kind, dataset_info=dataset_info, name=name)
+    out: IO | contextlib.nullcontext = contextlib.nullcontext()
+    if on_error == "skip" and rejects_path is not None:
+        Path(rejects_path).parent.mkdir(parents=True, exist_ok=True)
+        # backslashreplace: a lone surrogate in a path or message must not lose the whole file.
+        out = open(rejects_path, "w", encoding="utf-8", errors="backslashreplace")
+    with out as rejects:
+        loader = _Loader(opened, opened.kind if kind == "auto" else kind, on_error, Filters(filters), rejects)
+        for raw in opened.records():
+            loader.take(raw)
+    loader.counts.check()
+    manifest = build_manifest(
+        kind=loader.kind,
+        sources=[source_entry(opened.path, opened.format)],
+        counts=loader.counts.as_dict(),
+        filters=filters,
+        records=loader.records,
+        on_error=on_error,
+        dataset_info=_registry_entry(dataset_info, name),
+    )
+    return LoadedDataset(loader.records, loader.kind, loader.counts, manifest, loader.errors)
+
+
+def _opened(source: Any, *, format: str, kind: str, dataset_info: Any, name: str | None) -> SourceLike:
+    if source is None or isinstance(source, str | os.PathLike):
+        opened = open_source(source, format=format, dataset_info=dataset_info, name=name)
+    else:
+        opened = source
+    if kind != "auto" and opened.kind and kind != opened.kind:
+        raise DataError(
+            f"{opened.path}: kind={kind!r}, but this {opened.format} source holds {opened.kind} records"
+        )
+    return opened
+
+
+def _registry_entry(dataset_info: str | os.PathLike | None, name: str | None) -> dict[str, Any] | None:
+    if dataset_info is None:
+        return None
+    return {"path": os.fspath(dataset_info), "name": name, "sha256": file_sha256(dataset_info)}
+
+
+def load_from_config(cfg: Any) -> LoadedDataset:
+    """Loads ``cfg.data`` as a run does: rejects to ``<run_dir>/rejects.jsonl`` with ``on_error="skip"``,
+    and the manifest to ``<run_dir>/data_manifest.json``."""
+    data = cfg.data
+    if not data.path and not data.dataset_info:
+        raise DataError("data.path is empty: set it to the dataset file or directory")
+    run_dir = Path(cfg.run_dir)
+    loaded = load_dataset(
+        data.path,
+        format=data.format,
+        kind=data.kind,
+        dataset_info=data.dataset_info or None,
+        name=data.name or None,
+        on_error=data.on_error,
+        rejects_path=run_dir / REJECTS_NAME if data.on_error == "skip" else None,
+        filters=FilterConfig.from_config(cfg),
+    )
+    write_manifest(loaded.manifest, run_dir)
+    return loaded

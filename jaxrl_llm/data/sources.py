@@ -1,0 +1,162 @@
+"""One entry point from "a dataset the user named" to raw records and the converter for them.
+
+``open_source`` decides three things and fixes them in a :class:`Source`: which file (or dataset) to read,
+which reader reads it (``jsonl``, ``json``, ``parquet``, ``text``, ``hf_disk``, ``tfds``), and which record
+format converts it (``alpaca``, ``sharegpt``, ``openai``, ``gsm8k``, ``canonical``). ``format`` may name
+either a reader or a record format; whatever it leaves open is decided from the file's extension or
+directory contents and from its first readable record. With a LLaMA-Factory ``dataset_info.json`` and a
+``name``, the registry entry decides the file and the conversion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from jaxrl_llm.data import llamafactory
+from jaxrl_llm.data.formats import (
+    RECORD_FORMATS,
+    canonical_passthrough,
+    detect_format,
+    gsm8k_to_prompt,
+    spec_for_format,
+)
+from jaxrl_llm.data.llamafactory import DatasetInfo, DatasetSpec
+from jaxrl_llm.data.readers import READER_FORMATS, detect_directory, read_records, resolve_reader_format
+from jaxrl_llm.data.records import DataError, Location, RawRecord, RecordError
+
+FORMATS = READER_FORMATS + RECORD_FORMATS
+_SNIFF_LIMIT = 1000  # records looked at for the first readable one before giving up on detection
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """An opened source: ``path`` (the file, directory or TFDS name read), ``format`` (the record format
+    that converts it), ``kind`` (the canonical kind it yields; None when only the records can tell),
+    ``reader`` (the reader format), and the LLaMA-Factory ``spec`` behind alpaca/sharegpt/openai."""
+
+    path: str
+    format: str
+    kind: str | None
+    reader: str
+    spec: DatasetSpec | None = None
+    split: str | None = None
+    data_dir: str | None = None
+
+    def records(self) -> Iterator[RawRecord]:
+        """Every record, readable or not, in order (a fresh pass on each call)."""
+        return read_records(self.path, format=self.reader, split=self.split, data_dir=self.data_dir)
+
+    def convert(self, value: Any, *, location: Location | None = None) -> dict:
+        """``value`` (a RawRecord's value) as a canonical record; :class:`RecordError` naming the field in
+        the source's own terms, and ``location`` when given."""
+        try:
+            if self.format == "gsm8k":
+                return gsm8k_to_prompt(value)
+            if self.format == "canonical":
+                return canonical_passthrough(value)
+            assert self.spec is not None, self.format
+            return llamafactory.convert(value, self.spec)
+        except RecordError as err:
+            if location is None or err.location is not None:
+                raise
+            raise err.at(location) from None
+
+
+def open_source(
+    source: str | os.PathLike[str] | None,
+    *,
+    format: str = "auto",
+    dataset_info: str | os.PathLike[str] | None = None,
+    name: str | None = None,
+    split: str | None = None,
+    data_dir: str | None = None,
+) -> Source:
+    """Opens ``source`` for reading; :class:`DataError` when it cannot be read at all.
+
+    Args:
+      source: a file, a directory (HF ``save_to_disk``, prepared TFDS), a TFDS dataset name (with
+        ``format="tfds"``), or with ``name`` and no ``dataset_info``, a ``dataset_info.json`` or the
+        directory holding it. With ``dataset_info``, a data file here replaces the entry's ``file_name``;
+        empty or None uses the entry's.
+      format: ``auto``, a reader format (``jsonl``, ``json``, ``parquet``, ``text``, ``hf_disk``, ``tfds``)
+        or a record format (``alpaca``, ``sharegpt``, ``openai``, ``gsm8k``, ``canonical``).
+      dataset_info, name: a LLaMA-Factory registry and the dataset in it.
+      split, data_dir: for ``DatasetDict`` and TFDS sources.
+    """
+    if format not in FORMATS:
+        raise DataError(f"unknown format {format!r}; valid formats: {', '.join(FORMATS)}")
+    path = os.fspath(source) if source else None
+    if name is not None or dataset_info is not None:
+        return _open_registry(path, format, dataset_info, name, split, data_dir)
+    if path is None:
+        raise DataError("no source given: pass a file or directory, or dataset_info and name")
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "dataset_info.json")):
+        if detect_directory(path) is None:
+            names = _some(DatasetInfo.load(path).names())
+            raise DataError(f"{path}: a LLaMA-Factory dataset directory; pass name= (datasets: {names})")
+    reader = resolve_reader_format(path, format if format in READER_FORMATS else "auto")
+    first = _first_value(read_records(path, format=reader, split=split, data_dir=data_dir))
+    record_format = format if format in RECORD_FORMATS else _detect(path, first)
+    spec = spec_for_format(record_format, first, path) if record_format in llamafactory.FORMATTINGS else None
+    kind = spec.kind if spec is not None else ("prompt" if record_format == "gsm8k" else None)
+    return Source(path, record_format, kind, reader, spec, split, data_dir)
+
+
+def _first_value(records: Iterator[RawRecord]) -> Any:
+    for raw in itertools.islice(records, _SNIFF_LIMIT):
+        if raw.error is None:
+            return raw.value
+    return None
+
+
+def _detect(path: str, first: Any) -> str:
+    if first is None:
+        return "canonical"  # no readable record: nothing to convert, and no format to guess
+    found = detect_format(first)
+    if found is None:
+        keys = ", ".join(sorted(map(str, first))[:12])
+        raise DataError(
+            f"{path}: cannot tell the record format from the first record (keys: {keys}); pass format=, one "
+            f"of {', '.join(RECORD_FORMATS)}"
+        )
+    return found
+
+
+def _open_registry(
+    path: str | None,
+    format: str,
+    dataset_info: str | os.PathLike[str] | None,
+    name: str | None,
+    split: str | None,
+    data_dir: str | None,
+) -> Source:
+    registry = dataset_info if dataset_info is not None else path
+    if registry is None:
+        raise DataError(f"name={name!r} needs a dataset_info.json (dataset_info=, or as the source)")
+    info = DatasetInfo.load(registry)
+    if name is None:
+        raise DataError(f"{info.path}: pass name=, one of {_some(info.names())}")
+    spec = info.entry(name)
+    if format in RECORD_FORMATS and format != spec.formatting:
+        raise DataError(f"format={format!r}, but {info.path} says dataset {name!r} is {spec.formatting}")
+    data = spec.path
+    if dataset_info is not None and path and not _holds_registry(path):
+        data, spec = path, dataclasses.replace(spec, path=path)
+    elif not os.path.exists(data):
+        raise DataError(f"{info.path}: dataset {name!r}: its file {data} does not exist")
+    reader = resolve_reader_format(data, format if format in READER_FORMATS else "auto")
+    return Source(data, spec.formatting, spec.kind, reader, spec, split, data_dir)
+
+
+def _holds_registry(path: str) -> bool:
+    return os.path.basename(path) == "dataset_info.json" or os.path.isfile(
+        os.path.join(path, "dataset_info.json")
+    )
+
+
+def _some(names: list[str], limit: int = 8) -> str:
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
