@@ -61,3 +61,22 @@ def test_decoding_past_the_cache_end_is_refused_outside_jit():
     out = model.forward(jnp.ones((1, 6), jnp.int32), cache=model.init_cache(1, 8))
     with pytest.raises(ValueError, match="holds 6 of 8 slots: 4 more tokens do not fit"):
         model.forward(jnp.ones((1, 4), jnp.int32), cache=out.cache)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_packed_documents_do_not_see_each_other(family):
+    # Gemma 2's window (8) is wider than the documents, so only the segment mask keeps them apart.
+    model = create_model(get_preset(f"{family}-tiny"), seed=0)
+    doc_a, doc_b = [5, 6, 7, 8, 9], [10, 11, 12, 13]
+    row = jnp.asarray([doc_a + doc_b + [0, 0, 0]])
+    segments = jnp.asarray([[1] * 5 + [2] * 4 + [0] * 3])
+    packed = np.asarray(model(row, segment_ids=segments))[0]
+    np.testing.assert_allclose(packed[:5], np.asarray(model(jnp.asarray([doc_a])))[0], atol=1e-5)
+    np.testing.assert_allclose(packed[5:9], np.asarray(model(jnp.asarray([doc_b])))[0], atol=1e-5)
+
+
+def test_segment_positions_restart_per_document():
+    from jaxrl_llm.models.transformer import segment_positions
+
+    got = segment_positions(jnp.asarray([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]]))
+    np.testing.assert_array_equal(np.asarray(got), [[0, 1, 2, 0, 1, 0, 0, 1], list(range(8))])

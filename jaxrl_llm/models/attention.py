@@ -104,11 +104,18 @@ def make_mask(
     key_positions: jax.Array,
     key_valid: jax.Array,
     query_slots: jax.Array,
+    segment_ids: jax.Array | None = None,
 ) -> AttentionMask:
-    """positions/valid: [B, T] for the queries; key_*: [B, S]; query_slots: int32[T] slot of each query."""
+    """positions/valid: [B, T] for the queries; key_*: [B, S]; query_slots: int32[T] slot of each query.
+
+    ``segment_ids`` (int32[B, T], without a cache, so S = T) keeps packed documents apart: a query sees only
+    keys of its own segment.
+    """
     key_slots = jnp.arange(key_valid.shape[1])
     causal = key_slots[None, None, :] <= query_slots[None, :, None]
     allowed = causal & key_valid[:, None, :] & valid[:, :, None]
+    if segment_ids is not None:
+        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
     # Padding queries attend to themselves only, so their (ignored) outputs stay finite.
     allowed = allowed | (~valid[:, :, None] & (key_slots[None, None, :] == query_slots[None, :, None]))
     distance = positions[:, :, None] - key_positions[:, None, :]

@@ -117,25 +117,36 @@ class Decoder(nnx.Module):
         *,
         positions: jax.Array | None = None,
         attention_mask: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
     ):
         """tokens: int32[B, T] -> (hidden [B, T, E], updated cache or None).
 
         ``attention_mask`` (bool/int [B, T], 1 = real token) allows left and right padding. ``positions``
         default to the count of real tokens before each one (continuing from the cache), which is what HF
-        computes for padded generation.
+        computes for padded generation. ``segment_ids`` (int32[B, T], 0 = padding, 1.. = the document within
+        a packed row) keeps packed documents from attending to each other; positions then restart at 0 in
+        every document unless given.
         """
         b, t = tokens.shape
         if cache is not None:
             _check_fits(cache, t)
+            if segment_ids is not None:
+                raise ValueError(
+                    "segment_ids (packed documents) are for training forwards, not cached decoding"
+                )
         valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        if segment_ids is not None:
+            valid = valid & (segment_ids > 0)
         tokens = jnp.where(valid, tokens, 0)  # whatever id pads a row, it embeds as a real (masked) token
         start = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
-        if positions is None:
+        if positions is None and segment_ids is not None:
+            positions = segment_positions(segment_ids)
+        elif positions is None:
             positions = jnp.maximum(start[:, None] + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
         positions = positions.astype(jnp.int32)
         if cache is None:
-            mask = make_mask(positions, valid, positions, valid, jnp.arange(t))
+            mask = make_mask(positions, valid, positions, valid, jnp.arange(t), segment_ids)
         else:
             slots = cache.index + jnp.arange(t)
             cache = cache.replace(
@@ -153,6 +164,17 @@ class Decoder(nnx.Module):
                 lengths=cache.lengths + valid.sum(axis=1, dtype=jnp.int32),
             )
         return self.final_norm(x), cache
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """int32[B, T] positions restarting at 0 wherever the segment id changes (packed documents)."""
+    t = segment_ids.shape[1]
+    index = jnp.arange(t, dtype=jnp.int32)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1
+    )
+    first = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+    return index - first
 
 
 def _check_fits(cache: KVCache, t: int) -> None:
@@ -194,18 +216,26 @@ class CausalLM(Decoder):
             )
         return softcap(logits.astype(jnp.float32), self.cfg.final_logit_softcap)
 
-    def forward(self, tokens, *, positions=None, attention_mask=None, cache=None) -> ModelOutput:
+    def forward(
+        self, tokens, *, positions=None, attention_mask=None, segment_ids=None, cache=None
+    ) -> ModelOutput:
         hidden, cache = self.forward_hidden(
-            tokens, positions=positions, attention_mask=attention_mask, cache=cache
+            tokens, positions=positions, attention_mask=attention_mask, segment_ids=segment_ids, cache=cache
         )
         scores = None if self.value_head is None else self.value_head(hidden)
         return ModelOutput(logits=self.logits(hidden), hidden=hidden, scores=scores, cache=cache)
 
     def __call__(
-        self, tokens: jax.Array, positions: jax.Array | None = None, attention_mask: jax.Array | None = None
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> jax.Array:
         """tokens: int32[B, T] -> logits: float32[B, T, V]."""
-        return self.forward(tokens, positions=positions, attention_mask=attention_mask).logits
+        return self.forward(
+            tokens, positions=positions, attention_mask=attention_mask, segment_ids=segment_ids
+        ).logits
 
 
 class ScalarHead(nnx.Module):
@@ -233,15 +263,19 @@ class ScoreModel(Decoder):
         super().__init__(cfg, rngs=rngs)
         self.score = ScalarHead(cfg, rngs=rngs)
 
-    def forward(self, tokens, *, positions=None, attention_mask=None, cache=None) -> ModelOutput:
+    def forward(
+        self, tokens, *, positions=None, attention_mask=None, segment_ids=None, cache=None
+    ) -> ModelOutput:
         hidden, cache = self.forward_hidden(
-            tokens, positions=positions, attention_mask=attention_mask, cache=cache
+            tokens, positions=positions, attention_mask=attention_mask, segment_ids=segment_ids, cache=cache
         )
         return ModelOutput(logits=None, hidden=hidden, scores=self.score(hidden), cache=cache)
 
-    def __call__(self, tokens, positions=None, attention_mask=None) -> jax.Array:
+    def __call__(self, tokens, positions=None, attention_mask=None, segment_ids=None) -> jax.Array:
         """tokens: int32[B, T] -> per-token scores float32[B, T]."""
-        return self.forward(tokens, positions=positions, attention_mask=attention_mask).scores
+        return self.forward(
+            tokens, positions=positions, attention_mask=attention_mask, segment_ids=segment_ids
+        ).scores
 
 
 def sequence_scores(scores: jax.Array, attention_mask: jax.Array) -> jax.Array:
