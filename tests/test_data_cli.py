@@ -72,8 +72,9 @@ def test_unreadable_source_exits_2_with_one_line(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (["--tokenizer", "tok/"], "not implemented yet"),
-        (["--template", "chatml"], "not implemented yet"),
+        (["--template", "chatml"], "--template: needs --tokenizer DIR"),
+        (["--max-tokens", "5", "--parity-sample", "0"], "--max-tokens, --parity-sample: needs --tokenizer"),
+        (["--tokenizer", "missing/"], "tokenizer path does not exist"),
         (["--dataset-info", "dataset_info.json"], "--dataset-info needs --name"),
     ],
 )

@@ -44,6 +44,10 @@ DATA_FORMATS = (
     "gsm8k",
     "canonical",
 )
+# Mirrors the names of jaxrl_llm.render.templates.TEMPLATES and jaxrl_llm.render.render.MASK_MODES (a test
+# keeps them equal); "" = the tokenizer's own chat template.
+RENDER_TEMPLATES = ("", "chatml", "llama3", "qwen", "gemma", "plain")
+RENDER_MASKS = ("all", "last")
 
 
 def _preset_names() -> tuple[str, ...]:
@@ -163,6 +167,33 @@ FIELDS: tuple[Field, ...] = (
         "",
         "HF tokenizer directory or SentencePiece .model file. Empty = the tokenizer in model.path.",
         str,
+    ),
+    # Rendering.
+    Field(
+        "render.template",
+        "",
+        "Chat template: empty = the tokenizer's own Jinja template; else a built-in: chatml, llama3, qwen "
+        "(Qwen2.5 ChatML with tool calls), gemma, plain (base models: 'User: ... Assistant: ...'). Only qwen "
+        "(and a tokenizer's own, when it does) renders tools.",
+        str,
+        RENDER_TEMPLATES,
+    ),
+    Field(
+        "render.mask",
+        "all",
+        "Which assistant turns the loss trains on: all, or only the last (earlier turns are context). The "
+        "end-of-turn token is always trained on, even when the pad id equals the EOS id.",
+        str,
+        RENDER_MASKS,
+    ),
+    Field(
+        "render.parity_sample",
+        100,
+        "Records checked for train/inference parity when the data loads (each trained turn's generation "
+        "prompt must be a token prefix of it); a failure stops the run naming the record, turn and first "
+        "differing token. 0 = no check.",
+        int,
+        lo=0,
     ),
     # Parallelism.
     Field("parallel.data", -1, _PARALLEL.format("data-parallel"), int, lo=1, special=(-1,)),
@@ -285,6 +316,24 @@ FIELDS: tuple[Field, ...] = (
         lo=1,
         nullable=True,
     ),
+    Field(
+        "data.min_tokens",
+        None,
+        "Drop records whose shortest rendered sequence (through the tokenizer and render.template) has "
+        "fewer tokens than this. None = no bound.",
+        int,
+        lo=1,
+        nullable=True,
+    ),
+    Field(
+        "data.max_tokens",
+        None,
+        "Drop records whose longest rendered sequence has more tokens than this (a preference record counts "
+        "prompt + chosen and prompt + rejected, an RL prompt its generation prompt). None = no bound.",
+        int,
+        lo=1,
+        nullable=True,
+    ),
     Field("data.dedup", True, "Drop exact duplicates (text compared with whitespace runs collapsed).", bool),
     Field("data.drop_empty_turns", True, "Drop records with an empty or whitespace-only message.", bool),
     Field(
@@ -307,6 +356,7 @@ SECTIONS = {
     "": "Run",
     "model": "Model architecture and numerics",
     "tokenizer": "Tokenizer",
+    "render": "Chat template and loss mask (jaxrl_llm.render)",
     "parallel": "Device mesh (product of the axes = number of devices)",
     "optimizer": "Optimizer and learning-rate schedule",
     "train": "Training loop",

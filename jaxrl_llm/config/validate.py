@@ -275,6 +275,11 @@ def _tokenizer(good: dict[str, Any]) -> list[str]:
 
 
 def _data(good: dict[str, Any]) -> list[str]:
+    lo, hi = good.get("data.min_tokens"), good.get("data.max_tokens")
+    if lo is not None and hi is not None and lo > hi:
+        return [
+            f"data.min_tokens={lo!r}, data.max_tokens={hi!r}: data.min_tokens must not exceed data.max_tokens"
+        ]
     info, name = good.get("data.dataset_info"), good.get("data.name")
     if info is None or name is None:
         return []

@@ -1,7 +1,8 @@
 """Quality filters over canonical records: each returns the reason a record is dropped, or None.
 
 A filtered record is valid but unwanted; it is counted under its reason (``empty_turn``, ``bad_tool_call``,
-``role_order``, ``too_many_turns``, ``duplicate``) and never written to the rejects file. A record is
+``role_order``, ``too_many_turns``, ``too_long``, ``too_short``, ``duplicate``) and never written to the
+rejects file. A record is
 counted once, under the first filter that drops it, in that order; deduplication runs last so that only a
 record that is kept is remembered (the first copy of a duplicated record survives, unless it is itself
 dropped for another reason, in which case the next copy takes its place).
@@ -24,6 +25,13 @@ So a system message only comes first, a conversation never opens with an assista
 tool result follows a tool call, and roles alternate. Two user turns in a row are a violation on purpose:
 several chat templates (Llama 2, Mistral, Gemma) refuse them, and the right fix (merging them) belongs in
 the data, not in a silent rewrite here. Any role may end a conversation (an RL prompt ends with a user).
+
+Token-length bounds (``min_tokens``/``max_tokens``) need a renderer (``jaxrl_llm.render.Renderer``): a
+record is ``too_long`` when its longest rendered sequence has more than ``max_tokens`` tokens and
+``too_short`` when its shortest has fewer than ``min_tokens`` (``jaxrl_llm.render.records`` says what each
+kind renders to: a preference record both of its conversations, an RL prompt its generation prompt, a text
+record its encoded text). A record the template cannot render is not filtered but rejected, with the
+template's error (``UnrenderableRecord``).
 """
 
 from __future__ import annotations
@@ -32,12 +40,23 @@ import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from jaxrl_llm.errors import UserError
+
+from .records import DataError, Location, RecordError
 from .schema import tool_names
 
-REASONS = ("empty_turn", "bad_tool_call", "role_order", "too_many_turns", "duplicate")
+REASONS = (
+    "empty_turn",
+    "bad_tool_call",
+    "role_order",
+    "too_many_turns",
+    "too_long",
+    "too_short",
+    "duplicate",
+)
 
 _NEXT = {
     None: ("system", "user"),
@@ -59,6 +78,8 @@ class FilterConfig:
     check_tool_calls: bool = True
     check_role_order: bool = True
     max_turns: int | None = None
+    min_tokens: int | None = None
+    max_tokens: int | None = None
 
     @classmethod
     def from_config(cls, cfg: Any) -> FilterConfig:
@@ -70,10 +91,22 @@ class FilterConfig:
             check_tool_calls=bool(data.check_tool_calls),
             check_role_order=bool(data.check_role_order),
             max_turns=data.max_turns,
+            min_tokens=data.min_tokens,
+            max_tokens=data.max_tokens,
         )
 
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether a token-length bound is set (and so a renderer is needed)."""
+        return self.min_tokens is not None or self.max_tokens is not None
+
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        # Unset token bounds are left out, so the manifests of data loaded without a tokenizer stay as they were.
+        for key in ("min_tokens", "max_tokens"):
+            if out[key] is None:
+                del out[key]
+        return out
 
 
 DEFAULT_FILTERS = FilterConfig()
@@ -139,6 +172,49 @@ def too_many_turns(record: dict, max_turns: int) -> str | None:
     return "too_many_turns" if turns(record) > max_turns else None
 
 
+def token_bounds(lengths: Sequence[int], min_tokens: int | None, max_tokens: int | None) -> str | None:
+    """``too_long`` when the longest of a record's rendered ``lengths`` exceeds ``max_tokens``, else
+    ``too_short`` when the shortest is below ``min_tokens``."""
+    if max_tokens is not None and max(lengths, default=0) > max_tokens:
+        return "too_long"
+    if min_tokens is not None and min(lengths, default=0) < min_tokens:
+        return "too_short"
+    return None
+
+
+class UnrenderableRecord(RecordError):
+    """A valid record the chat template cannot render (the template raises, or its parity check fails);
+    rejected rather than filtered, since the data or the template needs fixing."""
+
+    def __init__(self, reason: str, location: Location | None = None):
+        super().__init__("", "a record the chat template can render", location=location)
+        self.reason = reason
+        where = f"{location}: " if location is not None else ""
+        # RecordError phrases "expected X"; the renderer's message already says what is wrong and where.
+        self.args = (f"{where}cannot render: {reason}",)
+
+    def at(self, location: Location) -> UnrenderableRecord:
+        return UnrenderableRecord(self.reason, location)
+
+
+class TokenLength:
+    """The token-length filter: renders each record with ``renderer`` and applies ``token_bounds``."""
+
+    def __init__(self, renderer: Any, min_tokens: int | None, max_tokens: int | None):
+        # Imported here: the data layer needs the render layer only when token bounds are set.
+        from jaxrl_llm.render.records import token_lengths
+
+        self._lengths = lambda record: token_lengths(record, renderer)
+        self.min_tokens, self.max_tokens = min_tokens, max_tokens
+
+    def __call__(self, record: dict) -> str | None:
+        try:
+            lengths = self._lengths(record)
+        except UserError as err:  # RenderError, or a tokenizer without a template
+            raise UnrenderableRecord(str(err)) from err
+        return token_bounds(lengths, self.min_tokens, self.max_tokens)
+
+
 def dedup_key(record: dict) -> bytes:
     """A digest equal for records that differ only in whitespace runs inside their text (case is kept)."""
     normal: dict[str, Any] = {}
@@ -180,9 +256,13 @@ class Deduplicator:
 
 
 class Filters:
-    """The filters ``config`` turns on, applied in ``REASONS`` order; call it once per record, in order."""
+    """The filters ``config`` turns on, applied in ``REASONS`` order; call it once per record, in order.
 
-    def __init__(self, config: FilterConfig = DEFAULT_FILTERS):
+    ``renderer`` (a ``jaxrl_llm.render.Renderer``) is needed when ``config`` sets token bounds, and used
+    only for them. A call raises ``UnrenderableRecord`` for a record the template cannot render.
+    """
+
+    def __init__(self, config: FilterConfig = DEFAULT_FILTERS, renderer: Any = None):
         self.config = config
         checks: list[Callable[[dict], str | None]] = []
         if config.drop_empty_turns:
@@ -194,6 +274,13 @@ class Filters:
         if config.max_turns is not None:
             limit = config.max_turns
             checks.append(lambda record: too_many_turns(record, limit))
+        if config.counts_tokens:
+            if renderer is None:
+                raise DataError(
+                    f"min_tokens={config.min_tokens!r}, max_tokens={config.max_tokens!r}: token-length bounds "
+                    "need a tokenizer and chat template to count tokens (a renderer; --tokenizer DIR)"
+                )
+            checks.append(TokenLength(renderer, config.min_tokens, config.max_tokens))
         if config.dedup:
             checks.append(Deduplicator())
         self._checks = checks

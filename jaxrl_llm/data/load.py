@@ -12,6 +12,9 @@ Every record read ends in exactly one of three places, and the counts always sat
 - filtered: valid but dropped by a quality filter, counted by reason (see ``filters``).
 - accepted: kept, in source order.
 
+A valid record the chat template cannot render (only rendered when token-length bounds are set) is
+rejected like an invalid one, with the template's error.
+
 The dataset's kind is the source's when the format fixes it (alpaca is conversation, LLaMA-Factory
 ``ranking`` is preference, ...), else ``kind`` when given, else the kind of the first valid record; every
 record must then be of that kind.
@@ -85,14 +88,16 @@ class Counts:
 
 @dataclasses.dataclass(frozen=True)
 class LoadedDataset:
-    """Accepted canonical records in source order, their kind, the counts, the manifest, and the first
-    ``MAX_ERRORS`` rejection messages (each naming the file, the record and the field)."""
+    """Accepted canonical records in source order, their kind, the counts, the manifest, the first
+    ``MAX_ERRORS`` rejection messages (each naming the file, the record and the field), and where each
+    accepted record came from (``locations[i]`` for ``records[i]``)."""
 
     records: list[dict]
     kind: str | None
     counts: Counts
     manifest: dict[str, Any]
     errors: list[str]
+    locations: list[Location] = dataclasses.field(default_factory=list)
 
     @property
     def content_hash(self) -> str:
@@ -116,21 +121,23 @@ class _Loader:
         self.filters, self.rejects = filters, rejects
         self.counts = Counts()
         self.records: list[dict] = []
+        self.locations: list[Location] = []
         self.errors: list[str] = []
 
     def take(self, raw: RawRecord) -> None:
         self.counts.read += 1
         try:
             record = self._canonical(raw)
+            reason = self.filters(record)  # raises UnrenderableRecord for a record the template cannot render
         except RecordError as err:
             self._reject(raw, err if err.location is not None else err.at(raw.location))
             return
-        reason = self.filters(record)
         if reason is not None:
             self.counts.filtered[reason] = self.counts.filtered.get(reason, 0) + 1
         else:
             self.counts.accepted += 1
             self.records.append(record)
+            self.locations.append(raw.location)
 
     def _canonical(self, raw: RawRecord) -> dict:
         if raw.error is not None:
@@ -183,6 +190,7 @@ def load_dataset(
     on_error: str = "raise",
     rejects_path: str | os.PathLike | None = None,
     filters: FilterConfig = DEFAULT_FILTERS,
+    renderer: Any = None,
 ) -> LoadedDataset:
     """Reads ``source`` (a path, or an already opened source) into validated, filtered canonical records.
 
@@ -194,12 +202,15 @@ def load_dataset(
       on_error: ``"raise"`` (the first bad record raises) or ``"skip"`` (count it, write it to rejects).
       rejects_path: where ``"skip"`` writes rejected records (parent directories are created).
       filters: which quality filters run.
+      renderer: a ``jaxrl_llm.render.Renderer``, needed by (and used only for) the token-length bounds of
+        ``filters``; its identity (template name and sha256, tokenizer) is recorded in the manifest.
 
     Raises:
       DataError: the source cannot be read, or the arguments are wrong.
-      RecordError: with ``on_error="raise"``, the first record that cannot be read or validated.
+      RecordError: with ``on_error="raise"``, the first record that cannot be read, validated or rendered.
     """
     _check_arguments(kind, on_error)
+    checks = Filters(filters, renderer)  # before the source opens: a bound without a renderer fails fast
     opened = _opened(source, format=format, kind=kind, dataset_info=dataset_info, name=name)
     out: IO | contextlib.nullcontext = contextlib.nullcontext()
     if on_error == "skip" and rejects_path is not None:
@@ -207,7 +218,7 @@ def load_dataset(
         # backslashreplace: a lone surrogate in a path or message must not lose the whole file.
         out = open(rejects_path, "w", encoding="utf-8", errors="backslashreplace")
     with out as rejects:
-        loader = _Loader(opened, opened.kind if kind == "auto" else kind, on_error, Filters(filters), rejects)
+        loader = _Loader(opened, opened.kind if kind == "auto" else kind, on_error, checks, rejects)
         for raw in opened.records():
             loader.take(raw)
     loader.counts.check()
@@ -220,7 +231,11 @@ def load_dataset(
         on_error=on_error,
         dataset_info=_registry_entry(dataset_info, name),
     )
-    return LoadedDataset(loader.records, loader.kind, loader.counts, manifest, loader.errors)
+    if renderer is not None and filters.counts_tokens:
+        manifest["render"] = renderer.identity()
+    return LoadedDataset(
+        loader.records, loader.kind, loader.counts, manifest, loader.errors, loader.locations
+    )
 
 
 def _opened(source: Any, *, format: str, kind: str, dataset_info: Any, name: str | None) -> SourceLike:
@@ -241,9 +256,14 @@ def _registry_entry(dataset_info: str | os.PathLike | None, name: str | None) ->
     return {"path": os.fspath(dataset_info), "name": name, "sha256": file_sha256(dataset_info)}
 
 
-def load_from_config(cfg: Any) -> LoadedDataset:
+def load_from_config(cfg: Any, renderer: Any = None) -> LoadedDataset:
     """Loads ``cfg.data`` as a run does: rejects to ``<run_dir>/rejects.jsonl`` with ``on_error="skip"``,
-    and the manifest to ``<run_dir>/data_manifest.json``."""
+    and the manifest to ``<run_dir>/data_manifest.json``.
+
+    With a ``renderer`` (``jaxrl_llm.render.Renderer.from_config``), ``data.min_tokens``/``max_tokens``
+    filter by rendered length and the parity check runs on ``render.parity_sample`` accepted records
+    (seeded by ``seed``), raising ``RenderError`` with the first failing record's file and line.
+    """
     data = cfg.data
     if not data.path and not data.dataset_info:
         raise DataError("data.path is empty: set it to the dataset file or directory")
@@ -257,6 +277,13 @@ def load_from_config(cfg: Any) -> LoadedDataset:
         on_error=data.on_error,
         rejects_path=run_dir / REJECTS_NAME if data.on_error == "skip" else None,
         filters=FilterConfig.from_config(cfg),
+        renderer=renderer,
     )
     write_manifest(loaded.manifest, run_dir)
+    if renderer is not None and cfg.render.parity_sample > 0:
+        from jaxrl_llm.render.records import check_parity_sample
+
+        check_parity_sample(
+            loaded.records, renderer, cfg.render.parity_sample, cfg.seed, locations=loaded.locations
+        )
     return loaded

@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -108,12 +109,15 @@ class Tokenizer(abc.ABC):
         *,
         add_generation_prompt: bool = False,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        chat_template: str | None = None,
         **kwargs: Any,
     ) -> str:
         """Render ``messages`` (``{"role": ..., "content": ...}`` dicts) to text with the chat template.
 
         ``add_generation_prompt`` appends the header that opens the assistant's turn; ``tools`` (JSON schemas)
-        and ``kwargs`` are passed to the template. Raises ``TokenizerError`` when there is no template.
+        and ``kwargs`` are passed to the template; ``chat_template`` (Jinja text) is used instead of the
+        tokenizer's own, through the same renderer and special-token variables (the built-in templates of
+        ``jaxrl_llm.render.templates`` come this way). Raises ``TokenizerError`` when there is no template.
         """
 
     @property
@@ -204,13 +208,15 @@ class HFTokenizer(Tokenizer):
         *,
         add_generation_prompt: bool = False,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        chat_template: str | None = None,
         **kwargs: Any,
     ) -> str:
-        if self.hf.chat_template is None:
+        if chat_template is None and self.hf.chat_template is None:
             raise self._no_template_error()
         return self.hf.apply_chat_template(
             [dict(m) for m in messages],
             tools=None if tools is None else list(tools),
+            chat_template=chat_template,
             add_generation_prompt=add_generation_prompt,
             tokenize=False,
             **kwargs,
@@ -228,11 +234,24 @@ class SentencePieceTokenizer(Tokenizer):
     ):
         self.sp = sp
         self._chat_template = chat_template
+        self._control_ids = {
+            sp.id_to_piece(i): i for i in range(sp.get_piece_size()) if sp.is_control(i) and sp.id_to_piece(i)
+        }
+        pieces = sorted(self._control_ids, key=len, reverse=True)
+        self._control_pattern = re.compile(f"({'|'.join(map(re.escape, pieces))})") if pieces else None
         super().__init__(name_or_path)
 
     def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
         # Like HF's Llama tokenizer: special tokens means a leading BOS, no EOS.
-        return list(self.sp.encode(text, add_bos=add_special_tokens and self.bos_id is not None))
+        ids = [self.bos_id] if add_special_tokens and self.bos_id is not None else []
+        # sentencepiece never matches control pieces in text, but a rendered chat holds the template's
+        # "<s>"/"</s>": map each to its id, as HF tokenizers do, rather than spelling it out in pieces.
+        for part in self._control_pattern.split(text) if self._control_pattern else [text]:
+            if part in self._control_ids:
+                ids.append(self._control_ids[part])
+            elif part:
+                ids += self.sp.encode(part)
+        return ids
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
         ids = [int(i) for i in ids]
@@ -282,9 +301,11 @@ class SentencePieceTokenizer(Tokenizer):
         *,
         add_generation_prompt: bool = False,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        chat_template: str | None = None,
         **kwargs: Any,
     ) -> str:
-        if self._chat_template is None:
+        template = self._chat_template if chat_template is None else chat_template
+        if template is None:
             raise self._no_template_error()
         # HF's renderer, so a template renders the same text here as through an HF tokenizer: same sandbox,
         # same filters (tojson, raise_exception), same special-token variables.
@@ -302,7 +323,7 @@ class SentencePieceTokenizer(Tokenizer):
         rendered, _ = render_jinja_template(
             conversations=[[dict(m) for m in messages]],
             tools=None if tools is None else list(tools),
-            chat_template=self._chat_template,
+            chat_template=template,
             add_generation_prompt=add_generation_prompt,
             **{**special, **kwargs},
         )

@@ -1,0 +1,343 @@
+"""Grain input pipelines: canonical records -> encoded examples -> packed or bucketed batches -> devices.
+
+``make_pipeline`` builds, for this JAX process::
+
+    MapDataset.source(records)[process shard]     every process reads a disjoint, equal-sized shard
+      .shuffle(seed).repeat(num_epochs)           Grain reshuffles each epoch (seed + epoch)
+      .map(encode)                                render/tokenize: the expensive, picklable part
+      .to_iter_dataset() [.mp_prefetch(workers)]  encode runs in worker processes when worker_count > 0
+      -> pack: fit to seq_len, FirstFitPackIterDataset, batch (padded with empty rows)
+      -> bucket: pad each example to its length bucket, batch examples of one bucket together
+
+Everything stateful (truncation, packing, bucketing) runs after ``mp_prefetch``, in the main process, as
+Grain advises: the batches are then the same for any ``worker_count``. Batches are dicts of numpy arrays
+``tokens``, ``loss_mask``, ``segment_ids``, ``positions`` (all [B_local, T]) and ``num_truncated``
+([B_local]); see ``packing`` for what they mean and the next-token target convention. ``T`` is
+``seq_len`` when packing, one of the bucket lengths when bucketing.
+
+The iterator (``iter(pipeline)``) is a Grain ``DatasetIterator``: ``get_state()`` is a JSON-serialisable
+dict and ``set_state`` resumes at exactly the next batch, inside a half-emitted packing group or with
+examples waiting in bucket buffers (both are rebuilt by replaying the stream from a saved point), so it
+can be saved with ``grain.checkpoint.CheckpointSave`` in an Orbax checkpoint.
+
+With several processes and a finite ``num_epochs``, processes can end with different numbers of packed or
+bucketed batches; multi-host training should run a fixed number of steps over ``num_epochs=None``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxrl_llm.parallel import DEFAULT_RULES, named_sharding
+
+from .packing import (
+    ROW_KEYS,
+    as_example,
+    check_buckets,
+    check_overlong,
+    default_buckets,
+    empty_rows,
+    fit_length,
+    pad_to_bucket,
+)
+from .records import DataError
+
+MODES = ("pack", "bucket")
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Encode:
+    """``encode(record)`` normalised to ``{"ids": int32[L], "loss_mask": bool[L]}``; a picklable class,
+    not a closure, because Grain sends it to spawned worker processes."""
+
+    encode: Callable[[Any], Any]
+
+    def __call__(self, record: Any) -> dict[str, np.ndarray]:
+        try:
+            example = as_example(self.encode(record))
+        except ValueError as err:
+            raise DataError(f"encode's output for record {str(record)[:200]}: {err}") from err
+        if not len(example["ids"]):
+            raise DataError(f"encode returned no tokens for record {str(record)[:200]}")
+        return example
+
+
+@dataclasses.dataclass(frozen=True)
+class _Truncate:
+    seq_len: int
+
+    def __call__(self, example: dict[str, np.ndarray]) -> dict[str, Any]:
+        fitted, truncated = fit_length(example, self.seq_len, "truncate")
+        assert fitted is not None
+        return {"tokens": fitted["ids"], "loss_mask": fitted["loss_mask"], "num_truncated": int(truncated)}
+
+
+def _from_packer(element: dict[str, Any]) -> dict[str, Any]:
+    """Grain's packer names its outputs ``<feature>_segment_ids``/``_positions`` and returns non-sequence
+    features as one list per row; rename to the row contract and count the truncated documents."""
+    return {
+        "tokens": element["tokens"],
+        "loss_mask": element["loss_mask"],
+        "segment_ids": element["tokens_segment_ids"],
+        "positions": element["tokens_positions"],
+        "num_truncated": np.int32(sum(element["num_truncated"])),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class _StackPadded:
+    """Stacks rows into a batch of exactly ``batch_size``, filling a short last batch with empty rows so
+    the train step sees one shape (a smaller batch would recompile)."""
+
+    batch_size: int
+
+    def __call__(self, rows: Sequence[dict[str, np.ndarray]]) -> Batch:
+        batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        missing = self.batch_size - len(rows)
+        if missing:
+            fill = empty_rows(missing, batch["tokens"].shape[1])
+            batch = {k: np.concatenate([v, fill[k]]) for k, v in batch.items()}
+        return batch
+
+
+@dataclasses.dataclass
+class _Waiting:
+    offset: int  # position of the example in the parent stream
+    state_before: Any  # the parent's state just before it, to replay from
+    row: dict[str, np.ndarray]
+
+
+class _BucketBatchIterator(grain.DatasetIterator):
+    """Emits a batch as soon as one bucket holds ``batch_size`` examples; at the end of the stream the
+    partly filled buckets follow, smallest first, padded with empty rows.
+
+    State: the parent's state before the oldest waiting example, how many parent elements to replay from
+    there, and which of them are still waiting. Replaying re-encodes at most the examples read since the
+    oldest waiting one, and reproduces the buffers exactly.
+    """
+
+    def __init__(
+        self, parent: grain.DatasetIterator, buckets: tuple[int, ...], batch_size: int, overlong: str
+    ):
+        super().__init__(parent)
+        self._buckets, self._batch_size, self._overlong = buckets, batch_size, overlong
+        self._reset()
+
+    def _reset(self) -> None:
+        self._waiting: dict[int, list[_Waiting]] = {b: [] for b in self._buckets}
+        self._consumed = 0
+
+    def _add(self, offset: int, state_before: Any, example: dict[str, np.ndarray]) -> int | None:
+        """Buffers one example; returns its bucket, or None when it is dropped as overlong."""
+        row = pad_to_bucket(example, self._buckets, overlong=self._overlong)
+        if row is None:
+            return None
+        bucket = len(row["tokens"])
+        self._waiting[bucket].append(_Waiting(offset, state_before, row))
+        return bucket
+
+    def __next__(self) -> Batch:
+        while True:
+            state_before = self._parent.get_state()
+            try:
+                example = next(self._parent)
+            except StopIteration:
+                break
+            self._consumed += 1
+            bucket = self._add(self._consumed - 1, state_before, example)
+            if bucket is not None and len(self._waiting[bucket]) == self._batch_size:
+                return self._emit(bucket)
+        for bucket in self._buckets:
+            if self._waiting[bucket]:
+                return self._emit(bucket)
+        raise StopIteration
+
+    def _emit(self, bucket: int) -> Batch:
+        rows, self._waiting[bucket] = self._waiting[bucket], []
+        return _StackPadded(self._batch_size)([w.row for w in rows])
+
+    def get_state(self) -> dict[str, Any]:
+        waiting = sorted((w for ws in self._waiting.values() for w in ws), key=lambda w: w.offset)
+        if not waiting:
+            return {"parent": self._parent.get_state(), "replay": 0, "keep": []}
+        first = waiting[0].offset
+        return {
+            "parent": waiting[0].state_before,
+            "replay": self._consumed - first,
+            "keep": [w.offset - first for w in waiting],
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._reset()
+        keep = set(state["keep"])
+        for offset in range(state["replay"]):
+            state_before = self._parent.get_state() if offset in keep else None
+            example = next(self._parent)
+            if offset in keep:
+                self._add(offset, state_before, example)
+        self._consumed = state["replay"]
+
+
+class _BucketBatchIterDataset(grain.IterDataset):
+    def __init__(self, parent: grain.IterDataset, buckets: tuple[int, ...], batch_size: int, overlong: str):
+        super().__init__(parent)
+        self._buckets, self._batch_size, self._overlong = buckets, batch_size, overlong
+
+    def __iter__(self) -> _BucketBatchIterator:
+        return _BucketBatchIterator(self._parent.__iter__(), self._buckets, self._batch_size, self._overlong)
+
+    def __str__(self) -> str:
+        return f"BucketBatchIterDataset(buckets={self._buckets}, batch_size={self._batch_size})"
+
+
+def _mark_flags_parsed() -> None:
+    """Grain's worker start-up reads absl flags and raises ``UnparsedFlagAccessError`` unless a command
+    line was parsed; our entry points do not use absl, so its defaults are what we mean."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _shard(shard_by_process: bool, process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if not shard_by_process:
+        return 0, 1
+    default = grain.sharding.ShardByJaxProcess()
+    index = default.shard_index if process_index is None else process_index
+    count = default.shard_count if process_count is None else process_count
+    if not 0 <= index < count:
+        raise DataError(f"process_index={index} must be in [0, {count}) for process_count={count}")
+    return index, count
+
+
+def make_pipeline(
+    records: Sequence[Any],
+    encode: Callable[[Any], Any],
+    *,
+    batch_size: int,
+    seq_len: int,
+    mode: str = "pack",
+    buckets: Sequence[int] | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = 1,
+    worker_count: int = 0,
+    overlong: str = "truncate",
+    num_packing_bins: int | None = None,
+    shard_by_process: bool = True,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.IterDataset:
+    """This process's batches of ``records``, as a Grain ``IterDataset`` (iterate it for batches).
+
+    Args:
+      records: canonical records (``LoadedDataset.records``), or anything ``encode`` accepts.
+      encode: picklable ``record -> {"ids": int[L], "loss_mask": bool[L]}`` (or an object with those
+        attributes, e.g. a renderer's ``Rendered``). A module-level function or a class instance; not a
+        lambda when ``worker_count > 0``.
+      batch_size: the global batch; each of ``process_count`` processes gets ``batch_size / process_count``.
+      seq_len: row length when packing; the longest bucket (and the default buckets' top) when bucketing.
+      mode: ``"pack"`` (several documents per row, segment ids keep them apart) or ``"bucket"`` (one
+        document per row, padded to the smallest of ``buckets`` that holds it).
+      buckets: bucket lengths, each at most ``seq_len``; default powers of two from 64 up to ``seq_len``.
+      seed: shuffling (records each epoch, and packed rows within a packing group).
+      num_epochs: passes over the data; None repeats forever.
+      worker_count: Grain worker processes running ``encode`` (0: in this process). Batches do not
+        depend on it. Workers are spawned and re-import ``__main__``: keep script code under
+        ``if __name__ == "__main__":``.
+      overlong: ``"truncate"`` (counted in ``num_truncated``) or ``"drop"`` examples longer than a row.
+      num_packing_bins: rows packed together before they are emitted (default: the per-process batch);
+        more bins waste less padding but reorder data further.
+      shard_by_process: split records across JAX processes; ``process_index``/``process_count`` override
+        ``jax.process_index()``/``jax.process_count()`` (tests simulate several processes with them).
+    """
+    if mode not in MODES:
+        raise DataError(f"mode={mode!r}: expected one of {', '.join(map(repr, MODES))}")
+    try:
+        check_overlong(overlong)
+        buckets = None if buckets is None else check_buckets(buckets)
+    except ValueError as err:  # packing.py is plain numpy; a bad option is still the user's to fix
+        raise DataError(str(err)) from err
+    if seq_len < 1 or batch_size < 1 or worker_count < 0 or (num_epochs is not None and num_epochs < 1):
+        raise DataError(
+            f"seq_len={seq_len}, batch_size={batch_size}, num_epochs={num_epochs} must be >= 1 "
+            f"and worker_count={worker_count} >= 0"
+        )
+    index, count = _shard(shard_by_process, process_index, process_count)
+    if batch_size % count:
+        raise DataError(f"batch_size={batch_size} is not divisible by the {count} processes sharing it")
+    local_batch = batch_size // count
+
+    # Equal shards: a process with one record more would run one step more and hang the others.
+    usable = len(records) - len(records) % count
+    if usable == 0:
+        raise DataError(f"{len(records)} records cannot be shared by {count} processes")
+    ds = grain.MapDataset.source(records)
+    if count > 1:
+        ds = ds[:usable][index::count]
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if num_epochs != 1:
+        ds = ds.repeat(num_epochs)
+    it = ds.map(Encode(encode)).to_iter_dataset()
+    if worker_count:
+        _mark_flags_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+
+    if mode == "bucket":
+        buckets = buckets or default_buckets(seq_len)
+        if buckets[-1] > seq_len:
+            raise DataError(f"buckets={buckets}: every bucket must be <= seq_len={seq_len}")
+        return _BucketBatchIterDataset(it, buckets, local_batch, overlong)
+
+    if overlong == "drop":
+        it = it.filter(_FitsIn(seq_len))
+    packed = grain.experimental.FirstFitPackIterDataset(
+        it.map(_Truncate(seq_len)),
+        length_struct={"tokens": seq_len, "loss_mask": seq_len},
+        num_packing_bins=num_packing_bins or local_batch,
+        seed=seed,
+        shuffle_bins=shuffle,
+        meta_features=("num_truncated",),
+    )
+    return packed.map(_from_packer).batch(local_batch, batch_fn=_StackPadded(local_batch))
+
+
+@dataclasses.dataclass(frozen=True)
+class _FitsIn:
+    seq_len: int
+
+    def __call__(self, example: dict[str, np.ndarray]) -> bool:
+        return len(example["ids"]) <= self.seq_len
+
+
+def batch_axes(ndim: int) -> tuple[str, ...]:
+    """Logical axes of a batch array: ``("batch", "seq")`` for rows, ``("batch",)`` for per-row values."""
+    return ("batch", "seq", *(None,) * (ndim - 2))[:ndim]
+
+
+def to_device(batch: Mapping[str, np.ndarray], mesh: Mesh, rules=DEFAULT_RULES) -> dict[str, jax.Array]:
+    """A host batch as global arrays on ``mesh``, rows split over the mesh axes the ``batch`` rule names.
+
+    Each process passes its own rows (``[B_local, ...]``); the global batch is their concatenation in
+    process order, ``B_local * process_count`` rows.
+    """
+    out = {}
+    for key, value in batch.items():
+        value = np.asarray(value)
+        global_shape = (value.shape[0] * jax.process_count(), *value.shape[1:])
+        sharding = named_sharding(batch_axes(value.ndim), global_shape, mesh, rules, what=f"batch[{key!r}]")
+        out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
+    return out
+
+
+__all__ = ["MODES", "ROW_KEYS", "Encode", "batch_axes", "make_pipeline", "to_device"]

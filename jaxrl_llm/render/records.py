@@ -1,0 +1,148 @@
+"""Rendering canonical records: what each kind renders to, its token lengths, and the parity check on a sample.
+
+What a record of each kind (``jaxrl_llm.data.records``) renders to:
+
+===========  ==========================================================================
+kind         rendered sequences
+===========  ==========================================================================
+conversation ``messages`` (with the record's ``tools``)
+preference   ``prompt + chosen`` and ``prompt + rejected``
+unpaired     ``prompt + completion``
+prompt       ``prompt`` plus the generation prompt (what rollout feeds the model)
+text         ``text`` encoded as it is (no template)
+===========  ==========================================================================
+
+The parity check (``Renderer.check``) runs on every sequence with assistant turns; an RL prompt has none
+to check, so it is only rendered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from .render import Renderer
+from .templates import RenderError
+
+
+def sequences(record: dict) -> Iterator[tuple[str, list[dict], bool]]:
+    """``(name, messages, is_prompt)`` for each sequence a canonical record renders to (none for text)."""
+    if "messages" in record:
+        yield "messages", record["messages"], False
+    elif "chosen" in record:
+        yield "prompt + chosen", record["prompt"] + record["chosen"], False
+        yield "prompt + rejected", record["prompt"] + record["rejected"], False
+    elif "completion" in record:
+        yield "prompt + completion", record["prompt"] + record["completion"], False
+    elif "prompt" in record:
+        yield "prompt", record["prompt"], True
+
+
+def token_lengths(record: dict, renderer: Renderer) -> list[int]:
+    """Token count of each sequence ``record`` renders to (one render each, no mask).
+
+    Raises:
+      RenderError: the template cannot render the record, naming the sequence.
+    """
+    if "text" in record:
+        return [len(renderer.encode(record["text"]))]
+    tools = record.get("tools")
+    lengths = []
+    for name, messages, is_prompt in sequences(record):
+        try:
+            ids = (
+                renderer.render_prompt(messages, tools) if is_prompt else renderer.render_ids(messages, tools)
+            )
+        except RenderError as err:
+            raise RenderError(f"{name}: {err}") from err
+        lengths.append(len(ids))
+    return lengths
+
+
+def check_record(record: dict, renderer: Renderer) -> None:
+    """``Renderer.check`` on every sequence of ``record``; a RenderError names the sequence."""
+    tools = record.get("tools")
+    for name, messages, is_prompt in sequences(record):
+        try:
+            if is_prompt:
+                renderer.render_prompt(messages, tools)
+            else:
+                renderer.check(messages, tools)
+        except RenderError as err:
+            raise RenderError(f"{name}: {err}") from err
+
+
+@dataclasses.dataclass(frozen=True)
+class ParityReport:
+    """The parity check over a sample: records ``checked``, how many ``failed``, and the first ``errors``
+    (each naming the record's location, the sequence, the turn and the first differing token)."""
+
+    checked: int
+    failed: int
+    errors: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _sample(count: int, n: int, seed: int) -> list[int]:
+    return sorted(random.Random(seed).sample(range(count), min(max(n, 0), count)))
+
+
+def _where(i: int, locations: Sequence[Any] | None) -> str:
+    return str(locations[i]) if locations is not None else f"record {i}"
+
+
+def parity_report(
+    records: Sequence[dict],
+    renderer: Renderer,
+    n: int,
+    seed: int = 0,
+    *,
+    locations: Sequence[Any] | None = None,
+    max_errors: int = 5,
+) -> ParityReport:
+    """Checks a random sample of ``n`` records (all when ``n >= len(records)``) and counts the failures.
+
+    ``locations[i]`` names record ``i`` in errors (``LoadedDataset.locations``: file and line); without
+    it, records are named by their index.
+    """
+    picked = _sample(len(records), n, seed)
+    errors: list[str] = []
+    failed = 0
+    for i in picked:
+        try:
+            check_record(records[i], renderer)
+        except RenderError as err:
+            failed += 1
+            if len(errors) < max_errors:
+                errors.append(f"{_where(i, locations)}: {err}")
+    return ParityReport(len(picked), failed, errors)
+
+
+def check_parity_sample(
+    records: Sequence[dict],
+    renderer: Renderer,
+    n: int,
+    seed: int = 0,
+    *,
+    locations: Sequence[Any] | None = None,
+) -> int:
+    """The data-load-time parity check: ``check_record`` on a random sample of ``n`` records.
+
+    Returns the number of records checked.
+
+    Raises:
+      RenderError: at the first failing record, prefixed with its location.
+    """
+    picked = _sample(len(records), n, seed)
+    for i in picked:
+        try:
+            check_record(records[i], renderer)
+        except RenderError as err:
+            raise RenderError(
+                f"{_where(i, locations)}: parity check failed with template {renderer.template_name}: {err}"
+            ) from err
+    return len(picked)
