@@ -23,6 +23,8 @@ import random
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
+
 from .render import Renderer
 from .templates import RenderError
 
@@ -146,3 +148,26 @@ def check_parity_sample(
                 f"{_where(i, locations)}: parity check failed with template {renderer.template_name}: {err}"
             ) from err
     return len(picked)
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTEncoder:
+    """``record -> {"ids", "loss_mask"}`` for the SFT data pipeline (picklable, so it runs in Grain workers).
+
+    Conversations render through the renderer (assistant turns are targets); text records (continued
+    pre-training) are encoded as they are plus EOS, every token a target.
+    """
+
+    renderer: Renderer
+
+    def __call__(self, record: dict) -> dict[str, Any]:
+        if "text" in record:
+            ids = self.renderer.encode(record["text"])
+            eos = self.renderer.tokenizer.eos_id
+            if eos is not None:
+                ids = np.append(ids, np.int32(eos))
+            return {"ids": ids, "loss_mask": np.ones(len(ids), bool)}
+        if "messages" not in record:
+            raise RenderError(f"SFT trains on conversation or text records, not on {sorted(record)}")
+        rendered = self.renderer.render(record["messages"], record.get("tools"))
+        return {"ids": rendered.ids, "loss_mask": rendered.loss_mask}
