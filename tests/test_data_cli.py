@@ -121,3 +121,51 @@ def test_gsm8k_end_to_end(tmp_path):
     assert done.returncode == 1 and "gsm.jsonl:2" in done.stdout, done.stdout + done.stderr
     done = _module(tmp_path / "missing.jsonl")
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def _real_readers(monkeypatch):
+    from jaxrl_llm.data.sources import open_source
+
+    monkeypatch.setattr("jaxrl_llm.data.load.open_source", open_source)
+
+
+def test_deeply_nested_records_are_rejects_not_crashes(tmp_path, capsys, monkeypatch):
+    _real_readers(monkeypatch)
+    src = tmp_path / "deep.jsonl"
+    deep_call = {"name": "f", "arguments": "[" * 100_000}
+    lines = [
+        json.dumps(chat("a")),
+        "[" * 100_000,
+        json.dumps({"messages": [{"role": "assistant", "content": None, "tool_calls": [deep_call]}]}),
+        json.dumps({"messages": chat("b")["messages"], "tools": "[" * 100_000}),
+    ]
+    src.write_text("\n".join(lines) + "\n")
+    code, out, err = run(capsys, src, "--json")
+    report = json.loads(out)
+    assert code == 1 and err == ""
+    # The deep arguments string is kept (not JSON) and filtered; the deep line and tools are rejected.
+    assert (report["read"], report["accepted"], report["rejected"]) == (4, 1, 2)
+    assert report["filtered"] == {"bad_tool_call": 1}
+
+
+def test_user_errors_are_one_line_messages(tmp_path, capsys, monkeypatch):
+    _real_readers(monkeypatch)
+    src = write_jsonl(tmp_path / "ok.jsonl", [chat("a")])
+    code, out, err = run(capsys, src, "--rejects", tmp_path)  # a directory
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert f"{tmp_path}: cannot write the rejects file" in err and "Traceback" not in err
+    info = REPO / "tests" / "data" / "llamafactory" / "dataset_info.json"
+    code, out, err = run(capsys, info)
+    assert code == 2 and err.count("\n") == 1
+    assert "this is a LLaMA-Factory dataset_info.json: pass --name NAME" in err and "alpaca_en_demo" in err
+
+
+def test_bad_load_dataset_arguments_name_the_argument(tmp_path):
+    from jaxrl_llm.data.load import load_dataset
+    from jaxrl_llm.data.records import DataError
+
+    src = write_jsonl(tmp_path / "ok.jsonl", [chat("a")])
+    with pytest.raises(DataError, match="renderer='chatml': expected a jaxrl_llm.render.Renderer"):
+        load_dataset(src, renderer="chatml")
+    with pytest.raises(DataError, match="filters=.*expected a jaxrl_llm.data.filters.FilterConfig"):
+        load_dataset(src, filters={"dedup": False})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from jaxrl_llm.config import apply_overrides, base_config
@@ -152,3 +154,22 @@ def test_config_data_section_cross_checks(tmp_path):
     assert "data.max_turns=0: must be None or int >= 1" in problems(**{"data.max_turns": 0})
     assert "data.on_error='ignore'" in problems(**{"data.on_error": "ignore"})
     assert "data.kind='chat'" in problems(**{"data.kind": "chat"})
+
+
+def test_a_renderer_renders_every_record_at_load_time(tmp_path):
+    """Without token bounds, a record the template cannot render is still rejected at load (counted and
+    in the rejects file), not left to fail later in the Grain pipeline."""
+    from jaxrl_llm.data.load import load_dataset
+    from jaxrl_llm.render import Renderer, load_tokenizer
+    from tests.fixtures_tokenizers import make_hf_tokenizer_dir
+    from tests.test_data_load import JsonlSource, chat, write_jsonl
+    from tests.test_render import TOOL_CALLING, TOOLS
+
+    chatml = Renderer(load_tokenizer(make_hf_tokenizer_dir(tmp_path / "tok")), "chatml")  # no tools
+    src = write_jsonl(tmp_path / "d.jsonl", [chat("q", "a"), {"messages": TOOL_CALLING, "tools": TOOLS}])
+    rejects = tmp_path / "rejects.jsonl"
+    loaded = load_dataset(JsonlSource(str(src)), on_error="skip", rejects_path=rejects, renderer=chatml)
+    assert (loaded.counts.accepted, loaded.counts.rejected) == (1, 1)
+    assert "cannot render" in loaded.errors[0] and "does not render tools" in loaded.errors[0]
+    assert json.loads(rejects.read_text())["location"] == f"{src}:2"
+    assert loaded.manifest["render"] == chatml.identity()

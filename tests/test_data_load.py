@@ -53,7 +53,7 @@ class JsonlSource:
         return value
 
 
-def fake_open_source(source, *, format="auto", dataset_info=None, name=None):
+def fake_open_source(source, *, format="auto", dataset_info=None, name=None, kind="auto"):
     if not Path(source).exists():
         raise DataError(f"{source}: no such file or directory")
     return JsonlSource(str(source))

@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 from jaxrl_llm.data.pipeline import make_pipeline, to_device
 from jaxrl_llm.data.records import DataError
 from jaxrl_llm.parallel import make_mesh
+from jaxrl_llm.render import RenderError
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("tokens", "loss_mask", "segment_ids", "positions", "num_truncated")
@@ -159,14 +160,29 @@ def test_epochs_repeat_every_record_and_reshuffle():
 def test_processes_get_disjoint_equal_shards_covering_the_data():
     records = make_records(n=41)  # one record too many for 2 processes: dropped, so both run equal steps
     shards = [
-        list(pipeline(records, mode="bucket", process_index=i, process_count=2, batch_size=4)) for i in (0, 1)
+        take(iter(pipeline(records, process_index=i, process_count=2, batch_size=4, num_epochs=None)), 40)
+        for i in (0, 1)
     ]
-    assert all(b["tokens"].shape[0] == 2 for s in shards for b in s)  # 4 global rows = 2 per process
+    assert all(b["tokens"].shape == (2, 32) for s in shards for b in s)  # 4 global rows = 2 per process
     ids = [set(doc_ids(s)) for s in shards]
     assert not ids[0] & ids[1]
     assert len(ids[0]) == len(ids[1]) == 20 and len(ids[0] | ids[1]) == 40
     with pytest.raises(DataError, match="batch_size=3 is not divisible by the 2 processes"):
-        pipeline(records, process_index=0, process_count=2, batch_size=3)
+        pipeline(records, process_index=0, process_count=2, batch_size=3, num_epochs=None)
+
+
+def test_several_processes_refuse_bucketing_and_finite_epochs():
+    """Bucketing lets processes pick different row lengths on one step, finite epochs different step
+    counts: both would break multi-host training, so both are refused with what to use instead."""
+    records = make_records(n=40)
+    shard = {"process_index": 0, "process_count": 2}
+    with pytest.raises(DataError, match='mode="bucket" cannot be used by 2 processes.*mode="pack"'):
+        pipeline(records, mode="bucket", num_epochs=None, **shard)
+    for epochs in (1, 3):
+        with pytest.raises(DataError, match=f"num_epochs={epochs} cannot be used by 2 processes.*None"):
+            pipeline(records, num_epochs=epochs, **shard)
+    pipeline(records, num_epochs=None, **shard)  # the multi-host form
+    pipeline(records, mode="bucket", process_index=0, process_count=1)  # one process: all modes
 
 
 def test_bad_arguments_are_clear_errors():
@@ -183,6 +199,37 @@ def test_bad_arguments_are_clear_errors():
         next(
             iter(make_pipeline(records, lambda r: {"ids": [1, 2], "loss_mask": [1]}, batch_size=2, seq_len=8))
         )
+
+
+def _raise_render_error(record):
+    raise RenderError("messages[1]: the template cannot render this")
+
+
+def test_an_encoders_user_error_keeps_its_message():
+    records = make_records(n=4)
+    with pytest.raises(RenderError) as info:
+        next(iter(make_pipeline(records, _raise_render_error, batch_size=2, seq_len=8)))
+    assert str(info.value) == "messages[1]: the template cannot render this"
+
+
+def test_wrong_argument_types_are_clear_errors():
+    records = make_records(n=4)
+
+    class Loaded:  # what load_dataset returns: the records are an attribute
+        def __init__(self):
+            self.records = records
+
+    with pytest.raises(DataError, match=r"got a Loaded; pass its records: make_pipeline\(loaded.records"):
+        pipeline(Loaded())
+    with pytest.raises(DataError, match="records: expected a sequence of records, got a dict"):
+        pipeline(records[0])
+    with pytest.raises(DataError, match="encode: expected a callable"):
+        make_pipeline(records, "sft", batch_size=2, seq_len=8)
+    for kw, name in (({"batch_size": 0}, "batch_size=0"), ({"seq_len": 2.5}, "seq_len=2.5")):
+        with pytest.raises(DataError, match=f"{name}: expected a positive integer"):
+            pipeline(records, **kw)
+    with pytest.raises(DataError, match="batch_size='4'"):
+        pipeline(records, batch_size="4")
 
 
 @pytest.mark.parametrize("mode", ["pack", "bucket"])

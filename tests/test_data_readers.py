@@ -257,3 +257,16 @@ def test_tfds_data_source_without_tensorflow(tmp_path):
     assert prompts[0]["prompt"] == [{"role": "user", "content": "q0 é"}]
     with pytest.raises(DataError, match="cannot open the TFDS dataset"):
         read_records("no_such_dataset_xyz", format="tfds", split="train", data_dir=str(tmp_path))
+
+
+def test_deeply_nested_json_is_a_record_error_not_a_crash(tmp_path):
+    # json.loads raises RecursionError, not JSONDecodeError, on deep nesting.
+    path = tmp_path / "deep.jsonl"
+    _write_jsonl(path, [b'{"text": "ok"}', b"[" * 100_000, b'{"k": ' * 100_000])
+    records = list(read_records(path))
+    assert [r.value for r in records] == [{"text": "ok"}, None, None]
+    assert all("nested too deeply" in r.error for r in records[1:])
+    array = tmp_path / "deep.json"
+    array.write_bytes(b"[" * 100_000)
+    with pytest.raises(DataError, match="nested too deeply"):
+        read_records(array)

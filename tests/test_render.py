@@ -17,13 +17,14 @@ from jaxrl_llm.render import (
     TEMPLATES,
     Renderer,
     RenderError,
+    SFTEncoder,
     UnknownTemplateError,
     load_tokenizer,
     template_messages,
     template_tools,
     token_lengths,
 )
-from jaxrl_llm.render.render import first_difference
+from jaxrl_llm.render.render import first_difference, tool_call_id
 from tests.fixtures_tokenizers import (
     BOS_EOS_TEMPLATE,
     CHATML_TEMPLATE,
@@ -329,6 +330,31 @@ def test_check_catches_a_template_that_drops_tool_calls(tok):
     Renderer(tok, "qwen").check(convo)
 
 
+DROPS_TOOL_MESSAGES = (
+    "{%- for m in messages %}{%- if m.role != 'tool' %}"
+    "{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+    "{%- for c in m.tool_calls or [] %}{{- c.function.name }}{%- endfor %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_check_catches_a_template_that_drops_tool_results_untrained_turns_or_tools(tmp_path, tok):
+    drops = Renderer(_with_template(tmp_path, DROPS_TOOL_MESSAGES))
+    convo = [*TOOL_CALLING[:3], {"role": "tool", "content": "sum=4", "name": "add"}, TOOL_CALLING[4]]
+    drops.render(convo)  # prefixes agree: only the content check sees what is missing
+    with pytest.raises(RenderError, match=r"messages\[3\] \(tool\): .* leaves its content 'sum=4' out"):
+        drops.check(convo)
+    # With mask="last" the tool call is context, not trained on: it must still be rendered.
+    last = Renderer(tok, mask="last")
+    with pytest.raises(RenderError, match=r"messages\[2\] \(assistant\): .* leaves its tool call 'add' out"):
+        last.check(TOOL_CALLING)
+    # Declared tools the template never renders.
+    with pytest.raises(RenderError, match="tools: .* leaves the declared tool 'add' out"):
+        Renderer(tok).check(TWO_TURNS, TOOLS)
+    Renderer(tok, "qwen", mask="last").check(TOOL_CALLING, TOOLS)
+
+
 def test_check_catches_a_template_that_drops_reasoning(tok):
     with pytest.raises(RenderError, match="leaves the assistant's reasoning 'two plus two' out"):
         Renderer(tok).check(WITH_REASONING)
@@ -348,6 +374,20 @@ def test_an_assistant_message_cannot_open_the_conversation(tok):
         Renderer(tok).render(TWO_TURNS[2:])
     with pytest.raises(RenderError, match="no messages"):
         Renderer(tok).render([])
+
+
+def test_wrong_argument_types_are_clear_errors(tok):
+    with pytest.raises(
+        RenderError, match=r"tokenizer: expected a Tokenizer, got a str .*load_tokenizer\(path\)"
+    ):
+        Renderer("Qwen/Qwen2.5-0.5B-Instruct")
+    record = {"messages": TWO_TURNS}
+    with pytest.raises(RenderError, match=r"got a dict; for a record, pass record\['messages'\]"):
+        Renderer(tok).render(record)
+    with pytest.raises(RenderError, match="expected a list of messages, got a str"):
+        Renderer(tok).render_prompt("What is 2+2?")
+    with pytest.raises(RenderError, match=r"messages\[1\]: expected a message"):
+        Renderer(tok).render([TWO_TURNS[1], "4."])
 
 
 def test_first_difference():
@@ -371,9 +411,11 @@ def test_template_messages_and_tools_use_the_hf_form():
         {
             "role": "assistant",
             "content": "",
-            "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}],
+            "tool_calls": [
+                {"id": "call00000", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
+            ],
         },
-        {"role": "tool", "content": "2", "name": "f"},
+        {"role": "tool", "content": "2", "name": "f", "tool_call_id": "call00000"},
         {"role": "assistant", "content": "ok", "reasoning_content": "why"},
     ]
     wrapped = {"type": "function", "function": {"name": "g"}}
@@ -385,6 +427,37 @@ def test_template_messages_and_tools_use_the_hf_form():
     assert template_tools(None) is None and template_tools([]) is None
 
 
+def test_tool_calls_get_ids_and_their_results_the_matching_tool_call_id():
+    call = {"name": "f", "arguments": {}}
+    messages = template_messages(
+        [
+            {"role": "user", "content": "go"},
+            {"role": "assistant", "content": "", "tool_calls": [call, {**call, "name": "g"}]},
+            {"role": "tool", "content": "1", "name": "f"},
+            {"role": "tool", "content": "2", "name": "g"},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": "3", "name": "f"},
+            {"role": "assistant", "content": "done"},
+            {"role": "tool", "content": "stray"},  # no call left to answer: no id
+        ]
+    )
+    ids = [[c["id"] for c in m.get("tool_calls", [])] for m in messages]
+    assert ids[1] == ["call00100", "call00101"] and ids[4] == ["call00400"]
+    assert [m.get("tool_call_id") for m in messages if m["role"] == "tool"] == [
+        "call00100",
+        "call00101",
+        "call00400",
+        None,
+    ]
+    every = [c for row in ids for c in row]
+    assert len(set(every)) == len(every)
+    # Mistral's templates want 9 alphanumeric characters, however long the conversation.
+    for i, j in ((0, 0), (999, 99), (1000, 0), (12, 345)):
+        cid = tool_call_id(i, j)
+        assert len(cid) == 9 and cid.isalnum() and cid == tool_call_id(i, j)
+    assert tool_call_id(1000, 0) != tool_call_id(1000, 1)
+
+
 def test_token_lengths_by_record_kind(tok):
     r = Renderer(tok)
     user, answer = TWO_TURNS[1], TWO_TURNS[2]
@@ -394,7 +467,9 @@ def test_token_lengths_by_record_kind(tok):
     assert pref == [len(r.render_ids([user, answer])), len(r.render_ids([user, short]))]
     assert token_lengths({"prompt": [user], "completion": [answer], "label": True}, r) == [pref[0]]
     assert token_lengths({"prompt": [user]}, r) == [len(r.render_prompt([user]))]
-    assert token_lengths({"text": "Hello world"}, r) == [len(tok.encode("Hello world"))]
+    text = {"text": "Hello world"}
+    assert token_lengths(text, r) == [len(SFTEncoder(r)(text)["ids"])]  # EOS counted, as trained on
+    assert token_lengths(text, r) == [len(r.encode("Hello world")) + 1]
 
 
 def test_render_errors_name_the_sequence_of_the_record(tmp_path):

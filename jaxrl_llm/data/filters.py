@@ -30,8 +30,8 @@ Token-length bounds (``min_tokens``/``max_tokens``) need a renderer (``jaxrl_llm
 record is ``too_long`` when its longest rendered sequence has more than ``max_tokens`` tokens and
 ``too_short`` when its shortest has fewer than ``min_tokens`` (``jaxrl_llm.render.records`` says what each
 kind renders to: a preference record both of its conversations, an RL prompt its generation prompt, a text
-record its encoded text). A record the template cannot render is not filtered but rejected, with the
-template's error (``UnrenderableRecord``).
+record its encoded text). With a renderer every record is rendered, bounds or not, and one the template
+cannot render is not filtered but rejected, with the template's error (``UnrenderableRecord``).
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ class TokenLength:
     """The token-length filter: renders each record with ``renderer`` and applies ``token_bounds``."""
 
     def __init__(self, renderer: Any, min_tokens: int | None, max_tokens: int | None):
-        # Imported here: the data layer needs the render layer only when token bounds are set.
+        # Imported here: the data layer needs the render layer only when a renderer is given.
         from jaxrl_llm.render.records import token_lengths
 
         self._lengths = lambda record: token_lengths(record, renderer)
@@ -258,8 +258,9 @@ class Deduplicator:
 class Filters:
     """The filters ``config`` turns on, applied in ``REASONS`` order; call it once per record, in order.
 
-    ``renderer`` (a ``jaxrl_llm.render.Renderer``) is needed when ``config`` sets token bounds, and used
-    only for them. A call raises ``UnrenderableRecord`` for a record the template cannot render.
+    ``renderer`` (a ``jaxrl_llm.render.Renderer``) is needed when ``config`` sets token bounds; when given,
+    every record is rendered once. A call raises ``UnrenderableRecord`` for a record the template cannot
+    render.
     """
 
     def __init__(self, config: FilterConfig = DEFAULT_FILTERS, renderer: Any = None):
@@ -274,7 +275,9 @@ class Filters:
         if config.max_turns is not None:
             limit = config.max_turns
             checks.append(lambda record: too_many_turns(record, limit))
-        if config.counts_tokens:
+        if config.counts_tokens or renderer is not None:
+            # With a renderer every record is rendered here, bounds or not: one the template cannot render
+            # is rejected at load time (counted, in the rejects) rather than failing later in a pipeline.
             if renderer is None:
                 raise DataError(
                     f"min_tokens={config.min_tokens!r}, max_tokens={config.max_tokens!r}: token-length bounds "

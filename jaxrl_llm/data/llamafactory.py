@@ -7,7 +7,8 @@ defaults are LLaMA-Factory's own (``data/README.md``). :meth:`DatasetInfo.entry`
 :class:`DatasetSpec`, and :func:`convert` turns one record into the canonical kind the spec yields:
 
 - ``ranking`` -> ``preference``; a ``kto_tag`` column -> ``unpaired``;
-- alpaca whose only column is ``prompt`` (pre-training, ``{"prompt": "text"}``) -> ``text``;
+- alpaca whose only column is ``prompt`` (pre-training, ``{"prompt": "text"}``) -> ``text``, unless the
+  file's first record has the default response column ``output`` (then ``conversation``);
 - anything else -> ``conversation``.
 
 Where this departs from LLaMA-Factory: remote entries (``hf_hub_url``, ...) are refused rather than
@@ -114,6 +115,21 @@ def make_spec(
     return DatasetSpec(name, path, formatting, kind, ranking, cols, tag_map)
 
 
+def with_kind(spec: DatasetSpec, kind: str) -> DatasetSpec | None:
+    """``spec`` read as ``kind`` instead, or None when its format cannot yield that kind.
+
+    The one choice the entry's columns leave open: alpaca with only ``prompt`` mapped is pre-training text
+    in LLaMA-Factory, but the same mapping over instruction data (with the default ``output`` column) is a
+    conversation. Other kinds follow from ``ranking``/``kto_tag`` and cannot be switched."""
+    if kind == spec.kind:
+        return spec
+    if spec.formatting != "alpaca" or {kind, spec.kind} != {"text", "conversation"}:
+        return None
+    if kind == "text":
+        return dataclasses.replace(spec, kind=kind, columns={"prompt": spec.columns["prompt"]})
+    return dataclasses.replace(spec, kind=kind, columns={**ALPACA_COLUMNS, **spec.columns})
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
     """A parsed ``dataset_info.json``: ``entries`` maps dataset names to their raw entries."""
@@ -139,6 +155,8 @@ class DatasetInfo:
             raise DataError(
                 f"{path}: not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
             ) from None
+        except RecursionError:
+            raise DataError(f"{path}: not valid JSON: nested too deeply to parse") from None
         if not isinstance(entries, dict):
             raise DataError(f"{path}: expected an object mapping dataset names to entries")
         return cls(path, entries)

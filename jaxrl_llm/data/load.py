@@ -12,8 +12,8 @@ Every record read ends in exactly one of three places, and the counts always sat
 - filtered: valid but dropped by a quality filter, counted by reason (see ``filters``).
 - accepted: kept, in source order.
 
-A valid record the chat template cannot render (only rendered when token-length bounds are set) is
-rejected like an invalid one, with the template's error.
+With a renderer, every valid record is rendered once at load time, and one the chat template cannot
+render is rejected like an invalid one, with the template's error.
 
 The dataset's kind is the source's when the format fixes it (alpaca is conversation, LLaMA-Factory
 ``ranking`` is preference, ...), else ``kind`` when given, else the kind of the first valid record; every
@@ -132,6 +132,11 @@ class _Loader:
         except RecordError as err:
             self._reject(raw, err if err.location is not None else err.at(raw.location))
             return
+        except RecursionError:  # a value nested too deeply for the converters (json.loads stops ~1000 deep)
+            self._reject(
+                raw, RecordError("", "a record nested less deeply (too deep to process)").at(raw.location)
+            )
+            return
         if reason is not None:
             self.counts.filtered[reason] = self.counts.filtered.get(reason, 0) + 1
         else:
@@ -173,7 +178,17 @@ def _truncated(value: Any) -> str:
     return text if len(text) <= _RAW_LIMIT else text[: _RAW_LIMIT - 3] + "..."
 
 
-def _check_arguments(kind: str, on_error: str) -> None:
+def _check_arguments(kind: str, on_error: str, filters: Any, renderer: Any) -> None:
+    if not isinstance(filters, FilterConfig):
+        raise DataError(
+            f"filters={filters!r}: expected a jaxrl_llm.data.filters.FilterConfig (FilterConfig(**options) "
+            f"builds one), got {type(filters).__name__}"
+        )
+    if renderer is not None and not all(hasattr(renderer, a) for a in ("render_ids", "identity")):
+        raise DataError(
+            f"renderer={renderer!r}: expected a jaxrl_llm.render.Renderer "
+            f"(Renderer(load_tokenizer(DIR), template)), got {type(renderer).__name__}"
+        )
     if kind != "auto" and kind not in KIND_KEYS:
         raise DataError(f"kind={kind!r}: expected 'auto' or one of {', '.join(repr(k) for k in KINDS)}")
     if on_error not in ON_ERROR:
@@ -202,21 +217,28 @@ def load_dataset(
       on_error: ``"raise"`` (the first bad record raises) or ``"skip"`` (count it, write it to rejects).
       rejects_path: where ``"skip"`` writes rejected records (parent directories are created).
       filters: which quality filters run.
-      renderer: a ``jaxrl_llm.render.Renderer``, needed by (and used only for) the token-length bounds of
-        ``filters``; its identity (template name and sha256, tokenizer) is recorded in the manifest.
+      renderer: a ``jaxrl_llm.render.Renderer``, needed by the token-length bounds of ``filters``; when
+        given, every record is rendered once (one it cannot render is rejected), and its identity
+        (template name and sha256, tokenizer) is recorded in the manifest.
 
     Raises:
       DataError: the source cannot be read, or the arguments are wrong.
       RecordError: with ``on_error="raise"``, the first record that cannot be read, validated or rendered.
     """
-    _check_arguments(kind, on_error)
+    _check_arguments(kind, on_error, filters, renderer)
     checks = Filters(filters, renderer)  # before the source opens: a bound without a renderer fails fast
     opened = _opened(source, format=format, kind=kind, dataset_info=dataset_info, name=name)
     out: IO | contextlib.nullcontext = contextlib.nullcontext()
     if on_error == "skip" and rejects_path is not None:
-        Path(rejects_path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            Path(rejects_path).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DataError(f"{rejects_path}: cannot create its directory ({err.strerror})") from None
         # backslashreplace: a lone surrogate in a path or message must not lose the whole file.
-        out = open(rejects_path, "w", encoding="utf-8", errors="backslashreplace")
+        try:
+            out = open(rejects_path, "w", encoding="utf-8", errors="backslashreplace")
+        except OSError as err:  # a directory, no permission, ...
+            raise DataError(f"{rejects_path}: cannot write the rejects file here ({err.strerror})") from None
     with out as rejects:
         loader = _Loader(opened, opened.kind if kind == "auto" else kind, on_error, checks, rejects)
         for raw in opened.records():
@@ -231,7 +253,7 @@ def load_dataset(
         on_error=on_error,
         dataset_info=_registry_entry(dataset_info, name),
     )
-    if renderer is not None and filters.counts_tokens:
+    if renderer is not None:  # it decided which records were rejected
         manifest["render"] = renderer.identity()
     return LoadedDataset(
         loader.records, loader.kind, loader.counts, manifest, loader.errors, loader.locations
@@ -240,7 +262,8 @@ def load_dataset(
 
 def _opened(source: Any, *, format: str, kind: str, dataset_info: Any, name: str | None) -> SourceLike:
     if source is None or isinstance(source, str | os.PathLike):
-        opened = open_source(source, format=format, dataset_info=dataset_info, name=name)
+        wanted = {"kind": kind} if kind != "auto" else {}  # overrides the kind a format implies, if it can
+        opened = open_source(source, format=format, dataset_info=dataset_info, name=name, **wanted)
     else:
         opened = source
     if kind != "auto" and opened.kind and kind != opened.kind:

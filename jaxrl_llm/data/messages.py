@@ -10,8 +10,19 @@ import json
 from typing import Any
 
 from jaxrl_llm.data.records import RecordError
+from jaxrl_llm.data.schema import tool_schema
 
 TOOL_CALL_SHAPE = 'a JSON tool call {"name": str, "arguments": object} or a list of them'
+
+
+def _loads(text: str, field: str, expected: str) -> Any:
+    """``json.loads(text)``, or a RecordError at ``field`` saying ``expected`` and why it is not JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise RecordError(field, f"{expected} (invalid JSON: {err.msg} at char {err.pos})", text) from None
+    except RecursionError:
+        raise RecordError(field, f"{expected} (invalid JSON: nested too deeply to parse)", text) from None
 
 
 def column(value: dict, key: str, expected: str) -> Any:
@@ -64,12 +75,7 @@ def parse_tool_calls(raw: Any, field: str) -> list[dict]:
     OpenAI); ``arguments`` an object or a JSON string holding one.
     """
     if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise RecordError(
-                field, f"{TOOL_CALL_SHAPE} (invalid JSON: {err.msg} at char {err.pos})", raw
-            ) from None
+        raw = _loads(raw, field, TOOL_CALL_SHAPE)
     calls = raw if isinstance(raw, list) else [raw]
     if not calls:
         raise RecordError(field, f"{TOOL_CALL_SHAPE}, not an empty list", raw)
@@ -90,14 +96,13 @@ def _tool_call(call: Any, field: str) -> dict:
         raise RecordError(f"{field}.arguments", "an object of arguments (the key is missing)")
     args = call[key]
     if isinstance(args, str):
+        # A string that is not a JSON object is kept as it is, as the schema does: whether the call is
+        # dropped is the `bad_tool_call` filter's decision, the same for every source format.
         try:
-            args = json.loads(args)
-        except json.JSONDecodeError as err:
-            raise RecordError(
-                f"{field}.{key}",
-                f"a JSON object of arguments (invalid JSON: {err.msg} at char {err.pos})",
-                args,
-            ) from None
+            parsed = json.loads(args)
+        except (ValueError, RecursionError):
+            parsed = None
+        return {"name": name, "arguments": parsed if isinstance(parsed, dict) else args}
     return {"name": name, "arguments": expect_dict(args, f"{field}.{key}", "an object of arguments")}
 
 
@@ -111,22 +116,10 @@ def parse_tools(raw: Any, field: str) -> list[dict] | None:
     if raw is None or raw == "":
         return None
     if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise RecordError(
-                field, f"a JSON list of tool schemas (invalid JSON: {err.msg} at char {err.pos})", raw
-            ) from None
+        raw = _loads(raw, field, "a JSON list of tool schemas")
     tools = [raw] if isinstance(raw, dict) else expect_list(raw, field, "a list of tool schemas")
-    out = []
-    for i, tool in enumerate(tools):
-        where = f"{field}[{i}]" if isinstance(raw, list) else field
-        expect_dict(tool, where, 'a tool schema {"name": ..., "description": ..., "parameters": ...}')
-        if isinstance(tool.get("function"), dict):
-            tool, where = tool["function"], f"{where}.function"
-        expect_str(tool.get("name"), f"{where}.name", "the tool's name, a string")
-        out.append(tool)
-    return out or None
+    where = (lambda i: f"{field}[{i}]") if isinstance(raw, list) else (lambda i: field)
+    return [tool_schema(tool, where(i)) for i, tool in enumerate(tools)] or None
 
 
 def content_parts(parts: list, field: str) -> tuple[str, str | None, list[dict]]:

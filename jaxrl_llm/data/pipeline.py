@@ -20,8 +20,10 @@ dict and ``set_state`` resumes at exactly the next batch, inside a half-emitted 
 examples waiting in bucket buffers (both are rebuilt by replaying the stream from a saved point), so it
 can be saved with ``grain.checkpoint.CheckpointSave`` in an Orbax checkpoint.
 
-With several processes and a finite ``num_epochs``, processes can end with different numbers of packed or
-bucketed batches; multi-host training should run a fixed number of steps over ``num_epochs=None``.
+With several processes only ``mode="pack"`` with ``num_epochs=None`` is accepted: bucketing lets
+processes emit different row lengths on the same step (their global arrays would not agree), and a finite
+``num_epochs`` can leave processes with different numbers of packed batches (the others hang at the end).
+Multi-host training runs a fixed number of steps over the endless stream.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxrl_llm.errors import UserError
 from jaxrl_llm.parallel import DEFAULT_RULES, named_sharding
 
 from .packing import (
@@ -63,6 +66,8 @@ class Encode:
     def __call__(self, record: Any) -> dict[str, np.ndarray]:
         try:
             example = as_example(self.encode(record))
+        except UserError:  # the encoder's own message (a RenderError, say) already says what is wrong
+            raise
         except ValueError as err:
             raise DataError(f"encode's output for record {str(record)[:200]}: {err}") from err
         if not len(example["ids"]):
@@ -219,6 +224,22 @@ def _shard(shard_by_process: bool, process_index: int | None, process_count: int
     return index, count
 
 
+def _check_arguments(records: Any, encode: Any, *, batch_size: Any, seq_len: Any) -> None:
+    """Clear errors for the mistakes that would otherwise surface as an AttributeError deep in Grain."""
+    indexable = hasattr(records, "__len__") and hasattr(records, "__getitem__")
+    if not indexable or isinstance(records, (str, bytes, Mapping)):
+        hint = "; pass its records: make_pipeline(loaded.records, ...)" if hasattr(records, "records") else ""
+        raise DataError(f"records: expected a sequence of records, got a {type(records).__name__}{hint}")
+    if not callable(encode):
+        raise DataError(
+            f"encode: expected a callable record -> {{'ids', 'loss_mask'}} (e.g. SFTEncoder(renderer)), "
+            f"got a {type(encode).__name__}"
+        )
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise DataError(f"{name}={value!r}: expected a positive integer")
+
+
 def make_pipeline(
     records: Sequence[Any],
     encode: Callable[[Any], Any],
@@ -260,6 +281,7 @@ def make_pipeline(
       shard_by_process: split records across JAX processes; ``process_index``/``process_count`` override
         ``jax.process_index()``/``jax.process_count()`` (tests simulate several processes with them).
     """
+    _check_arguments(records, encode, batch_size=batch_size, seq_len=seq_len)
     if mode not in MODES:
         raise DataError(f"mode={mode!r}: expected one of {', '.join(map(repr, MODES))}")
     try:
@@ -275,6 +297,18 @@ def make_pipeline(
     index, count = _shard(shard_by_process, process_index, process_count)
     if batch_size % count:
         raise DataError(f"batch_size={batch_size} is not divisible by the {count} processes sharing it")
+    if count > 1 and mode == "bucket":
+        raise DataError(
+            f'mode="bucket" cannot be used by {count} processes: each picks its batch\'s bucket length on its '
+            "own, so on the same step they would emit rows of different lengths and the global arrays would "
+            'not agree; use mode="pack" with num_epochs=None and run a fixed number of steps'
+        )
+    if count > 1 and num_epochs is not None:
+        raise DataError(
+            f"num_epochs={num_epochs} cannot be used by {count} processes: packing can leave them with "
+            "different numbers of batches, and the processes that finish first would leave the others "
+            "hanging; use num_epochs=None and run a fixed number of steps"
+        )
     local_batch = batch_size // count
 
     # Equal shards: a process with one record more would run one step more and hang the others.

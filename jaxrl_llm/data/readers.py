@@ -18,13 +18,12 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from jaxrl_llm.data.hub_readers import read_hf_disk, read_tfds
+from jaxrl_llm.data.hub_readers import _BATCH_ROWS, read_hf_disk, read_tfds
 from jaxrl_llm.data.plain import object_record, plain_record
-from jaxrl_llm.data.records import DataError, Location, RawRecord
+from jaxrl_llm.data.records import TOO_DEEP, DataError, Location, RawRecord
 
 READER_FORMATS = ("auto", "jsonl", "json", "parquet", "text", "hf_disk", "tfds")
 _BY_SUFFIX = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".txt": "text"}
-_BATCH_ROWS = 1024
 _UTF8_BOM = b"\xef\xbb\xbf"
 
 
@@ -97,7 +96,7 @@ def _first_line_is_object(source: str) -> bool:
             if raw.strip():
                 try:
                     return isinstance(json.loads(raw.removeprefix(_UTF8_BOM)), dict)
-                except (UnicodeDecodeError, json.JSONDecodeError):
+                except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                     return False
     return False
 
@@ -140,6 +139,8 @@ def _parse_line(raw: bytes, location: Location) -> RawRecord:
         value = json.loads(text)
     except json.JSONDecodeError as err:
         return RawRecord(location, error=f"invalid JSON: {err.msg} at column {err.colno}")
+    except RecursionError:
+        return RawRecord(location, error=TOO_DEEP)
     return object_record(value, location)
 
 
@@ -158,6 +159,8 @@ def _read_json(source: str) -> Iterator[RawRecord]:
         raise DataError(
             f"{source}: not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
         ) from None
+    except RecursionError:
+        raise DataError(f"{source}: {TOO_DEEP}") from None
     if not isinstance(value, list):
         raise DataError(
             f"{source}: expected a JSON array of records at the top level, got {type(value).__name__}"

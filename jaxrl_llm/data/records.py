@@ -27,6 +27,8 @@ from jaxrl_llm.errors import UserError
 KINDS = ("conversation", "preference", "unpaired", "prompt", "text")
 ROLES = ("system", "user", "assistant", "tool")
 SCHEMA_VERSION = 1
+# json.loads raises RecursionError (not JSONDecodeError) on arrays/objects nested ~1000 deep.
+TOO_DEEP = "invalid JSON: nested too deeply to parse"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,10 +82,3 @@ class RecordError(UserError):
     def at(self, location: Location) -> RecordError:
         """The same error, naming the record it happened in."""
         return RecordError(self.field, self.expected, self.got, location=location)
-
-    def within(self, prefix: str) -> RecordError:
-        """The same error with its field path below ``prefix`` (``messages[2]`` + ``content``)."""
-        field = (
-            f"{prefix}.{self.field}" if self.field and not self.field.startswith("[") else prefix + self.field
-        )
-        return RecordError(field, self.expected, self.got, location=self.location)

@@ -3,7 +3,8 @@
 The canonical form is what everything downstream (filters, the content hash, rendering) sees, so it is
 normalised: top-level keys the kind does not define are dropped (datasets carry ``id`` and similar columns
 that must not change the dataset's version), messages become plain dicts with their keys in one order, a
-JSON string in ``tool_calls[i].arguments`` or ``tools`` is parsed, ``None`` optional keys are removed, and
+JSON string in ``tool_calls[i].arguments`` or ``tools`` is parsed, tool schemas lose OpenAI's
+``{"type": "function", "function": ...}`` wrapper, ``None`` optional keys are removed, and
 an assistant message that only calls tools gets ``content = ""``.
 
 Messages are strict: an unknown message key is an error listing the allowed ones, because a misspelt
@@ -227,29 +228,28 @@ def _with_tools(out: dict, value: dict) -> dict:
         return out  # no tools declared; [] and absent mean the same, so they hash the same
     if not isinstance(tools, list):
         raise RecordError("tools", "a list of tool schemas", _type_name(tools))
-    for i, tool in enumerate(tools):
-        _tool_schema(tool, f"tools[{i}]")
-    out["tools"] = _json_value(tools, "tools")
+    bare = [tool_schema(tool, f"tools[{i}]") for i, tool in enumerate(tools)]
+    out["tools"] = _json_value(bare, "tools")
     return out
 
 
-def _tool_schema(tool: Any, field: str) -> None:
+def tool_schema(tool: Any, field: str) -> dict:
+    """One tool schema as a bare function schema ``{"name", "description"?, "parameters"?}``: OpenAI's
+    ``{"type": "function", "function": {...}}`` wrapper is removed, so that the same tools hash the same
+    whichever way a source writes them. The one normalisation of tools, used by converters and schema."""
     if not isinstance(tool, dict):
         raise RecordError(field, "a tool schema object", _type_name(tool))
-    holder, where = tool, field
     if "name" not in tool and isinstance(tool.get("function"), dict):
-        holder, where = tool["function"], f"{field}.function"
-    name = holder.get("name")
+        tool, field = tool["function"], f"{field}.function"
+    name = tool.get("name")
     if not isinstance(name, str) or not name:
-        raise RecordError(f"{where}.name", "a tool name (a string at 'name' or 'function.name')", name)
+        raise RecordError(f"{field}.name", "the tool's name, a string (at 'name' or 'function.name')", name)
+    return tool
 
 
 def tool_names(tools: list[dict] | None) -> set[str]:
-    """The names declared by canonical tool schemas (top-level ``name`` or ``function.name``)."""
-    names = set()
-    for tool in tools or ():
-        names.add(tool["name"] if "name" in tool else tool["function"]["name"])
-    return names
+    """The names declared by tool schemas (bare, as canonical records hold them, or OpenAI-wrapped)."""
+    return {tool_schema(tool, "tools")["name"] for tool in tools or ()}
 
 
 def _needs_assistant(msgs: list[dict], field: str) -> None:

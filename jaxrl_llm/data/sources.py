@@ -26,9 +26,11 @@ from jaxrl_llm.data.formats import (
 )
 from jaxrl_llm.data.llamafactory import DatasetInfo, DatasetSpec
 from jaxrl_llm.data.readers import READER_FORMATS, detect_directory, read_records, resolve_reader_format
-from jaxrl_llm.data.records import DataError, Location, RawRecord, RecordError
+from jaxrl_llm.data.records import DataError, RawRecord
 
 FORMATS = READER_FORMATS + RECORD_FORMATS
+# Said to both users: the command line's flag and the Python argument.
+NAME_HINT = "pass --name NAME (name= in Python) to pick a dataset"
 _SNIFF_LIMIT = 1000  # records looked at for the first readable one before giving up on detection
 
 
@@ -50,20 +52,15 @@ class Source:
         """Every record, readable or not, in order (a fresh pass on each call)."""
         return read_records(self.path, format=self.reader, split=self.split, data_dir=self.data_dir)
 
-    def convert(self, value: Any, *, location: Location | None = None) -> dict:
+    def convert(self, value: Any) -> dict:
         """``value`` (a RawRecord's value) as a canonical record; :class:`RecordError` naming the field in
-        the source's own terms, and ``location`` when given."""
-        try:
-            if self.format == "gsm8k":
-                return gsm8k_to_prompt(value)
-            if self.format == "canonical":
-                return canonical_passthrough(value)
-            assert self.spec is not None, self.format
-            return llamafactory.convert(value, self.spec)
-        except RecordError as err:
-            if location is None or err.location is not None:
-                raise
-            raise err.at(location) from None
+        the source's own terms."""
+        if self.format == "gsm8k":
+            return gsm8k_to_prompt(value)
+        if self.format == "canonical":
+            return canonical_passthrough(value)
+        assert self.spec is not None, self.format
+        return llamafactory.convert(value, self.spec)
 
 
 def open_source(
@@ -74,6 +71,7 @@ def open_source(
     name: str | None = None,
     split: str | None = None,
     data_dir: str | None = None,
+    kind: str = "auto",
 ) -> Source:
     """Opens ``source`` for reading; :class:`DataError` when it cannot be read at all.
 
@@ -86,7 +84,26 @@ def open_source(
         or a record format (``alpaca``, ``sharegpt``, ``openai``, ``gsm8k``, ``canonical``).
       dataset_info, name: a LLaMA-Factory registry and the dataset in it.
       split, data_dir: for ``DatasetDict`` and TFDS sources.
+      kind: ``auto``, or the canonical kind wanted; it overrides the kind an alpaca/sharegpt/openai spec
+        implies where the conversion can yield it (alpaca ``text`` <-> ``conversation``), and is left for
+        the caller to check against ``Source.kind`` otherwise.
     """
+    opened = _open(source, format, dataset_info, name, split, data_dir)
+    if kind != "auto" and opened.spec is not None:
+        spec = llamafactory.with_kind(opened.spec, kind)
+        if spec is not None:
+            opened = dataclasses.replace(opened, kind=kind, spec=spec)
+    return opened
+
+
+def _open(
+    source: str | os.PathLike[str] | None,
+    format: str,
+    dataset_info: str | os.PathLike[str] | None,
+    name: str | None,
+    split: str | None,
+    data_dir: str | None,
+) -> Source:
     if format not in FORMATS:
         raise DataError(f"unknown format {format!r}; valid formats: {', '.join(FORMATS)}")
     path = os.fspath(source) if source else None
@@ -94,10 +111,11 @@ def open_source(
         return _open_registry(path, format, dataset_info, name, split, data_dir)
     if path is None:
         raise DataError("no source given: pass a file or directory, or dataset_info and name")
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "dataset_info.json")):
-        if detect_directory(path) is None:
-            names = _some(DatasetInfo.load(path).names())
-            raise DataError(f"{path}: a LLaMA-Factory dataset directory; pass name= (datasets: {names})")
+    registry_dir = os.path.isdir(path) and detect_directory(path) is None
+    if (registry_dir or os.path.isfile(path)) and _holds_registry(path):
+        names = _some(DatasetInfo.load(path).names())
+        what = "dataset directory" if registry_dir else "dataset_info.json"
+        raise DataError(f"{path}: this is a LLaMA-Factory {what}: {NAME_HINT} (datasets: {names})")
     reader = resolve_reader_format(path, format if format in READER_FORMATS else "auto")
     first = _first_value(read_records(path, format=reader, split=split, data_dir=data_dir))
     record_format = format if format in RECORD_FORMATS else _detect(path, first)
@@ -139,7 +157,7 @@ def _open_registry(
         raise DataError(f"name={name!r} needs a dataset_info.json (dataset_info=, or as the source)")
     info = DatasetInfo.load(registry)
     if name is None:
-        raise DataError(f"{info.path}: pass name=, one of {_some(info.names())}")
+        raise DataError(f"{info.path}: {NAME_HINT} (datasets: {_some(info.names())})")
     spec = info.entry(name)
     if format in RECORD_FORMATS and format != spec.formatting:
         raise DataError(f"format={format!r}, but {info.path} says dataset {name!r} is {spec.formatting}")
@@ -149,6 +167,11 @@ def _open_registry(
     elif not os.path.exists(data):
         raise DataError(f"{info.path}: dataset {name!r}: its file {data} does not exist")
     reader = resolve_reader_format(data, format if format in READER_FORMATS else "auto")
+    if spec.kind == "text":
+        # `{"prompt": ...}` alone is pre-training text, unless the records have the default answer column.
+        first = _first_value(read_records(data, format=reader, split=split, data_dir=data_dir))
+        if isinstance(first, dict) and llamafactory.ALPACA_COLUMNS["response"] in first:
+            spec = llamafactory.with_kind(spec, "conversation") or spec
     return Source(data, spec.formatting, spec.kind, reader, spec, split, data_dir)
 
 

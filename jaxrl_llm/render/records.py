@@ -43,13 +43,14 @@ def sequences(record: dict) -> Iterator[tuple[str, list[dict], bool]]:
 
 
 def token_lengths(record: dict, renderer: Renderer) -> list[int]:
-    """Token count of each sequence ``record`` renders to (one render each, no mask).
+    """Token count of each sequence ``record`` renders to (one render each, no mask); for a text record,
+    the length ``SFTEncoder`` gives it (EOS included).
 
     Raises:
       RenderError: the template cannot render the record, naming the sequence.
     """
-    if "text" in record:
-        return [len(renderer.encode(record["text"]))]
+    if "text" in record:  # what SFTEncoder trains on: the text's ids plus EOS
+        return [len(renderer.encode(record["text"])) + (renderer.tokenizer.eos_id is not None)]
     tools = record.get("tools")
     lengths = []
     for name, messages, is_prompt in sequences(record):
@@ -97,6 +98,17 @@ def _where(i: int, locations: Sequence[Any] | None) -> str:
     return str(locations[i]) if locations is not None else f"record {i}"
 
 
+def _failures(
+    records: Sequence[dict], renderer: Renderer, picked: Sequence[int]
+) -> Iterator[tuple[int, str]]:
+    """``(index, message)`` for each record of ``picked`` that fails ``check_record``, in order."""
+    for i in picked:
+        try:
+            check_record(records[i], renderer)
+        except RenderError as err:
+            yield i, str(err)
+
+
 def parity_report(
     records: Sequence[dict],
     renderer: Renderer,
@@ -112,16 +124,8 @@ def parity_report(
     it, records are named by their index.
     """
     picked = _sample(len(records), n, seed)
-    errors: list[str] = []
-    failed = 0
-    for i in picked:
-        try:
-            check_record(records[i], renderer)
-        except RenderError as err:
-            failed += 1
-            if len(errors) < max_errors:
-                errors.append(f"{_where(i, locations)}: {err}")
-    return ParityReport(len(picked), failed, errors)
+    failures = [f"{_where(i, locations)}: {err}" for i, err in _failures(records, renderer, picked)]
+    return ParityReport(len(picked), len(failures), failures[:max_errors])
 
 
 def check_parity_sample(
@@ -132,7 +136,7 @@ def check_parity_sample(
     *,
     locations: Sequence[Any] | None = None,
 ) -> int:
-    """The data-load-time parity check: ``check_record`` on a random sample of ``n`` records.
+    """The data-load-time parity check: the sample of ``parity_report``, stopping at the first failure.
 
     Returns the number of records checked.
 
@@ -140,13 +144,10 @@ def check_parity_sample(
       RenderError: at the first failing record, prefixed with its location.
     """
     picked = _sample(len(records), n, seed)
-    for i in picked:
-        try:
-            check_record(records[i], renderer)
-        except RenderError as err:
-            raise RenderError(
-                f"{_where(i, locations)}: parity check failed with template {renderer.template_name}: {err}"
-            ) from err
+    for i, err in _failures(records, renderer, picked):
+        raise RenderError(
+            f"{_where(i, locations)}: parity check failed with template {renderer.template_name}: {err}"
+        )
     return len(picked)
 
 

@@ -19,14 +19,16 @@ positional, never derived from token values, so EOS stays in the labels even whe
 
 The mask is only right when ``P_i`` is a token prefix of ``F_i`` and ``F_i`` a token prefix of the full
 conversation; ``render`` raises :class:`RenderError` otherwise, and :meth:`Renderer.check` also checks that
-each trained span holds the assistant's content, reasoning and tool calls. Both look only at the turns
-the mask trains: with ``mask="last"`` earlier turns are context, rendered as inference will render them,
+each trained span holds the assistant's content, reasoning and tool calls, and that the whole rendering
+holds every message's content and tool calls and every declared tool (so a template cannot silently drop
+tool use). The prefix checks look only at the turns the mask trains: with ``mask="last"`` earlier turns are context, rendered as inference will render them,
 so a template that rewrites history (Qwen3's drops earlier reasoning) still has train/inference parity.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -80,22 +82,42 @@ class _Turn:
         return _where(self.number, self.index)
 
 
+def tool_call_id(message_index: int, call_index: int) -> str:
+    """The id of tool call ``call_index`` of ``messages[message_index]``: 9 alphanumeric characters, the
+    form Mistral's templates require (``call`` + 3 + 2 digits while they fit, else a hash of both)."""
+    if message_index < 1000 and call_index < 100:
+        return f"call{message_index:03d}{call_index:02d}"
+    return hashlib.sha256(f"{message_index}:{call_index}".encode()).hexdigest()[:9]
+
+
 def template_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Canonical messages in the form HF chat templates read.
 
-    A tool call ``{"name", "arguments": dict}`` becomes ``{"type": "function", "function": {"name",
+    A tool call ``{"name", "arguments": dict}`` becomes ``{"id", "type": "function", "function": {"name",
     "arguments"}}`` (what Qwen2.5, Qwen3, Llama 3.1 and Mistral templates read), ``reasoning`` becomes
     ``reasoning_content`` (what Qwen3's reads); ``role``, ``content`` and a tool result's ``name`` pass as
-    they are.
+    they are. Canonical records carry no call ids, and some templates (Mistral's) require them: each call
+    gets ``tool_call_id(message index, call index)``, and the tool results that follow an assistant
+    message get its calls' ids as ``tool_call_id``, in order. Templates that ignore ids render the same.
     """
     out = []
-    for message in messages:
+    pending: list[str] = []  # ids of the latest assistant message's calls not yet answered
+    for i, message in enumerate(messages):
         msg: dict[str, Any] = {"role": message["role"], "content": message.get("content") or ""}
+        if message["role"] == "assistant":
+            pending = []
         if message.get("tool_calls"):
             msg["tool_calls"] = [
-                {"type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
-                for c in message["tool_calls"]
+                {
+                    "id": tool_call_id(i, j),
+                    "type": "function",
+                    "function": {"name": c["name"], "arguments": c["arguments"]},
+                }
+                for j, c in enumerate(message["tool_calls"])
             ]
+            pending = [c["id"] for c in msg["tool_calls"]]
+        if message["role"] == "tool" and pending:
+            msg["tool_call_id"] = pending.pop(0)
         if message.get("reasoning") is not None:
             msg["reasoning_content"] = message["reasoning"]
         if message.get("name") is not None:
@@ -139,6 +161,11 @@ class Renderer:
     """
 
     def __init__(self, tokenizer: Tokenizer, template: str | None = None, *, mask: str = "all"):
+        if not isinstance(tokenizer, Tokenizer):
+            raise RenderError(
+                f"tokenizer: expected a Tokenizer, got a {type(tokenizer).__name__} ({_short(str(tokenizer))}); "
+                "load one first: Renderer(load_tokenizer(path), ...)"
+            )
         if mask not in MASK_MODES:
             raise RenderError(f"mask={mask!r}: expected one of {', '.join(repr(m) for m in MASK_MODES)}")
         self.tokenizer, self.mask = tokenizer, mask
@@ -191,6 +218,7 @@ class Renderer:
         add_generation_prompt: bool = False,
     ) -> str:
         """The template's text for canonical ``messages`` (and the record's ``tools`` schemas)."""
+        _check_messages(messages)
         if not messages:
             raise RenderError("nothing to render: the conversation has no messages")
         try:
@@ -240,7 +268,9 @@ class Renderer:
     ) -> Rendered:
         """The parity check: ``render`` (every trained turn's prompt is a token prefix of it, and it a prefix
         of the whole conversation) plus, for every trained turn, that its span holds the assistant's content,
-        reasoning and tool-call names. Returns the rendering.
+        reasoning and tool-call names, and that the whole rendering holds every message's content and
+        tool-call names (tool results and untrained turns included) and every declared tool's name: a
+        template that silently drops tool use fails here. Returns the rendering.
 
         Raises:
           RenderError: naming the turn and, for a prefix failure, the first differing token position with
@@ -249,6 +279,7 @@ class Renderer:
         rendered, turns = self._render(messages, tools)
         for turn in turns:
             self._check_span(messages[turn.index], turn)
+        self._check_whole(messages, tools)
         return rendered
 
     # ------------------------------------------------------------------------------------ internals
@@ -328,6 +359,50 @@ class Renderer:
                     f"{turn.where}: {self._phrase} leaves the assistant's {what} "
                     f"{_short(piece)} out of the tokens trained on, {_short(span)}"
                 )
+
+    def _check_whole(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None
+    ) -> None:
+        """Every message's content and tool-call names, and every declared tool's name, are in the text.
+
+        Only what survives any template is required: content stripped (templates trim it), and no
+        reasoning outside the trained turns (templates may drop earlier reasoning, as Qwen3's does).
+        """
+        text = self.render_text(messages, tools)
+        for i, message in enumerate(messages):
+            expected = [("content", (message.get("content") or "").strip())]
+            expected += [("tool call", call["name"]) for call in message.get("tool_calls") or ()]
+            for what, piece in expected:
+                if piece and piece not in text:
+                    raise RenderError(
+                        f"messages[{i}] ({message['role']}): {self._phrase} leaves its {what} "
+                        f"{_short(piece)} out of the rendered conversation (a template without support "
+                        "for this role or for tool use drops it silently; pick one that renders it)"
+                    )
+        for tool in template_tools(tools) or ():
+            name = (tool.get("function") or {}).get("name")
+            if name and name not in text:
+                raise RenderError(
+                    f"tools: {self._phrase} leaves the declared tool {name!r} out of the rendered "
+                    "conversation (it does not render the record's tools schemas; pick one that does)"
+                )
+
+
+def _check_messages(messages: Any) -> None:
+    if isinstance(messages, Mapping):
+        hint = (
+            "; for a record, pass record['messages'] and record.get('tools')"
+            if "messages" in messages
+            else ""
+        )
+        raise RenderError(f"messages: expected a list of messages, got a {type(messages).__name__}{hint}")
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise RenderError(f"messages: expected a list of messages, got a {type(messages).__name__}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or "role" not in message:
+            raise RenderError(
+                f"messages[{i}]: expected a message {{'role', 'content', ...}}, got {_short(repr(message))}"
+            )
 
 
 def first_difference(a: np.ndarray, b: np.ndarray) -> int | None:
