@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -146,17 +145,9 @@ class DatasetInfo:
             path = os.path.join(path, "dataset_info.json")
         if not os.path.isfile(path):
             raise DataError(f"{path}: no such dataset_info.json")
-        try:
-            with open(path, encoding="utf-8") as f:
-                entries = json.load(f)
-        except UnicodeDecodeError as err:
-            raise DataError(f"{path}: not valid UTF-8 (byte {err.start})") from None
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"{path}: not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
-            ) from None
-        except RecursionError:
-            raise DataError(f"{path}: not valid JSON: nested too deeply to parse") from None
+        from jaxrl_llm.data.readers import load_json_file  # readers does not import this module
+
+        entries = load_json_file(path)
         if not isinstance(entries, dict):
             raise DataError(f"{path}: expected an object mapping dataset names to entries")
         return cls(path, entries)

@@ -144,7 +144,8 @@ def _parse_line(raw: bytes, location: Location) -> RawRecord:
     return object_record(value, location)
 
 
-def _read_json(source: str) -> Iterator[RawRecord]:
+def load_json_file(source: str) -> Any:
+    """The JSON value of a whole file (``None`` for a blank one); a DataError says where it is broken."""
     with open(source, "rb") as f:
         data = f.read()
     try:
@@ -152,15 +153,21 @@ def _read_json(source: str) -> Iterator[RawRecord]:
     except UnicodeDecodeError as err:
         raise DataError(f"{source}: not valid UTF-8 (byte {err.start})") from None
     if not text.strip():
-        return iter(())
+        return None
     try:
-        value = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(
             f"{source}: not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
         ) from None
     except RecursionError:
         raise DataError(f"{source}: {TOO_DEEP}") from None
+
+
+def _read_json(source: str) -> Iterator[RawRecord]:
+    value = load_json_file(source)
+    if value is None:
+        return iter(())
     if not isinstance(value, list):
         raise DataError(
             f"{source}: expected a JSON array of records at the top level, got {type(value).__name__}"
