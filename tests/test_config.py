@@ -168,6 +168,13 @@ def test_model_size_keys_are_the_architectures_sizes():
     assert MODEL_SIZES == SIZE_FIELDS
 
 
+def test_freeze_pattern_must_be_a_regex():
+    assert "optimizer.freeze='blocks/(': not a valid regular expression" in _problems(
+        _overridden(optimizer__freeze="blocks/(")
+    )
+    validate(_overridden(optimizer__freeze="embed|attn_norm"))
+
+
 def test_run_dir_must_not_be_a_file(tmp_path):
     path = tmp_path / "a_file"
     path.write_text("")

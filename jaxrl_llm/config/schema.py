@@ -254,6 +254,13 @@ FIELDS: tuple[Field, ...] = (
         lo=0,
         nullable=True,
     ),
+    Field(
+        "optimizer.freeze",
+        "",
+        "Regex on '/'-joined parameter paths (e.g. 'embed|blocks/attn'): matching parameters are frozen "
+        "(zero update, no optimizer state). Empty = train every parameter.",
+        str,
+    ),
     # Training loop.
     Field("train.steps", 1000, "Optimizer steps to run.", int, lo=1),
     Field("train.batch_size", 8, "Sequences per optimizer step (global, across devices).", int, lo=1),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import numbers
 import os
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -152,7 +153,14 @@ def validate(cfg: Any) -> None:
 
 def _combinations(good: dict[str, Any]) -> list[str]:
     """Checks across keys; ``good`` holds only keys whose own value passed, so a bad key skips its checks."""
-    problems = _parallel(good) + _model(good) + _tokenizer(good) + _run_dir(good) + _data(good)
+    problems = (
+        _parallel(good)
+        + _model(good)
+        + _tokenizer(good)
+        + _run_dir(good)
+        + _freeze_pattern(good)
+        + _data(good)
+    )
     if "train.batch_size" in good and "train.grad_accum_steps" in good:
         bs, accum = good["train.batch_size"], good["train.grad_accum_steps"]
         if bs % accum:
@@ -191,6 +199,17 @@ def _parallel(good: dict[str, Any]) -> list[str]:
             "needs the coordinator's host:port (process 0)"
         )
     return problems
+
+
+def _freeze_pattern(good: dict[str, Any]) -> list[str]:
+    pattern = good.get("optimizer.freeze")
+    if not pattern:
+        return []
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        return [f"optimizer.freeze={pattern!r}: not a valid regular expression ({err})"]
+    return []
 
 
 def _run_dir(good: dict[str, Any]) -> list[str]:

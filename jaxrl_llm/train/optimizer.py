@@ -1,0 +1,128 @@
+"""The optimizer from config: schedule, clipping, weight-decay mask and frozen parameters.
+
+``make_optimizer(cfg, params)`` returns one ``optax.GradientTransformation``:
+
+    multi_transform({train: chain(clip_by_global_norm, <optimizer>), frozen: set_to_zero}, labels)
+
+Frozen parameters (``optimizer.freeze``, a regex on the '/'-joined parameter path) get a zero update and no
+optimizer state, and their gradients do not count towards the clipped global norm. Weight decay is
+decoupled (Loshchilov & Hutter, 2019) and masked off vectors and scalars, norm weights and biases: the
+decoder's blocks are stacked on a leading layer axis, so a norm weight is ``[L, D]`` and a bias
+``[L, H, hd]``, which is why the mask also reads the path and not only ``ndim``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+from jaxrl_llm.config import ConfigError
+
+OPTIMIZERS = ("adamw", "adafactor", "lion", "sgd")
+SCHEDULES = ("constant", "cosine", "linear")
+# Path components that name a parameter weight decay must not touch.
+_NO_DECAY = re.compile(r"norm|bias", re.IGNORECASE)
+
+
+def param_path(keypath: tuple[Any, ...]) -> str:
+    """'/'-joined names of a parameter's key path, without NNX's trailing ``value`` (``blocks/attn/q``)."""
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keypath]
+    if names and names[-1] == "value":
+        names = names[:-1]
+    return "/".join(names)
+
+
+def decay_mask(params: Any) -> Any:
+    """Same tree as ``params`` with True where weight decay applies.
+
+    False for parameters with ``ndim < 2`` and for those whose path names a norm or a bias.
+    """
+
+    def decays(keypath, leaf) -> bool:
+        return leaf.ndim >= 2 and not _NO_DECAY.search(param_path(keypath))
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def freeze_labels(params: Any, pattern: str) -> Any:
+    """Same tree as ``params`` with ``"frozen"`` where ``re.search(pattern, path)`` matches, else ``"train"``.
+
+    An empty pattern freezes nothing; a pattern that is not a valid regex raises ``ConfigError``.
+    """
+    try:
+        regex = re.compile(pattern) if pattern else None
+    except re.error as err:
+        raise ConfigError(f"optimizer.freeze={pattern!r}: not a valid regular expression ({err})") from None
+
+    def label(keypath, _) -> str:
+        return "frozen" if regex is not None and regex.search(param_path(keypath)) else "train"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
+    """Learning rate by step: linear 0 -> lr over warmup_steps, then constant, cosine or linear to 0.
+
+    The decay reaches 0 at ``train.steps``; with ``warmup_steps == 0`` step 0 already has the peak lr.
+    """
+    opt, total = cfg.optimizer, cfg.train.steps
+    lr, warmup, shape = float(opt.lr), int(opt.warmup_steps), opt.schedule
+    decay_steps = max(total - warmup, 1)
+    if shape == "constant":
+        after = optax.constant_schedule(lr)
+    elif shape == "cosine":
+        after = optax.cosine_decay_schedule(lr, decay_steps, alpha=0.0)
+    elif shape == "linear":
+        after = optax.linear_schedule(lr, 0.0, decay_steps)
+    else:
+        raise ValueError(f"optimizer.schedule={shape!r}: expected one of {', '.join(SCHEDULES)}")
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def _base(
+    cfg: ml_collections.ConfigDict, schedule: optax.Schedule, mask: Any
+) -> optax.GradientTransformation:
+    opt = cfg.optimizer
+    name, wd = opt.name, float(opt.weight_decay)
+    if name == "adamw":
+        return optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=wd, mask=mask)
+    if name == "lion":
+        return optax.lion(schedule, b1=opt.b1, b2=opt.b2, weight_decay=wd, mask=mask)
+    if name == "adafactor":
+        # Absolute step sizes (no parameter-scale multiplier) so optimizer.lr means the same as elsewhere.
+        return optax.adafactor(
+            schedule,
+            multiply_by_parameter_scale=False,
+            weight_decay_rate=wd or None,
+            weight_decay_mask=mask,
+        )
+    if name == "sgd":
+        # Momentum, then decoupled weight decay, then the learning rate: optax.sgd plus masked decay.
+        return optax.chain(
+            optax.trace(decay=opt.b1, nesterov=False),
+            optax.add_decayed_weights(wd, mask),
+            optax.scale_by_learning_rate(schedule),
+        )
+    raise ValueError(f"optimizer.name={name!r}: expected one of {', '.join(OPTIMIZERS)}")
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, params: Any) -> optax.GradientTransformation:
+    """The optimizer ``cfg.optimizer`` describes, for a params tree shaped like ``params``.
+
+    ``params`` (an ``nnx.State`` of ``nnx.Param`` or any pytree of arrays; abstract shapes suffice) fixes
+    the weight-decay mask and the frozen set.
+    """
+    base = _base(cfg, make_schedule(cfg), decay_mask(params))
+    if cfg.optimizer.clip_norm is not None:
+        base = optax.chain(optax.clip_by_global_norm(float(cfg.optimizer.clip_norm)), base)
+    pattern = cfg.optimizer.get("freeze", "")
+    if not pattern:
+        return base
+    labels = freeze_labels(params, pattern)
+    return optax.multi_transform({"train": base, "frozen": optax.set_to_zero()}, labels)

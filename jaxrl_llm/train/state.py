@@ -1,0 +1,53 @@
+"""``TrainState``: the arrays one optimizer step reads and writes (step, params, optimizer state, RNG).
+
+NNX objects stay outside jit: ``TrainState.create`` splits the model and returns its ``graphdef``
+separately; inside a step, ``nnx.merge(graphdef, state.params)`` rebuilds the module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+
+@struct.dataclass
+class TrainState:
+    """A pytree of arrays only.
+
+    Attributes:
+      step: [] int32, optimizer steps taken.
+      params: ``nnx.State`` of the model's ``nnx.Param`` variables.
+      opt_state: the optimizer's state for ``params``.
+      rng: a PRNG key, split once per step by the step function.
+    """
+
+    step: jax.Array
+    params: nnx.State
+    opt_state: optax.OptState
+    rng: jax.Array
+
+    @classmethod
+    def create(
+        cls, model: nnx.Module, tx: optax.GradientTransformation, rng: jax.Array
+    ) -> tuple[nnx.GraphDef, TrainState]:
+        """Splits ``model`` into ``(graphdef, TrainState)`` with step 0 and ``tx.init(params)``.
+
+        Only ``nnx.Param`` variables are trained; a model with other state (e.g. RNG streams or caches)
+        must be split by the caller, since those would be lost here.
+        """
+        _, _, rest = nnx.split(model, nnx.Param, ...)
+        if jax.tree.leaves(rest):
+            raise ValueError(f"model has non-Param state the TrainState would drop: {rest}")
+        graphdef, params = nnx.split(model, nnx.Param)
+        state = cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
+        return graphdef, state
+
+    def apply_gradients(self, grads: Any, tx: optax.GradientTransformation) -> TrainState:
+        """One optimizer update: ``params <- params + tx.update(grads)``, ``step <- step + 1``."""
+        updates, opt_state = tx.update(grads, self.opt_state, self.params)
+        params = optax.apply_updates(self.params, updates)
+        return self.replace(step=self.step + 1, params=params, opt_state=opt_state)
