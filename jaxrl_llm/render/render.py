@@ -350,11 +350,8 @@ class Renderer:
         # The texts agree with the ids here (the prefix checks passed); text keeps the content exact where
         # decoding ids may not (normalisers, stripped spaces).
         span = turn.text[len(turn.prompt_text) :] if turn.text.startswith(turn.prompt_text) else turn.text
-        expected = [("content", (message.get("content") or "").strip())]
-        expected.append(("reasoning", (message.get("reasoning") or "").strip()))
-        expected += [("tool call", call["name"]) for call in message.get("tool_calls") or ()]
-        for what, piece in expected:
-            if piece and piece not in span:
+        for what, piece in _expected_pieces(message, reasoning=True):
+            if piece not in span:
                 raise RenderError(
                     f"{turn.where}: {self._phrase} leaves the assistant's {what} "
                     f"{_short(piece)} out of the tokens trained on, {_short(span)}"
@@ -370,10 +367,8 @@ class Renderer:
         """
         text = self.render_text(messages, tools)
         for i, message in enumerate(messages):
-            expected = [("content", (message.get("content") or "").strip())]
-            expected += [("tool call", call["name"]) for call in message.get("tool_calls") or ()]
-            for what, piece in expected:
-                if piece and piece not in text:
+            for what, piece in _expected_pieces(message, reasoning=False):
+                if piece not in text:
                     raise RenderError(
                         f"messages[{i}] ({message['role']}): {self._phrase} leaves its {what} "
                         f"{_short(piece)} out of the rendered conversation (a template without support "
@@ -403,6 +398,16 @@ def _check_messages(messages: Any) -> None:
             raise RenderError(
                 f"messages[{i}]: expected a message {{'role', 'content', ...}}, got {_short(repr(message))}"
             )
+
+
+def _expected_pieces(message: Mapping[str, Any], *, reasoning: bool) -> list[tuple[str, str]]:
+    """(what, text) a rendering must contain for ``message``: its stripped content (templates trim it),
+    optionally its reasoning, and its tool-call names; empty pieces are left out."""
+    pieces = [("content", (message.get("content") or "").strip())]
+    if reasoning:
+        pieces.append(("reasoning", (message.get("reasoning") or "").strip()))
+    pieces += [("tool call", call["name"]) for call in message.get("tool_calls") or ()]
+    return [(what, piece) for what, piece in pieces if piece]
 
 
 def first_difference(a: np.ndarray, b: np.ndarray) -> int | None:
