@@ -5,7 +5,8 @@ which reader reads it (``jsonl``, ``json``, ``parquet``, ``text``, ``hf_disk``, 
 format converts it (``alpaca``, ``sharegpt``, ``openai``, ``gsm8k``, ``canonical``). ``format`` may name
 either a reader or a record format; whatever it leaves open is decided from the file's extension or
 directory contents and from its first readable record. With a LLaMA-Factory ``dataset_info.json`` and a
-``name``, the registry entry decides the file and the conversion.
+``name``, the registry entry decides the file and the conversion. A ``synthetic:NAME?key=value&...`` path
+names records generated in-process (see ``jaxrl_llm.data.synthetic``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from jaxrl_llm.data.formats import (
 )
 from jaxrl_llm.data.llamafactory import DatasetInfo, DatasetSpec
 from jaxrl_llm.data.readers import READER_FORMATS, detect_directory, read_records, resolve_reader_format
-from jaxrl_llm.data.records import DataError, RawRecord
+from jaxrl_llm.data.records import DataError, Location, RawRecord
+from jaxrl_llm.data.synthetic import SYNTHETIC, is_synthetic, parse_synthetic, synthetic_records
 
 FORMATS = READER_FORMATS + RECORD_FORMATS
 # Said to both users: the command line's flag and the Python argument.
@@ -63,6 +65,24 @@ class Source:
         return llamafactory.convert(value, self.spec)
 
 
+@dataclasses.dataclass(frozen=True)
+class SyntheticSource:
+    """A ``synthetic:`` path (``path``), whose records are generated in-process, already canonical."""
+
+    path: str
+    kind: str | None
+    format: str = "canonical"
+    reader: str = "synthetic"
+
+    def records(self) -> Iterator[RawRecord]:
+        """Every generated record, in order; ``Location(path, index)`` names each one."""
+        values = synthetic_records(self.path)
+        return (RawRecord(Location(self.path, i), value=v) for i, v in enumerate(values))
+
+    def convert(self, value: Any) -> dict:
+        return canonical_passthrough(value)
+
+
 def open_source(
     source: str | os.PathLike[str] | None,
     *,
@@ -72,13 +92,13 @@ def open_source(
     split: str | None = None,
     data_dir: str | None = None,
     kind: str = "auto",
-) -> Source:
+) -> Source | SyntheticSource:
     """Opens ``source`` for reading; :class:`DataError` when it cannot be read at all.
 
     Args:
       source: a file, a directory (HF ``save_to_disk``, prepared TFDS), a TFDS dataset name (with
-        ``format="tfds"``), or with ``name`` and no ``dataset_info``, a ``dataset_info.json`` or the
-        directory holding it. With ``dataset_info``, a data file here replaces the entry's ``file_name``;
+        ``format="tfds"``), a ``synthetic:NAME?key=value&...`` dataset, or with ``name`` and no
+        ``dataset_info``, a ``dataset_info.json`` or the directory holding it. With ``dataset_info``, a data file here replaces the entry's ``file_name``;
         empty or None uses the entry's.
       format: ``auto``, a reader format (``jsonl``, ``json``, ``parquet``, ``text``, ``hf_disk``, ``tfds``)
         or a record format (``alpaca``, ``sharegpt``, ``openai``, ``gsm8k``, ``canonical``).
@@ -89,7 +109,7 @@ def open_source(
         the caller to check against ``Source.kind`` otherwise.
     """
     opened = _open(source, format, dataset_info, name, split, data_dir)
-    if kind != "auto" and opened.spec is not None:
+    if kind != "auto" and isinstance(opened, Source) and opened.spec is not None:
         spec = llamafactory.with_kind(opened.spec, kind)
         if spec is not None:
             opened = dataclasses.replace(opened, kind=kind, spec=spec)
@@ -103,10 +123,14 @@ def _open(
     name: str | None,
     split: str | None,
     data_dir: str | None,
-) -> Source:
+) -> Source | SyntheticSource:
     if format not in FORMATS:
         raise DataError(f"unknown format {format!r}; valid formats: {', '.join(FORMATS)}")
     path = os.fspath(source) if source else None
+    if is_synthetic(path):
+        return _open_synthetic(
+            path, format, dataset_info=dataset_info, name=name, split=split, data_dir=data_dir
+        )
     if name is not None or dataset_info is not None:
         return _open_registry(path, format, dataset_info, name, split, data_dir)
     if path is None:
@@ -122,6 +146,16 @@ def _open(
     spec = spec_for_format(record_format, first, path) if record_format in llamafactory.FORMATTINGS else None
     kind = spec.kind if spec is not None else ("prompt" if record_format == "gsm8k" else None)
     return Source(path, record_format, kind, reader, spec, split, data_dir)
+
+
+def _open_synthetic(path: str, format: str, **unused: Any) -> SyntheticSource:
+    given = ", ".join(f"{key}=" for key, value in unused.items() if value)
+    if given:
+        raise DataError(f"{path}: a synthetic dataset takes no {given}")
+    if format not in ("auto", "canonical"):
+        raise DataError(f"{path}: a synthetic dataset is canonical records; format must be auto or canonical")
+    name, _ = parse_synthetic(path)  # a bad name or parameter fails now, not on the first read
+    return SyntheticSource(path, SYNTHETIC[name].kind)
 
 
 def _first_value(records: Iterator[RawRecord]) -> Any:
