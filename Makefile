@@ -16,7 +16,7 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	touch $@
 
 quickstart: $(VENV)/.installed
-	$(PY) scripts/quickstart.py
+	$(PY) -m jaxrl_llm.train --config configs/quickstart.py
 
 test: lint
 	$(PY) -m pytest -q

@@ -46,3 +46,14 @@ def test_forward_bench_writes_json(tmp_path, capsys):
 def test_bad_model_is_a_message_not_a_traceback(capsys):
     assert main(["forward", "--model", "llama-tiyn"]) == 2
     assert "unknown model preset 'llama-tiyn'. Did you mean 'llama-tiny'" in capsys.readouterr().err
+
+
+def test_train_bench_writes_json(tmp_path, capsys):
+    out = tmp_path / "train.json"
+    args = ["train", "--objective", "sft", "--model", "llama-tiny", "--batch", "4", "--seq-len", "16"]
+    assert main([*args, "--repeats", "1", "--accum", "2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for key in ("tokens_per_s", "step_s", "compile_s", "peak_fraction"):
+        assert result[key] > 0, key
+    assert result["grad_accum_steps"] == 2 and result["tokens_per_s"] == 4 * 16 / result["step_s"]
+    assert "peak_fraction" in capsys.readouterr().out

@@ -72,7 +72,7 @@ def test_config_files_load_and_validate(name):
 def test_quickstart_values():
     cfg = load_config(str(REPO / "configs" / "quickstart.py"))
     assert (cfg.stage, cfg.model.preset, cfg.run_dir) == ("sft", "llama-tiny", "runs/quickstart")
-    assert cfg.train.steps <= 100 and cfg.train.seq_len <= 128
+    assert cfg.train.steps <= 1000 and cfg.train.seq_len <= 128 and cfg.data.eval_split > 0
 
 
 # ------------------------------------------------------------------------------- single-key mistakes
@@ -144,7 +144,7 @@ def test_out_of_range(key, value, allowed):
 
 def test_bad_choice_lists_the_allowed_values():
     text = _problems(_overridden(stage="foo"))
-    assert "stage='foo': must be one of 'sft', 'rm', 'dpo', 'kto', 'orpo', 'simpo', 'ppo', 'grpo'" in text
+    assert "stage='foo': must be one of 'sft', 'pt', 'rm', 'dpo', 'kto', 'orpo', 'simpo', 'ppo', 'grpo'" in text
 
 
 def test_bad_preset_suggests_the_closest():
@@ -360,8 +360,8 @@ def test_missing_config_file(tmp_path):
 
 def test_parse_args_both_spellings_and_order():
     quick = str(REPO / "configs" / "quickstart.py")
-    cfg = parse_args(["--config", quick, "--config.train.steps", "9", "--config.optimizer.lr=1e-4"])
-    assert cfg.train.steps == 9 and cfg.optimizer.lr == 1e-4 and cfg.run_dir == "runs/quickstart"
+    cfg = parse_args(["--config", quick, "--config.train.steps", "90", "--config.optimizer.lr=1e-4"])
+    assert cfg.train.steps == 90 and cfg.optimizer.lr == 1e-4 and cfg.run_dir == "runs/quickstart"
     cfg = parse_args([f"--config={quick}", "--config.parallel.data", "-1"])
     assert cfg.parallel.data == -1
 

@@ -1,45 +1,42 @@
-"""`make quickstart`'s script runs end to end on the configured defaults and checks its own results."""
+"""`make quickstart` is the README's first command: the configured run learns two-digit addition.
+
+This is the SFT learning test. It runs ``configs/quickstart.py`` exactly as ``make quickstart`` does (only the
+run directory differs) and checks that the loss falls and that greedy exact match on 200 held-out problems,
+never trained on, rises from 0 to at least 60%. Chance is about 1% (a sum is one of 199 values), and
+every held-out problem is new, so a model that memorised its training set without learning to add and carry
+scores near 0; the run typically ends above 90%.
+"""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _quickstart(*overrides: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "scripts/quickstart.py", "--config", "configs/quickstart.py", *overrides]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-
-
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        ["--config.model.preset=gemma2-tiny"],
-        ["--config.model.scan_layers=true", "--config.model.dtype=bfloat16", "--config.model.remat=full"],
-    ],
-)
-def test_quickstart_script_runs(tmp_path, overrides):
-    proc = _quickstart(f"--config.run_dir={tmp_path / 'run'}", *overrides)
+def test_quickstart_learns_addition(tmp_path):
+    run_dir = tmp_path / "quickstart"
+    command = [
+        sys.executable,
+        "-m",
+        "jaxrl_llm.train",
+        "--config",
+        "configs/quickstart.py",
+        f"--config.run_dir={run_dir}",
+    ]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    if "--config.model.dtype=bfloat16" not in overrides:
-        assert "cached == uncached for 16/16 tokens" in proc.stdout
-    assert "max |logit difference| = 0.0e+00" in proc.stdout
-    assert (tmp_path / "run" / "hf_export" / "model.safetensors").exists()
-
-
-@pytest.mark.parametrize(
-    "override, message",
-    [
-        ("--config.model.preset=lama-tiny", "did you mean 'llama-tiny'"),
-        ("--config.parallel.tensor=3", "mesh axes (data=-1, fsdp=1, tensor=3)"),
-    ],
-)
-def test_quickstart_reports_user_errors_without_a_traceback(tmp_path, override, message):
-    proc = _quickstart(f"--config.run_dir={tmp_path}", override)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert "held-out greedy exact match:" in proc.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 800
+    assert summary["first_eval"]["exact_match"] < 0.05
+    assert summary["final_eval"]["exact_match"] >= 0.6, summary["final_eval"]
+    assert summary["final_eval"]["samples"] == 200
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in lines if x["split"] == "train"]
+    assert losses[-1] < 0.25 * losses[0], losses
+    # The final export is a complete HF model directory: what the RL quickstart starts from.
+    assert (run_dir / "final" / "config.json").exists() and (run_dir / "final" / "tokenizer.json").exists()

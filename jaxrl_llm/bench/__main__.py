@@ -2,6 +2,7 @@
 
     python -m jaxrl_llm.bench peak
     python -m jaxrl_llm.bench forward --model llama-30m --batch 8 --seq-len 256 [--compare-hf] [--json OUT]
+    python -m jaxrl_llm.bench train --objective sft --model llama-30m --batch 8 --seq-len 256 [--json OUT]
 
 ``--model`` is a preset name (random weights) or an HF checkpoint directory.
 """
@@ -15,6 +16,7 @@ import sys
 from ..errors import EXIT_USER_ERROR, UserError
 from .forward import bench_forward
 from .peak import machine_peaks
+from .train import OBJECTIVES, bench_train
 
 
 def _print(result: dict) -> None:
@@ -40,7 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     fwd.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     fwd.add_argument("--repeats", type=int, default=5)
     fwd.add_argument("--compare-hf", action="store_true", help="also run HF transformers (PyTorch) forward")
-    for p in (peak, fwd):
+    train = sub.add_parser("train", help="training-step tokens per second (jitted step, AdamW)")
+    train.add_argument("--objective", default="sft", choices=OBJECTIVES)
+    train.add_argument("--model", default="llama-30m", help="preset name or HF checkpoint directory")
+    train.add_argument("--batch", type=int, default=8)
+    train.add_argument("--seq-len", type=int, default=256)
+    train.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    train.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"))
+    train.add_argument("--accum", type=int, default=1, help="gradient-accumulation micro-batches")
+    train.add_argument("--repeats", type=int, default=5)
+    for p in (peak, fwd, train):
         p.add_argument("--json", metavar="OUT", help="also write the result as one JSON object")
     args = parser.parse_args(argv)
     try:
@@ -60,6 +71,17 @@ def _run(args: argparse.Namespace) -> dict:
         import jax.numpy as jnp
 
         return machine_peaks(jnp.dtype(args.dtype))
+    if args.command == "train":
+        return bench_train(
+            args.model,
+            objective=args.objective,
+            batch=args.batch,
+            seq_len=args.seq_len,
+            dtype=args.dtype,
+            param_dtype=args.param_dtype,
+            accum_steps=args.accum,
+            repeats=args.repeats,
+        )
     return bench_forward(
         args.model,
         batch=args.batch,

@@ -14,7 +14,7 @@ from typing import Any
 
 import ml_collections
 
-STAGE_NAMES = ("sft", "rm", "dpo", "kto", "orpo", "simpo", "ppo", "grpo")
+STAGE_NAMES = ("sft", "pt", "rm", "dpo", "kto", "orpo", "simpo", "ppo", "grpo")
 # Mirrors jaxrl_llm.models.config.SIZE_FIELDS (a test keeps them equal); not imported from there so that
 # reading the table never loads JAX.
 MODEL_SIZES = (
@@ -121,7 +121,8 @@ FIELDS: tuple[Field, ...] = (
     Field(
         "stage",
         "sft",
-        "Which training stage to run; selects the trainer and the objective.",
+        "Which training stage to run; selects the trainer and the objective. pt = continued pre-training "
+        "(the SFT loss on every token of raw text records).",
         str,
         STAGE_NAMES,
     ),
@@ -131,8 +132,9 @@ FIELDS: tuple[Field, ...] = (
     Field(
         "model.path",
         "",
-        "HF checkpoint directory; when set the architecture and weights come from it and model.preset and "
-        "the model sizes are ignored. Empty = build model.preset with fresh weights.",
+        "HF checkpoint directory, or a previous run's run_dir (its final export, <run_dir>/final); when set "
+        "the architecture and weights come from it and model.preset and the model sizes are ignored. "
+        "Empty = build model.preset with fresh weights.",
         str,
     ),
     Field(
@@ -167,6 +169,16 @@ FIELDS: tuple[Field, ...] = (
         "",
         "HF tokenizer directory or SentencePiece .model file. Empty = the tokenizer in model.path.",
         str,
+    ),
+    Field(
+        "tokenizer.train_vocab_size",
+        None,
+        "With no tokenizer.path and no model.path: train a byte-level BPE tokenizer (ChatML template, digits "
+        "split one per token) of this size on the training data and save it in <run_dir>/tokenizer; a model "
+        "built from scratch then takes its vocabulary size. None = a tokenizer must be given.",
+        int,
+        lo=64,
+        nullable=True,
     ),
     # Rendering.
     Field(
@@ -276,6 +288,48 @@ FIELDS: tuple[Field, ...] = (
     Field("train.eval_every", 100, "Evaluate every this many steps.", int, lo=1),
     Field("train.save_every", 100, "Save a checkpoint every this many steps.", int, lo=1),
     Field("train.keep_checkpoints", 3, "How many recent checkpoints to keep on disk.", int, lo=1),
+    Field(
+        "train.resume",
+        True,
+        "Resume from the latest checkpoint in run_dir when there is one (params, optimizer, step, RNG and "
+        "data position). False = refuse to start in a run_dir that has checkpoints.",
+        bool,
+    ),
+    Field(
+        "train.eval_steps",
+        None,
+        "Batches per evaluation. None = one full pass over the evaluation set.",
+        int,
+        lo=1,
+        nullable=True,
+    ),
+    Field("train.eval_at_start", False, "Also evaluate before the first step (a baseline).", bool),
+    Field(
+        "train.eval_generate",
+        0,
+        "Held-out conversations whose last assistant turn is generated greedily at each evaluation and "
+        "compared with the reference (eval/exact_match, whitespace-stripped). 0 = off.",
+        int,
+        lo=0,
+    ),
+    Field("train.eval_max_new_tokens", 32, "Token budget of each generated evaluation answer.", int, lo=1),
+    Field(
+        "train.peak_flops",
+        None,
+        "Peak FLOP/s of one device for the MFU estimate. None = a table of known accelerators, or measured "
+        "at start on CPU.",
+        float,
+        lo=0,
+        lo_open=True,
+        nullable=True,
+    ),
+    Field(
+        "train.export_hf",
+        True,
+        "At the end, save the model and tokenizer as an HF checkpoint in <run_dir>/final (what model.path "
+        "of a later stage can point to).",
+        bool,
+    ),
     # Data.
     Field(
         "data.path",
@@ -306,6 +360,37 @@ FIELDS: tuple[Field, ...] = (
         str,
     ),
     Field("data.name", "", "Dataset name inside data.dataset_info.", str),
+    Field(
+        "data.eval_path",
+        "",
+        "Evaluation dataset, read like data.path (same format, kind and filters). Empty = data.eval_split.",
+        str,
+    ),
+    Field(
+        "data.eval_split",
+        0.0,
+        "Fraction of the training records held out for evaluation (seeded) when data.eval_path is empty; "
+        "0 = no evaluation.",
+        float,
+        lo=0,
+        hi=0.5,
+        hi_open=True,
+    ),
+    Field(
+        "data.packing",
+        "pack",
+        "How examples become fixed-shape rows: pack (several documents per row, attention kept apart) or "
+        "bucket (one document per row, padded to the smallest power-of-two length that holds it).",
+        str,
+        ("pack", "bucket"),
+    ),
+    Field(
+        "data.workers",
+        0,
+        "Grain worker processes that render and tokenize (0 = in the training process).",
+        int,
+        lo=0,
+    ),
     Field(
         "data.on_error",
         "raise",

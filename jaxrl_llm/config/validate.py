@@ -299,6 +299,12 @@ def _data(good: dict[str, Any]) -> list[str]:
         return [
             f"data.min_tokens={lo!r}, data.max_tokens={hi!r}: data.min_tokens must not exceed data.max_tokens"
         ]
+    eval_path, split = good.get("data.eval_path"), good.get("data.eval_split")
+    if eval_path and split:
+        return [
+            f"data.eval_path={eval_path!r}, data.eval_split={split!r}: evaluate on a separate file or on a "
+            "held-out split of data.path, not both"
+        ]
     info, name = good.get("data.dataset_info"), good.get("data.name")
     if info is None or name is None:
         return []

@@ -149,8 +149,20 @@ class _SafetensorsReader:
         return self._open(self.path / self.weight_map[key]).get_tensor(key)
 
 
-def read_hf_config(path: str | os.PathLike) -> dict:
+RUN_EXPORT_DIRNAME = "final"  # where a training run exports its final model (jaxrl_llm.train)
+
+
+def checkpoint_dir(path: str | os.PathLike) -> Path:
+    """``path``, or, for a training run's directory (no config.json, but ``final/config.json``), its final
+    export: ``model.path`` may name a previous run."""
     path = Path(path)
+    if not (path / "config.json").exists() and (path / RUN_EXPORT_DIRNAME / "config.json").exists():
+        return path / RUN_EXPORT_DIRNAME
+    return path
+
+
+def read_hf_config(path: str | os.PathLike) -> dict:
+    path = checkpoint_dir(path)
     if not path.is_dir():
         looks_like_hub_id = (
             not path.exists() and len(path.parts) == 2 and not str(path).startswith((".", "/"))
@@ -239,7 +251,7 @@ def load_hf(
     head randomly, as HF does, and logs it. ``overrides`` replace :class:`ModelConfig` fields (compute
     ``remat``, ``scan_layers``, ...).
     """
-    path = Path(path)
+    path = checkpoint_dir(path)
     hf = read_hf_config(path)
     head = head or _head_from_hf(hf)
     dtype_name = jnp.dtype(dtype).name

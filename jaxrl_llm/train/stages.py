@@ -12,13 +12,16 @@ from collections.abc import Callable
 
 import ml_collections
 
+from .sft import run_sft
+
 StageFn = Callable[[ml_collections.ConfigDict], int | None]
 
 EXIT_NOT_IMPLEMENTED = 3
 
 # None = not implemented yet. The keys match jaxrl_llm.config.STAGE_NAMES (a test checks it).
 STAGES: dict[str, StageFn | None] = {
-    "sft": None,  # TODO(#4): supervised fine-tuning on the training spine.
+    "sft": run_sft,
+    "pt": run_sft,  # continued pre-training: the SFT loss on raw text
     "rm": None,  # TODO(#7): reward model.
     "dpo": None,  # TODO(#7)
     "kto": None,  # TODO(#7)
@@ -29,7 +32,6 @@ STAGES: dict[str, StageFn | None] = {
 }
 
 _ARRIVES_WITH = {
-    "sft": "the training-spine issue, #4",
     **{name: "the preference-objectives issue, #7" for name in ("rm", "dpo", "kto", "orpo", "simpo")},
     **{name: "the RL issue" for name in ("ppo", "grpo")},
 }

@@ -1,0 +1,162 @@
+"""What a stage builds before its first step: the tokenizer, the datasets and the model, from the config.
+
+Model sources, in order: ``model.path`` (an HF checkpoint directory, or a previous run's ``run_dir``, whose
+final export ``<run_dir>/final`` is then used), else ``model.preset`` with fresh weights. The tokenizer is
+``tokenizer.path``, else the model's directory, else (``tokenizer.train_vocab_size``) a byte-level BPE
+trained on the training data and kept in ``<run_dir>/tokenizer``, which a resumed run reuses.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from jaxrl_llm.data.records import DataError
+from jaxrl_llm.errors import UserError
+
+TOKENIZER_DIRNAME = "tokenizer"
+EVAL_MANIFEST_NAME = "eval_data_manifest.json"
+
+
+class SetupError(UserError):
+    """A run that cannot be assembled from its config (no tokenizer, an empty split, ...)."""
+
+
+def model_dir(path: str) -> Path:
+    """``model.path`` as a checkpoint directory: itself, or a previous run's final export."""
+    from jaxrl_llm.models.hf_io import checkpoint_dir
+
+    return checkpoint_dir(path)
+
+
+def _texts(records: list[dict]) -> list[str]:
+    """Every string a tokenizer should learn from: message contents and raw text."""
+    out = []
+    for r in records:
+        if "text" in r:
+            out.append(r["text"])
+        for key in ("messages", "prompt", "chosen", "rejected", "completion"):
+            for m in r.get(key) or ():
+                if isinstance(m, dict) and isinstance(m.get("content"), str):
+                    out.append(m["content"])
+    return out
+
+
+def load_or_train_tokenizer(cfg: ml_collections.ConfigDict, records: list[dict] | None = None):
+    """The run's tokenizer (see the module docstring). ``records`` are needed only to train one."""
+    from jaxrl_llm.parallel import barrier, is_main_process
+    from jaxrl_llm.render import load_tokenizer
+
+    if cfg.tokenizer.path:
+        return load_tokenizer(cfg.tokenizer.path)
+    if cfg.model.path:
+        return load_tokenizer(model_dir(cfg.model.path))
+    saved = Path(cfg.run_dir) / TOKENIZER_DIRNAME
+    if (saved / "tokenizer_config.json").exists():
+        return load_tokenizer(saved)
+    if cfg.tokenizer.train_vocab_size is None:
+        raise SetupError(
+            "no tokenizer: set tokenizer.path (an HF tokenizer directory or SentencePiece .model), or "
+            "model.path (its tokenizer is used), or tokenizer.train_vocab_size to train one on the data"
+        )
+    if not records:
+        raise SetupError("tokenizer.train_vocab_size is set but there are no training records to train on")
+    from jaxrl_llm.render.train_tokenizer import save_hf_tokenizer, train_byte_level_bpe
+
+    if is_main_process():
+        tok = train_byte_level_bpe(
+            _texts(records), vocab_size=cfg.tokenizer.train_vocab_size, split_digits=True
+        )
+        save_hf_tokenizer(tok, saved)
+    barrier("tokenizer")
+    return load_tokenizer(saved)
+
+
+def _read(cfg: ml_collections.ConfigDict, path: str, renderer: Any, rejects: str | None):
+    from jaxrl_llm.data.filters import FilterConfig
+    from jaxrl_llm.data.load import load_dataset
+
+    data = cfg.data
+    return load_dataset(
+        path,
+        format=data.format,
+        kind=data.kind,
+        dataset_info=data.dataset_info or None,
+        name=data.name or None,
+        on_error=data.on_error,
+        rejects_path=rejects if data.on_error == "skip" else None,
+        filters=FilterConfig.from_config(cfg) if renderer is not None else FilterConfig(),
+        renderer=renderer,
+    )
+
+
+def raw_records(cfg: ml_collections.ConfigDict) -> list[dict]:
+    """The training records without token-length filters (for training a tokenizer before rendering)."""
+    if not cfg.data.path and not cfg.data.dataset_info:
+        raise DataError("data.path is empty: set it to the dataset file or directory")
+    return _read(cfg, cfg.data.path, None, None).records
+
+
+def split_eval(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """``(train, eval)``: a seeded ``fraction`` of ``records`` held out (at least one when fraction > 0)."""
+    if not fraction:
+        return records, []
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(records) * fraction))
+    if n_eval >= len(records):
+        raise SetupError(f"data.eval_split={fraction} of {len(records)} records leaves nothing to train on")
+    held = set(order[:n_eval])
+    train = [r for i, r in enumerate(records) if i not in held]
+    return train, [records[i] for i in sorted(held)]
+
+
+def load_datasets(cfg: ml_collections.ConfigDict, renderer: Any) -> tuple[Any, list[dict], list[dict]]:
+    """``(loaded, train_records, eval_records)``: the training data through the data layer (rejects and
+    manifest in run_dir, parity check), and the evaluation records from ``data.eval_path`` or a held-out
+    ``data.eval_split``."""
+    from jaxrl_llm.data.load import load_from_config
+    from jaxrl_llm.parallel import is_main_process
+
+    loaded = load_from_config(cfg, renderer)
+    if not loaded.records:
+        raise DataError(f"data.path={cfg.data.path!r}: no record was accepted ({loaded.counts})")
+    train, held = split_eval(loaded.records, float(cfg.data.eval_split), cfg.seed)
+    if cfg.data.eval_path:
+        run_dir = Path(cfg.run_dir)
+        ev = _read(cfg, cfg.data.eval_path, renderer, str(run_dir / "eval_rejects.jsonl"))
+        if not ev.records:
+            raise DataError(f"data.eval_path={cfg.data.eval_path!r}: no record was accepted ({ev.counts})")
+        if is_main_process():
+            (run_dir / EVAL_MANIFEST_NAME).write_text(json.dumps(ev.manifest, indent=2) + "\n")
+        held = ev.records
+    return loaded, train, held
+
+
+def build_model(cfg: ml_collections.ConfigDict, tokenizer: Any, mesh: Any, *, head: str = "lm"):
+    """The model ``cfg.model`` names, checked against the tokenizer. A model from scratch without an
+    explicit ``model.vocab_size`` takes the tokenizer's vocabulary size."""
+    from jaxrl_llm.models import create_model, load_hf, model_config
+
+    m = cfg.model
+    if m.path:
+        model = load_hf(
+            model_dir(m.path),
+            dtype=m.param_dtype,
+            compute_dtype=m.dtype,
+            mesh=mesh,
+            head=head,
+            remat=m.remat,
+            scan_layers=bool(m.scan_layers),
+        )
+    else:
+        arch = model_config(m)
+        if m.vocab_size is None:
+            arch = arch.replace(vocab_size=tokenizer.vocab_size)
+        model = create_model(arch, seed=cfg.seed, mesh=mesh, head=head)
+    tokenizer.check_fits(model.cfg.vocab_size)
+    return model

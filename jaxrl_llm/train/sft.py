@@ -1,0 +1,152 @@
+"""Stages ``sft`` and ``pt``: supervised fine-tuning on conversations (assistant tokens are targets) and
+continued pre-training on raw text (every token a target), with the same loss and loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from jaxrl_llm.data.records import DataError
+
+
+def _pipeline(cfg: ml_collections.ConfigDict, records: list[dict], encoder: Any, *, train: bool):
+    import jax
+
+    from jaxrl_llm.data.pipeline import make_pipeline
+
+    return make_pipeline(
+        records,
+        encoder,
+        batch_size=cfg.train.batch_size,
+        seq_len=cfg.train.seq_len,
+        mode=cfg.data.packing if train else "pack",
+        seed=cfg.seed,
+        shuffle=train,
+        num_epochs=None if train or jax.process_count() > 1 else 1,
+        worker_count=cfg.data.workers if train else 0,
+        shard_by_process=True,
+    )
+
+
+def _check_kind(stage: str, kind: str | None) -> None:
+    allowed = {"sft": ("conversation", "text"), "pt": ("text",)}[stage]
+    if kind not in allowed:
+        raise DataError(
+            f"stage={stage!r} trains on {' or '.join(allowed)} records, but data.path holds {kind} records"
+            + ("; preference data trains with stage=dpo/orpo/simpo/rm" if kind == "preference" else "")
+        )
+
+
+def run_sft(cfg: ml_collections.ConfigDict) -> int:
+    import itertools
+
+    import jax
+
+    from jaxrl_llm.checkpoint import write_run_info
+    from jaxrl_llm.objectives import sft_objective
+    from jaxrl_llm.parallel import initialize, is_main_process, mesh_from_config
+    from jaxrl_llm.render import Renderer
+    from jaxrl_llm.render.records import SFTEncoder
+
+    from . import setup
+    from .evaluate import exact_match
+    from .loop import log, run_loop
+
+    initialize(cfg.parallel.coordinator_address, cfg.parallel.num_processes, cfg.parallel.process_id)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    mesh = mesh_from_config(cfg.parallel)
+
+    needs_training = not (cfg.tokenizer.path or cfg.model.path)
+    tokenizer = setup.load_or_train_tokenizer(cfg, setup.raw_records(cfg) if needs_training else None)
+    renderer = Renderer.from_config(cfg, tokenizer)
+    loaded, train_records, eval_records = setup.load_datasets(cfg, renderer)
+    _check_kind(cfg.stage, loaded.kind)
+    log(
+        f"data: {len(train_records)} training records, {len(eval_records)} evaluation records "
+        f"(content hash {loaded.content_hash[:12]}; {loaded.counts})"
+    )
+    model = setup.build_model(cfg, tokenizer, mesh)
+    from jaxrl_llm.models import count_params
+
+    log(f"model: {model.cfg.family}, {count_params(model):,} parameters on mesh {dict(mesh.shape)}")
+    write_run_info(
+        run_dir,
+        config_dict=cfg.to_dict(),
+        seed=cfg.seed,
+        mesh=mesh,
+        tokenizer_identity={**renderer.identity(), "vocab_size": tokenizer.vocab_size},
+        data_manifests={"train": loaded.manifest},
+        extra={"model": {"family": model.cfg.family, "parameters": count_params(model)}},
+    )
+
+    encoder = SFTEncoder(renderer)
+    train_data = _pipeline(cfg, train_records, encoder, train=True)
+    eval_batches = None
+    evaluators = []
+    if eval_records:
+        eval_steps = cfg.train.eval_steps
+        if eval_steps is None and jax.process_count() > 1:
+            # Processes must run the same number of eval batches, so the pass is endless and cut: about
+            # one pass (a packed row holds at least one record).
+            eval_steps = max(1, len(eval_records) // cfg.train.batch_size)
+
+        def eval_batches():
+            batches = _pipeline(cfg, eval_records, encoder, train=False)
+            return batches if eval_steps is None else itertools.islice(batches, eval_steps)
+
+        if cfg.train.eval_generate and jax.process_count() > 1:
+            log("train.eval_generate is skipped: generation evaluation runs in single-process runs only")
+        elif cfg.train.eval_generate:
+            samples = eval_records[: cfg.train.eval_generate]
+
+            def generated(model, step):
+                metrics, shown = exact_match(
+                    model, renderer, samples, max_new_tokens=cfg.train.eval_max_new_tokens, mesh=mesh
+                )
+                for ex in shown:
+                    log(f"  {ex['prompt']!r} -> {ex['generated']!r} (reference {ex['reference']!r})")
+                return metrics
+
+            evaluators.append(generated)
+
+    def export(model, out: Path) -> None:
+        from jaxrl_llm.models import save_hf
+
+        save_hf(model, out)
+        if is_main_process():
+            _save_tokenizer(tokenizer, out)
+
+    summary = run_loop(
+        cfg,
+        model=model,
+        objective=sft_objective(),
+        train_data=train_data,
+        mesh=mesh,
+        eval_batches=eval_batches,
+        evaluators=evaluators,
+        export=export,
+        packed=cfg.data.packing == "pack",
+    )
+    final, first = summary["final_eval"], summary["first_eval"]
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in {**summary["final_train"], **final}.items() if k in _SHOWN)
+    log(f"done: {summary['steps']} steps; {shown}; summary in {run_dir / 'summary.json'}")
+    if "exact_match" in final:
+        before = f" (first evaluation: {first['exact_match']:.1%})" if "exact_match" in first else ""
+        log(f"held-out greedy exact match: {final['exact_match']:.1%} of {final['samples']} problems{before}")
+    return 0
+
+
+_SHOWN = ("loss", "token_accuracy", "tokens_per_s", "exact_match")
+
+
+def _save_tokenizer(tokenizer: Any, out: Path) -> None:
+    """The tokenizer next to the exported weights, so the export is a complete model directory."""
+    import shutil
+
+    if tokenizer.hf is not None:
+        tokenizer.hf.save_pretrained(str(out))
+    elif Path(tokenizer.name_or_path).is_file():  # a SentencePiece .model
+        shutil.copy(tokenizer.name_or_path, out / "tokenizer.model")

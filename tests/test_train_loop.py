@@ -1,0 +1,201 @@
+"""The training spine end to end through ``python -m jaxrl_llm.train`` (in process): run directory
+artifacts, TensorBoard events, checkpoints with exact resume after a crash, fine-tuning from a previous
+run, continued pre-training, bucketed batches, and clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from jaxrl_llm.train import __main__ as train_main
+from jaxrl_llm.train import loop
+
+TINY = [
+    "--config.stage=sft",
+    "--config.model.preset=llama-tiny",
+    "--config.tokenizer.train_vocab_size=128",
+    "--config.data.path=synthetic:arithmetic?n=240&digits=2",
+    "--config.data.eval_split=0.1",
+    "--config.render.template=chatml",
+    "--config.optimizer.lr=3e-3",
+    "--config.optimizer.warmup_steps=2",
+    "--config.train.steps=6",
+    "--config.train.batch_size=4",
+    "--config.train.seq_len=64",
+    "--config.train.log_every=1",
+    "--config.train.eval_every=3",
+    "--config.train.save_every=3",
+    "--config.train.eval_generate=4",
+    "--config.train.eval_max_new_tokens=4",
+]
+
+
+def train(run_dir: Path, *overrides: str) -> int:
+    return train_main.main([*TINY, f"--config.run_dir={run_dir}", *overrides])
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("run") / "a"
+    assert train(run_dir) == 0
+    return run_dir
+
+
+def test_run_directory_holds_what_reproduces_the_run(finished):
+    info = json.loads((finished / "run_info.json").read_text())
+    assert info["seed"] == 0
+    assert {"jax", "flax", "optax", "orbax-checkpoint", "grain"} <= set(info["versions"])
+    assert info["devices"]["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert info["tokenizer"]["template"] == "chatml" and len(info["tokenizer"]["template_sha256"]) == 64
+    assert info["data_manifests"]["train"]["content_hash"]
+    config = json.loads((finished / "train_config.json").read_text())
+    assert config["train"]["steps"] == 6 and config["data"]["eval_split"] == 0.1
+    assert (finished / "data_manifest.json").exists() and (finished / "tokenizer").is_dir()
+
+    done = summary(finished)
+    assert done["steps"] == 6 and done["resumed_from"] is None
+    assert len(done["params_sha256"]) == 64
+    assert {"loss", "grad_norm", "learning_rate", "tokens_per_s", "step_s", "mfu"} <= set(done["final_train"])
+    assert {"loss", "token_accuracy", "exact_match"} <= set(done["final_eval"])
+
+
+def test_final_export_is_the_trained_model(finished):
+    from flax import nnx
+
+    from jaxrl_llm.checkpoint.run_info import params_digest
+    from jaxrl_llm.models import load_hf
+    from jaxrl_llm.render import load_tokenizer
+
+    model = load_hf(finished / "final")
+    assert params_digest(nnx.state(model, nnx.Param)) == summary(finished)["params_sha256"]
+    assert load_tokenizer(finished / "final").vocab_size == load_tokenizer(finished / "tokenizer").vocab_size
+
+
+def test_metrics_reach_tensorboard_and_the_jsonl_mirror(finished):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(finished / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for name in ("loss", "grad_norm", "learning_rate", "tokens_per_s", "step_s", "mfu"):
+        assert f"train/{name}" in tags
+    assert {"eval/loss", "eval/exact_match"} <= tags
+    losses = events.Scalars("train/loss")
+    assert [e.step for e in losses] == [1, 2, 3, 4, 5, 6]
+    lines = [json.loads(x) for x in (finished / "metrics.jsonl").read_text().splitlines()]
+    mirrored = [x["loss"] for x in lines if x["split"] == "train"]
+    assert mirrored == pytest.approx([e.value for e in losses], rel=1e-6)
+    assert [x["step"] for x in lines if x["split"] == "eval"] == [3, 6]
+
+
+def test_checkpoints_are_kept_and_a_crashed_run_resumes_exactly(finished, tmp_path, monkeypatch):
+    assert sorted(int(p.name) for p in (finished / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
+
+    run_dir = tmp_path / "crashed"
+    calls = {"n": 0}
+    real = loop.to_device
+
+    def crash_at_step_5(batch, mesh):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("simulated preemption")
+        return real(batch, mesh)
+
+    monkeypatch.setattr(loop, "to_device", crash_at_step_5)
+    with pytest.raises(RuntimeError, match="simulated preemption"):
+        train(run_dir)
+    monkeypatch.setattr(loop, "to_device", real)
+    assert not (run_dir / "summary.json").exists()
+
+    assert train(run_dir) == 0  # the same command again picks up the step-3 checkpoint
+    resumed = summary(run_dir)
+    assert resumed["resumed_from"] == 3 and resumed["steps"] == 6
+    # Same parameters bit for bit: state, RNG and the data iterator's position were all restored.
+    assert resumed["params_sha256"] == summary(finished)["params_sha256"]
+    assert resumed["final_train"]["loss"] == pytest.approx(summary(finished)["final_train"]["loss"], rel=1e-6)
+    assert list(run_dir.glob("run_info.resume-*.json"))
+
+
+def test_a_finished_run_is_not_retrained_and_resume_false_refuses(finished, capsys):
+    assert train(finished, "--config.train.resume=false") == 2
+    err = capsys.readouterr().err
+    assert "already holds checkpoints (latest step 6)" in err and "train.resume" in err
+
+
+def test_fine_tune_from_a_previous_run(finished, tmp_path):
+    run_dir = tmp_path / "ft"
+    code = train_main.main(
+        [
+            *[a for a in TINY if "train_vocab_size" not in a and "model.preset" not in a],
+            f"--config.model.path={finished}",
+            "--config.train.steps=2",
+            "--config.optimizer.warmup_steps=0",
+            "--config.train.eval_generate=0",
+            f"--config.run_dir={run_dir}",
+        ]
+    )
+    assert code == 0
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["tokenizer"]["tokenizer"].endswith("final")
+    assert summary(run_dir)["steps"] == 2
+
+
+def test_continued_pretraining_on_raw_text(tmp_path):
+    data = tmp_path / "text.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"text": f"Line {i}: the quick brown fox jumps over {i} lazy dogs."}) + "\n"
+            for i in range(40)
+        )
+    )
+    run_dir = tmp_path / "pt"
+    args = [a for a in TINY if "data.path" not in a and "eval_generate" not in a and "stage" not in a]
+    assert (
+        train_main.main(
+            [*args, "--config.stage=pt", f"--config.data.path={data}", f"--config.run_dir={run_dir}"]
+        )
+        == 0
+    )
+    done = summary(run_dir)
+    assert done["final_train"]["loss"] < done["final_train"]["loss"] + 1  # finite
+    assert done["final_eval"]["token_accuracy"] >= 0
+
+
+def test_bucketed_batches_train_too(tmp_path):
+    run_dir = tmp_path / "bucket"
+    assert (
+        train(
+            run_dir,
+            "--config.data.packing=bucket",
+            "--config.train.steps=3",
+            "--config.train.eval_generate=0",
+        )
+        == 0
+    )
+    assert summary(run_dir)["steps"] == 3
+
+
+def test_wrong_kind_of_data_is_a_clear_error(tmp_path, capsys):
+    prefs = Path(__file__).parent / "data" / "llamafactory"
+    pref_file = next(p for p in prefs.rglob("*dpo*") if p.suffix in (".json", ".jsonl"))
+    code = train(
+        tmp_path / "x",
+        f"--config.data.path={pref_file}",
+        "--config.data.format=auto",
+        "--config.data.eval_split=0",
+    )
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "stage='sft' trains on conversation or text records" in err and "stage=dpo" in err
+
+
+def test_no_tokenizer_is_a_clear_error(tmp_path, capsys):
+    args = [a for a in TINY if "train_vocab_size" not in a]
+    assert train_main.main([*args, f"--config.run_dir={tmp_path}"]) == 2
+    assert "no tokenizer: set tokenizer.path" in capsys.readouterr().err
