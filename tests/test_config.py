@@ -144,7 +144,9 @@ def test_out_of_range(key, value, allowed):
 
 def test_bad_choice_lists_the_allowed_values():
     text = _problems(_overridden(stage="foo"))
-    assert "stage='foo': must be one of 'sft', 'pt', 'rm', 'dpo', 'kto', 'orpo', 'simpo', 'ppo', 'grpo'" in text
+    assert (
+        "stage='foo': must be one of 'sft', 'pt', 'rm', 'dpo', 'kto', 'orpo', 'simpo', 'ppo', 'grpo'" in text
+    )
 
 
 def test_bad_preset_suggests_the_closest():

@@ -108,7 +108,9 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def _next_resume_index(run_dir: Path) -> int:
     n = 1
-    while (run_dir / f"run_info.resume-{n}.json").exists() or (run_dir / f"train_config.resume-{n}.json").exists():
+    while (run_dir / f"run_info.resume-{n}.json").exists() or (
+        run_dir / f"train_config.resume-{n}.json"
+    ).exists():
         n += 1
     return n
 
