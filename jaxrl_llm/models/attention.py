@@ -8,7 +8,7 @@ from flax import nnx, struct
 
 from ..parallel import constrain
 from .config import ModelConfig
-from .layers import RMSNorm, apply_rope, dtype_of, param, softcap
+from .layers import RMSNorm, apply_rope, dense, dtype_of, param, softcap
 
 
 @struct.dataclass
@@ -52,7 +52,7 @@ class Attention(nnx.Module):
         self.cfg = cfg
 
     def _project(self, x: jax.Array, name: str) -> jax.Array:
-        y = jnp.einsum("bte,end->btnd", x, getattr(self, name)[...].astype(x.dtype))
+        y = dense(x, getattr(self, name)[...])
         if self.cfg.attention_bias:
             y = y + getattr(self, f"{name}_bias")[...].astype(x.dtype)
         return y
@@ -92,7 +92,7 @@ class Attention(nnx.Module):
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(x.dtype)).reshape(
             b, t, cfg.num_heads, cfg.head_dim
         )
-        out = jnp.einsum("bthd,hde->bte", out, self.o[...].astype(x.dtype))
+        out = dense(out, self.o[...], 2)
         if cfg.attention_out_bias:
             out = out + self.o_bias[...].astype(x.dtype)
         return out, (k, v)

@@ -18,6 +18,22 @@ from .config import ModelConfig, RopeScaling
 INIT_STD = 0.02  # HF's default `initializer_range`, so from-scratch models match HF's init scale.
 
 
+def dense(x: jax.Array, w: jax.Array, n_in: int = 1, *, out_dtype=None) -> jax.Array:
+    """Contracts the last ``n_in`` axes of ``x`` with the first ``n_in`` axes of ``w`` (``w`` cast to ``x``'s dtype).
+
+    ``x [..., *in] , w [*in, *out] -> [..., *out]``, computed as one 2-D matrix product over the flattened
+    leading axes: XLA's CPU backend runs a [B*T, E] @ [E, M] product (and above all its weight gradient,
+    which contracts over B*T) markedly faster than the same einsum with separate batch and time axes, and
+    on accelerators the two compile to the same GEMM. Results accumulate in ``out_dtype`` when given.
+    """
+    lead, inner = x.shape[: x.ndim - n_in], w.shape[:n_in]
+    if x.shape[x.ndim - n_in :] != inner:
+        raise ValueError(f"dense: x {x.shape} and w {w.shape} do not share {n_in} contracted axes")
+    size = math.prod(inner)
+    y = jnp.matmul(x.reshape(-1, size), w.astype(x.dtype).reshape(size, -1), preferred_element_type=out_dtype)
+    return y.reshape(*lead, *w.shape[n_in:])
+
+
 def dtype_of(name: str) -> jnp.dtype:
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
@@ -76,9 +92,7 @@ class Embed(nnx.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied output projection: float[B, T, E] -> float32[B, T, V]."""
-        return jnp.einsum(
-            "bte,ve->btv", x, self.embedding[...].astype(x.dtype), preferred_element_type=jnp.float32
-        )
+        return dense(x, self.embedding[...].T, out_dtype=jnp.float32)
 
 
 class MLP(nnx.Module):
@@ -93,10 +107,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: float[B, T, E] -> float[B, T, E]."""
-        dt = x.dtype
-        gate = jnp.einsum("bte,em->btm", x, self.gate[...].astype(dt))
-        up = jnp.einsum("bte,em->btm", x, self.up[...].astype(dt))
-        return jnp.einsum("btm,me->bte", self.act(gate) * up, self.down[...].astype(dt))
+        gate, up = dense(x, self.gate[...]), dense(x, self.up[...])
+        return dense(self.act(gate) * up, self.down[...])
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:

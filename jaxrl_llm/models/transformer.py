@@ -19,7 +19,7 @@ from ..parallel import constrain
 from .attention import Attention, AttentionMask, make_mask
 from .cache import KVCache
 from .config import ModelConfig
-from .layers import MLP, Embed, RMSNorm, dtype_of, param, rope_inv_freq, softcap
+from .layers import MLP, Embed, RMSNorm, dense, dtype_of, param, rope_inv_freq, softcap
 
 
 class Block(nnx.Module):
@@ -208,12 +208,7 @@ class CausalLM(Decoder):
         if self.cfg.tie_word_embeddings:
             logits = self.embed.attend(hidden)
         else:
-            logits = jnp.einsum(
-                "bte,ev->btv",
-                hidden,
-                self.lm_head[...].astype(hidden.dtype),
-                preferred_element_type=jnp.float32,
-            )
+            logits = dense(hidden, self.lm_head[...], out_dtype=jnp.float32)
         return softcap(logits.astype(jnp.float32), self.cfg.final_logit_softcap)
 
     def forward(
