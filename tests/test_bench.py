@@ -57,3 +57,17 @@ def test_train_bench_writes_json(tmp_path, capsys):
         assert result[key] > 0, key
     assert result["grad_accum_steps"] == 2 and result["tokens_per_s"] == 4 * 16 / result["step_s"]
     assert "peak_fraction" in capsys.readouterr().out
+
+
+def test_train_bench_compare_trl(tmp_path):
+    out = tmp_path / "train_trl.json"
+    args = ["train", "--objective", "sft", "--model", "llama-tiny", "--batch", "2", "--seq-len", "16"]
+    assert main([*args, "--repeats", "1", "--compare-trl", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["peer_tokens_per_s"] > 0 and result["speedup"] > 0
+    assert result["peer"].startswith("trl ")
+    # Same initial weights, same rows, AdamW with the same settings: after one update the losses still agree.
+    assert abs(result["peer_loss"] - result["loss"]) < 1e-3 * result["loss"], (
+        result["peer_loss"],
+        result["loss"],
+    )

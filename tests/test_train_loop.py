@@ -7,8 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
+from flax import nnx
 
+from jaxrl_llm.models import load_hf
 from jaxrl_llm.train import __main__ as train_main
 from jaxrl_llm.train import loop
 
@@ -116,8 +120,13 @@ def test_checkpoints_are_kept_and_a_crashed_run_resumes_exactly(finished, tmp_pa
     assert train(run_dir) == 0  # the same command again picks up the step-3 checkpoint
     resumed = summary(run_dir)
     assert resumed["resumed_from"] == 3 and resumed["steps"] == 6
-    # Same parameters bit for bit: state, RNG and the data iterator's position were all restored.
-    assert resumed["params_sha256"] == summary(finished)["params_sha256"]
+    # Same parameters: state, RNG and the data iterator's position were all restored. Bit for bit on CPU;
+    # GPU embedding gradients (scatter-add with atomics) may differ in the last bits between runs.
+    if jax.default_backend() == "cpu":
+        assert resumed["params_sha256"] == summary(finished)["params_sha256"]
+    want, got = load_hf(finished / "final"), load_hf(run_dir / "final")
+    for a, b in zip(jax.tree.leaves(nnx.state(want)), jax.tree.leaves(nnx.state(got)), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
     assert resumed["final_train"]["loss"] == pytest.approx(summary(finished)["final_train"]["loss"], rel=1e-6)
     assert list(run_dir.glob("run_info.resume-*.json"))
 

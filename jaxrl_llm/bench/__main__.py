@@ -2,7 +2,7 @@
 
     python -m jaxrl_llm.bench peak
     python -m jaxrl_llm.bench forward --model llama-30m --batch 8 --seq-len 256 [--compare-hf] [--json OUT]
-    python -m jaxrl_llm.bench train --objective sft --model llama-30m --batch 8 --seq-len 256 [--json OUT]
+    python -m jaxrl_llm.bench train --objective sft --model llama-30m --batch 8 --seq-len 256 [--compare-trl] [--json OUT]
 
 ``--model`` is a preset name (random weights) or an HF checkpoint directory.
 """
@@ -50,7 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     train.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"))
     train.add_argument("--accum", type=int, default=1, help="gradient-accumulation micro-batches")
+    train.add_argument("--remat", default="none", choices=("none", "full", "dots"))
     train.add_argument("--repeats", type=int, default=5)
+    train.add_argument(
+        "--compare-trl",
+        action="store_true",
+        help="also run TRL's SFTTrainer (PyTorch) on the same weights and rows",
+    )
     for p in (peak, fwd, train):
         p.add_argument("--json", metavar="OUT", help="also write the result as one JSON object")
     args = parser.parse_args(argv)
@@ -80,7 +86,9 @@ def _run(args: argparse.Namespace) -> dict:
             dtype=args.dtype,
             param_dtype=args.param_dtype,
             accum_steps=args.accum,
+            remat=args.remat,
             repeats=args.repeats,
+            compare_trl=args.compare_trl,
         )
     return bench_forward(
         args.model,
