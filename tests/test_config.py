@@ -408,3 +408,22 @@ def test_docs_config_reference_is_current():
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
     assert describe() in doc, "docs/config.md is stale: regenerate it from `python -m jaxrl_llm.config`"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"train.eval_generate": 8}, "there is no evaluation set to generate from"),
+        (
+            {"train.eval_generate": 8, "data.eval_split": 0.1, "stage": "pt"},
+            "raw text has no answers to compare with",
+        ),
+        (
+            {"data.packing": "bucket", "parallel.num_processes": 2, "parallel.coordinator_address": "h:1"},
+            "use data.packing='pack' for multi-process runs",
+        ),
+        ({"data.eval_path": "e.jsonl", "data.eval_split": 0.1}, "not both"),
+    ],
+)
+def test_training_combinations(overrides, message):
+    assert message in _problems(apply_overrides(base_config(), overrides))

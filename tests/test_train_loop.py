@@ -28,7 +28,7 @@ TINY = [
     "--config.train.steps=6",
     "--config.train.batch_size=4",
     "--config.train.seq_len=64",
-    "--config.train.log_every=1",
+    "--config.train.log_every=2",
     "--config.train.eval_every=3",
     "--config.train.save_every=3",
     "--config.train.eval_generate=4",
@@ -91,7 +91,7 @@ def test_metrics_reach_tensorboard_and_the_jsonl_mirror(finished):
         assert f"train/{name}" in tags
     assert {"eval/loss", "eval/exact_match"} <= tags
     losses = events.Scalars("train/loss")
-    assert [e.step for e in losses] == [1, 2, 3, 4, 5, 6]
+    assert [e.step for e in losses] == [2, 4, 6]
     lines = [json.loads(x) for x in (finished / "metrics.jsonl").read_text().splitlines()]
     mirrored = [x["loss"] for x in lines if x["split"] == "train"]
     assert mirrored == pytest.approx([e.value for e in losses], rel=1e-6)
@@ -128,13 +128,52 @@ def test_checkpoints_are_kept_and_a_crashed_run_resumes_exactly(finished, tmp_pa
     for a, b in zip(jax.tree.leaves(nnx.state(want)), jax.tree.leaves(nnx.state(got)), strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
     assert resumed["final_train"]["loss"] == pytest.approx(summary(finished)["final_train"]["loss"], rel=1e-6)
+    # Tokens of step 3 (saved at 3, logged only at 4 by the crashed run) are counted exactly once.
+    assert resumed["tokens_seen"] == summary(finished)["tokens_seen"]
     assert list(run_dir.glob("run_info.resume-*.json"))
+    # What the crashed run logged after its checkpoint is replaced, not duplicated.
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["split"] == "train"] == [2, 4, 6]
+    assert [x["step"] for x in lines if x["split"] == "eval"] == [3, 6]
 
 
 def test_a_finished_run_is_not_retrained_and_resume_false_refuses(finished, capsys):
+    before = (finished / "summary.json").read_text()
+    assert train(finished) == 0
+    assert "already finished 6 steps: nothing to do" in capsys.readouterr().out
+    assert (finished / "summary.json").read_text() == before  # kept, not overwritten with empty metrics
+
     assert train(finished, "--config.train.resume=false") == 2
     err = capsys.readouterr().err
     assert "already holds checkpoints (latest step 6)" in err and "train.resume" in err
+
+    assert train(finished, "--config.train.steps=4") == 2
+    assert "checkpoint at step 6, past train.steps=4" in capsys.readouterr().err
+
+
+def test_resuming_with_settings_that_change_the_data_order_is_refused(finished, tmp_path, capsys):
+    import shutil
+
+    run_dir = tmp_path / "changed"
+    shutil.copytree(finished, run_dir)
+    (run_dir / "summary.json").unlink()
+    shutil.rmtree(run_dir / "checkpoints" / "6")
+    assert train(run_dir, "--config.train.batch_size=8") == 2
+    err = capsys.readouterr().err
+    assert "cannot resume from" in err and "train.batch_size: 4 in the checkpoint, 8 now" in err
+
+
+def test_model_path_to_an_unfinished_run_says_so(finished, tmp_path, capsys):
+    import shutil
+
+    run_dir = tmp_path / "unfinished"
+    shutil.copytree(finished, run_dir)
+    shutil.rmtree(run_dir / "final")
+    args = [a for a in TINY if "train_vocab_size" not in a and "model.preset" not in a]
+    assert (
+        train_main.main([*args, f"--config.model.path={run_dir}", f"--config.run_dir={tmp_path / 'x'}"]) == 2
+    )
+    assert "a training run's directory without a final HF export" in capsys.readouterr().err
 
 
 def test_fine_tune_from_a_previous_run(finished, tmp_path):
@@ -198,6 +237,7 @@ def test_wrong_kind_of_data_is_a_clear_error(tmp_path, capsys):
         f"--config.data.path={pref_file}",
         "--config.data.format=auto",
         "--config.data.eval_split=0",
+        "--config.train.eval_generate=0",
     )
     err = capsys.readouterr().err
     assert code == 2, err
@@ -208,3 +248,18 @@ def test_no_tokenizer_is_a_clear_error(tmp_path, capsys):
     args = [a for a in TINY if "train_vocab_size" not in a]
     assert train_main.main([*args, f"--config.run_dir={tmp_path}"]) == 2
     assert "no tokenizer: set tokenizer.path" in capsys.readouterr().err
+
+
+def test_generation_stops_at_the_templates_end_of_turn_even_when_eos_differs(tmp_path):
+    """A base model's EOS (here <|endoftext|>) is not the ChatML turn terminator (<|im_end|>)."""
+    from jaxrl_llm.render import Renderer, load_tokenizer
+    from jaxrl_llm.train.evaluate import stop_ids
+    from tests.fixtures_tokenizers import make_hf_tokenizer_dir
+
+    out = make_hf_tokenizer_dir(tmp_path)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    config["eos_token"] = "<|endoftext|>"
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(out)
+    ids = stop_ids(Renderer(tok, "chatml"))
+    assert tok.token_to_id("<|endoftext|>") in ids and tok.token_to_id("<|im_end|>") in ids

@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 
 from jaxrl_llm.errors import UserError
 from jaxrl_llm.train.state import TrainState
+from jaxrl_llm.train.step import abstract
 
 DIRNAME = "checkpoints"
 
@@ -28,16 +29,14 @@ class CheckpointMismatchError(UserError):
 
 
 def _raw_rng(state: TrainState) -> TrainState:
-    """Typed PRNG keys are stored as their raw ``uint32`` data."""
-    if jax.dtypes.issubdtype(state.rng.dtype, jax.dtypes.prng_key):
-        return state.replace(rng=jax.random.key_data(state.rng))
-    return state
-
-
-def _abstract(tree: Any) -> Any:
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
-    )
+    """Typed PRNG keys are stored as their raw ``uint32`` data (arrays and abstract states alike)."""
+    rng = state.rng
+    if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return state
+    if isinstance(rng, jax.ShapeDtypeStruct):
+        data = jax.eval_shape(jax.random.key_data, rng)
+        return state.replace(rng=jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=rng.sharding))
+    return state.replace(rng=jax.random.key_data(rng))
 
 
 class Checkpointer:
@@ -78,10 +77,11 @@ class Checkpointer:
         state: TrainState,
         data_iter: grain.DatasetIterator | None = None,
     ) -> tuple[TrainState, dict[str, Any]]:
-        """Restores ``step`` into the shapes, dtypes and shardings of ``state`` (arrays or abstract);
+        """Restores ``step`` into the shapes, dtypes and shardings of ``state`` (arrays, or better
+        ``jax.ShapeDtypeStruct``s with shardings, so that no second copy is held while restoring);
         sets ``data_iter``'s position in place. Returns ``(state, meta)``."""
         typed_key = jax.dtypes.issubdtype(state.rng.dtype, jax.dtypes.prng_key)
-        target = _abstract(_raw_rng(state))
+        target = abstract(_raw_rng(state))
         items: dict[str, Any] = {"state": ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)

@@ -305,6 +305,20 @@ def _data(good: dict[str, Any]) -> list[str]:
             f"data.eval_path={eval_path!r}, data.eval_split={split!r}: evaluate on a separate file or on a "
             "held-out split of data.path, not both"
         ]
+    generate = good.get("train.eval_generate")
+    if generate and eval_path == "" and split == 0:
+        return [
+            f"train.eval_generate={generate!r}: there is no evaluation set to generate from; set "
+            "data.eval_split or data.eval_path"
+        ]
+    if generate and good.get("stage") == "pt":
+        return [f"train.eval_generate={generate!r}, stage='pt': raw text has no answers to compare with"]
+    processes = good.get("parallel.num_processes")
+    if good.get("data.packing") == "bucket" and processes is not None and processes > 1:
+        return [
+            f"data.packing='bucket', parallel.num_processes={processes!r}: processes would pick different "
+            "row lengths on the same step; use data.packing='pack' for multi-process runs"
+        ]
     info, name = good.get("data.dataset_info"), good.get("data.name")
     if info is None or name is None:
         return []

@@ -279,9 +279,10 @@ def _registry_entry(dataset_info: str | os.PathLike | None, name: str | None) ->
     return {"path": os.fspath(dataset_info), "name": name, "sha256": file_sha256(dataset_info)}
 
 
-def load_from_config(cfg: Any, renderer: Any = None) -> LoadedDataset:
+def load_from_config(cfg: Any, renderer: Any = None, *, write: bool = True) -> LoadedDataset:
     """Loads ``cfg.data`` as a run does: rejects to ``<run_dir>/rejects.jsonl`` with ``on_error="skip"``,
-    and the manifest to ``<run_dir>/data_manifest.json``.
+    and the manifest to ``<run_dir>/data_manifest.json``; with ``write=False`` (processes other than the
+    first of a multi-process run, which read the same data) neither file is written.
 
     With a ``renderer`` (``jaxrl_llm.render.Renderer.from_config``), ``data.min_tokens``/``max_tokens``
     filter by rendered length and the parity check runs on ``render.parity_sample`` accepted records
@@ -298,11 +299,12 @@ def load_from_config(cfg: Any, renderer: Any = None) -> LoadedDataset:
         dataset_info=data.dataset_info or None,
         name=data.name or None,
         on_error=data.on_error,
-        rejects_path=run_dir / REJECTS_NAME if data.on_error == "skip" else None,
+        rejects_path=run_dir / REJECTS_NAME if data.on_error == "skip" and write else None,
         filters=FilterConfig.from_config(cfg),
         renderer=renderer,
     )
-    write_manifest(loaded.manifest, run_dir)
+    if write:
+        write_manifest(loaded.manifest, run_dir)
     if renderer is not None and cfg.render.parity_sample > 0:
         from jaxrl_llm.render.records import check_parity_sample
 

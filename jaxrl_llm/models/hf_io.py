@@ -156,8 +156,16 @@ def checkpoint_dir(path: str | os.PathLike) -> Path:
     """``path``, or, for a training run's directory (no config.json, but ``final/config.json``), its final
     export: ``model.path`` may name a previous run."""
     path = Path(path)
-    if not (path / "config.json").exists() and (path / RUN_EXPORT_DIRNAME / "config.json").exists():
+    if (path / "config.json").exists():
+        return path
+    if (path / RUN_EXPORT_DIRNAME / "config.json").exists():
         return path / RUN_EXPORT_DIRNAME
+    if (path / "run_info.json").exists() or (path / "checkpoints").is_dir():
+        raise CheckpointError(
+            f"{path}: a training run's directory without a final HF export ({RUN_EXPORT_DIRNAME}/): the run "
+            "has not finished, or ran with train.export_hf=false; finish it (run the same command again), "
+            "or point at an HF checkpoint directory"
+        )
     return path
 
 

@@ -79,7 +79,10 @@ class MetricWriter:
     every method is a no-op and no file or directory is created.
     """
 
-    def __init__(self, log_dir: str | Path, *, enabled: bool = True):
+    def __init__(self, log_dir: str | Path, *, enabled: bool = True, resume_step: int | None = None):
+        """``resume_step``: a run resumed from the checkpoint at this step; what the interrupted run logged
+        after it (it is about to be logged again) is dropped from the JSONL file, and TensorBoard is told
+        to purge those events."""
         self.log_dir = Path(log_dir)
         self.enabled = enabled
         self._tb = None
@@ -89,8 +92,16 @@ class MetricWriter:
         from tensorboardX import SummaryWriter
 
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self._tb = SummaryWriter(logdir=str(self.log_dir / "tensorboard"))
-        self._jsonl = open(self.log_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        purge = None if resume_step is None else int(resume_step) + 1
+        if purge is not None and self.jsonl_path.exists():
+            kept = [
+                line
+                for line in self.jsonl_path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) < purge
+            ]
+            self.jsonl_path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        self._tb = SummaryWriter(logdir=str(self.log_dir / "tensorboard"), purge_step=purge)
+        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115
 
     @property
     def jsonl_path(self) -> Path:
@@ -207,11 +218,13 @@ def mfu(flops_per_step: float, step_s: float, peak_flops_per_s: float | None) ->
 
 
 # Dense (no sparsity) peak FLOP/s per chip, from the vendors' datasheets.
-_GPU_PEAKS = {  # name: (bf16/fp16 tensor core, fp32 without TF32)
-    "h100_pcie": (756e12, 51e12),
-    "h100_nvl": (835e12, 60e12),
-    "h100_sxm": (989e12, 67e12),  # H200 has the same compute as H100 SXM
-    "a100": (312e12, 19.5e12),
+# GPUs' float32 entry is the TF32 tensor-core peak: JAX's default matmul precision runs float32 matmuls
+# in TF32 there (with "highest" precision they run at a fraction of it, and the MFU reads low).
+_GPU_PEAKS = {  # name: (bf16/fp16 tensor core, fp32 as TF32 tensor core)
+    "h100_pcie": (756e12, 378e12),
+    "h100_nvl": (835e12, 418e12),
+    "h100_sxm": (989e12, 495e12),  # H200 has the same compute as H100 SXM
+    "a100": (312e12, 156e12),
 }
 _TPU_BF16_PEAKS = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12}
 
@@ -255,7 +268,7 @@ def peak_flops(device_kind: str, dtype: Any) -> float | None:
     """Dense peak matmul FLOP/s of one chip for a jax ``device.device_kind`` and a dtype name.
 
     ``device_kind`` matches case-insensitively by substring (``"NVIDIA H100 80GB HBM3"``, ``"TPU v5 lite"``).
-    GPUs: bf16/fp16 tensor-core peak, fp32 without TF32. TPUs: bf16 peak; fp32 returns a third of it, since
+    GPUs: bf16/fp16 tensor-core peak, fp32 as TF32 (JAX's default). TPUs: bf16 peak; fp32 returns a third of it, since
     XLA on TPU runs fp32 matmuls as multi-pass bf16 (an estimate, not a datasheet figure); fp16 has no
     entry. None for unknown devices (CPUs included: measure with ``jaxrl_llm.bench.peak``) or dtypes.
     """

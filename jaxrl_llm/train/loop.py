@@ -18,6 +18,7 @@ Only process 0 writes files other than checkpoints; every process runs the same 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -38,9 +39,10 @@ from jaxrl_llm.parallel import is_main_process
 
 from .optimizer import make_optimizer, make_schedule
 from .state import TrainState
-from .step import Compiled, build_train_step, compile_step, shard_state
+from .step import Compiled, abstract, build_train_step, compile_step, shard_state
 
 EvalFn = Callable[[Any, int], dict[str, float]]  # (model, step) -> metrics
+SUMMARY_NAME = "summary.json"
 
 
 class ResumeError(UserError):
@@ -72,8 +74,8 @@ def train_flops(model_cfg: Any, batch: int, seq_len: int) -> float:
 
 
 class StepCache:
-    """The compiled step per batch shape: packed batches have one shape (compiled before step 0); bucketed
-    ones compile once per bucket, each compile logged."""
+    """The compiled step per batch shape. Every shape a run can see is compiled before step 0 (one for
+    packed rows, one per bucket length), each compile logged with its memory analysis."""
 
     def __init__(self, step_fn: Callable, mesh: Any):
         self._fn, self._mesh = step_fn, mesh
@@ -93,13 +95,49 @@ class StepCache:
         return sum(c.compile_s for c in self._compiled.values())
 
 
-def batch_spec(cfg: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
-    """Shapes of a packed global batch (what the pipeline yields, on every process together)."""
-    b, t = cfg.train.batch_size, cfg.train.seq_len
+def batch_spec(batch_size: int, length: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes of a global row batch (what the pipeline yields, on every process together)."""
     rows = {"tokens": jnp.int32, "loss_mask": jnp.bool_, "segment_ids": jnp.int32, "positions": jnp.int32}
-    spec = {k: jax.ShapeDtypeStruct((b, t), d) for k, d in rows.items()}
-    spec["num_truncated"] = jax.ShapeDtypeStruct((b,), jnp.int32)
+    spec = {k: jax.ShapeDtypeStruct((batch_size, length), d) for k, d in rows.items()}
+    spec["num_truncated"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
     return spec
+
+
+def row_lengths(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """Every row length the pipeline emits: ``seq_len`` when packing, each bucket when bucketing."""
+    if cfg.data.packing == "pack":
+        return (cfg.train.seq_len,)
+    from jaxrl_llm.data.packing import default_buckets
+
+    return tuple(default_buckets(cfg.train.seq_len))
+
+
+def run_signature(cfg: ml_collections.ConfigDict, data_hash: str | None) -> dict[str, Any]:
+    """What must not change for a resumed run to continue exactly where it stopped (the data order and
+    batch composition depend on all of it)."""
+    return {
+        "train.batch_size": cfg.train.batch_size,
+        "train.seq_len": cfg.train.seq_len,
+        "train.grad_accum_steps": cfg.train.grad_accum_steps,
+        "data.packing": cfg.data.packing,
+        "seed": cfg.seed,
+        "processes": jax.process_count(),
+        "training data (content hash)": data_hash,
+    }
+
+
+def check_resume(saved: dict[str, Any], now: dict[str, Any], checkpoint: Path) -> None:
+    changed = [
+        f"{k}: {saved[k]!r} in the checkpoint, {now[k]!r} now"
+        for k in now
+        if k in saved and saved[k] != now[k]
+    ]
+    if changed:
+        raise ResumeError(
+            f"cannot resume from {checkpoint}: " + "; ".join(changed) + ". The data position would not "
+            "match; use a new run_dir (with model.path pointing at this run to start from its weights), or "
+            "restore the settings"
+        )
 
 
 @dataclasses.dataclass
@@ -108,17 +146,30 @@ class _Window:
 
     started: float
     step0: int
+    flops: float = 0.0
     metrics: list[dict[str, jax.Array]] = dataclasses.field(default_factory=list)
 
-    def summary(self, now: float, step: int) -> dict[str, float]:
-        fetched = jax.device_get(self.metrics)
+    def fetch(self) -> list[dict[str, float]]:
+        return jax.device_get(self.metrics)  # waits for the steps to finish
+
+    def summary(self, fetched: list[dict[str, float]], now: float, step: int, peak: float | None):
+        """Means of the step metrics, plus timing measured after the steps have finished (``now``)."""
         out = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
         out["learning_rate"] = float(fetched[-1].get("learning_rate", np.nan))
-        tokens = float(sum(m.get("tokens", 0.0) for m in fetched))
+        out.pop("truncated", None)
+        out["truncated_documents"] = float(sum(m.get("truncated", 0.0) for m in fetched))
+        steps = max(step - self.step0, 1)
         seconds = now - self.started
-        out["step_s"] = seconds / max(step - self.step0, 1)
-        out["tokens_per_s"] = tokens / seconds if seconds > 0 else 0.0
+        out["step_s"] = seconds / steps
+        out["tokens_per_s"] = tokens(fetched) / seconds if seconds > 0 else 0.0
+        util = mfu(self.flops / steps, out["step_s"], peak)
+        if util is not None:
+            out["mfu"] = util
         return out
+
+
+def tokens(fetched: list[dict[str, float]]) -> float:
+    return float(sum(m.get("tokens", 0.0) for m in fetched))
 
 
 def run_loop(
@@ -128,14 +179,15 @@ def run_loop(
     objective: Objective,
     train_data: grain.IterDataset,
     mesh: Any,
+    data_hash: str | None = None,
     eval_batches: Callable[[], Iterable[dict[str, np.ndarray]]] | None = None,
     evaluators: Iterable[EvalFn] = (),
     export: Callable[[Any, Path], None] | None = None,
-    packed: bool = True,
 ) -> dict[str, Any]:
     """Trains ``model`` on ``train_data`` (an endless iterable of host batches); returns the summary."""
     run_dir = Path(cfg.run_dir)
     tcfg = cfg.train
+    model_cfg = model.cfg
     tx = make_optimizer(cfg, _params(model))
     schedule = make_schedule(cfg)
     graphdef, state = TrainState.create(model, tx, jax.random.key(cfg.seed))
@@ -146,44 +198,65 @@ def run_loop(
     data_iter = iter(train_data)
     latest = checkpointer.latest_step()
     meta: dict[str, Any] = {}
+    signature = run_signature(cfg, data_hash)
     if latest is not None and not tcfg.resume:
         raise ResumeError(
             f"run_dir={str(run_dir)!r} already holds checkpoints (latest step {latest}) and train.resume is "
             "false: pick a new run_dir, delete its checkpoints, or set train.resume=true"
         )
     if latest is not None:
-        state, meta = checkpointer.restore(latest, state, data_iter)
+        if latest > tcfg.steps:
+            raise ResumeError(
+                f"run_dir={str(run_dir)!r} holds a checkpoint at step {latest}, past train.steps={tcfg.steps}: "
+                "raise train.steps to continue, or use a new run_dir"
+            )
+        target = abstract(state)
+        del state  # restore into the abstract shapes: never two copies of the state in memory
+        state, meta = checkpointer.restore(latest, target, data_iter)
+        check_resume(meta.get("signature", {}), signature, checkpointer.directory / str(latest))
+        if meta.get("train_steps", tcfg.steps) != tcfg.steps:
+            log(
+                f"note: train.steps changed from {meta['train_steps']} to {tcfg.steps}; the learning-rate "
+                "schedule is recomputed for the new length"
+            )
         log(f"resumed from {checkpointer.directory / str(latest)} (step {latest})")
     start = int(jax.device_get(state.step))
-    if start >= tcfg.steps:
-        log(f"nothing to do: the checkpoint is at step {start} and train.steps={tcfg.steps}")
+    summary_path = run_dir / SUMMARY_NAME
+    if start == tcfg.steps and summary_path.exists():
+        checkpointer.close()
+        log(f"run_dir={str(run_dir)!r} already finished {start} steps: nothing to do ({summary_path})")
+        return json.loads(summary_path.read_text())
 
-    step_fn = build_train_step(graphdef, objective, tx, schedule, accum_steps=tcfg.grad_accum_steps)
+    step_fn = build_train_step(
+        graphdef, objective, tx, schedule, accum_steps=tcfg.grad_accum_steps, mesh=mesh
+    )
     steps = StepCache(step_fn, mesh)
     # The run's key, copied out of the state (whose buffers are donated to every step).
     base_rng = jax.random.wrap_key_data(jnp.array(jax.random.key_data(state.rng), copy=True))
-    if packed:  # every batch has this shape: compile (and report memory) before step 0
-        steps.get(state, batch_spec(cfg), base_rng)
+    if start < tcfg.steps:
+        for length in row_lengths(cfg):
+            steps.get(state, batch_spec(tcfg.batch_size, length), base_rng)
 
-    writer = MetricWriter(run_dir, enabled=is_main_process())
+    writer = MetricWriter(run_dir, enabled=is_main_process(), resume_step=latest)
     peak = device_peak_flops(cfg)
-    flops = train_flops(_model_cfg(graphdef, state), tcfg.batch_size, tcfg.seq_len)
     tokens_seen = float(meta.get("tokens_seen", 0.0))
-    last_train: dict[str, float] = {}
+    last_train: dict[str, float] = dict(meta.get("last_train", {}))
     last_eval: dict[str, float] = dict(meta.get("last_eval", {}))
     first_eval: dict[str, float] = dict(meta.get("first_eval", {}))
-    progress = Progress(tcfg.steps, initial=start, enabled=is_main_process())
-    window = _Window(time.perf_counter(), start)
-    loop_started = time.perf_counter()
+    train_seconds = float(meta.get("train_seconds", 0.0))
+    loss_eval = None
 
     def evaluate(step: int) -> None:
-        nonlocal last_eval, first_eval
+        nonlocal last_eval, first_eval, loss_eval
         results: dict[str, float] = {}
-        params_model = _merge(graphdef, state)
+        current = _merge(graphdef, state)
         if eval_batches is not None:
-            results |= evaluators_loss(params_model, step)
+            from .evaluate import LossEvaluator
+
+            loss_eval = loss_eval or LossEvaluator(graphdef, objective, mesh)
+            results |= loss_eval(state.params, eval_batches(), base_rng)
         for fn in evaluators:
-            results |= fn(params_model, step)
+            results |= fn(current, step)
         if results:
             writer.write(step, results, prefix="eval")
             last_eval = results
@@ -191,36 +264,36 @@ def run_loop(
             shown = ", ".join(f"{k} {v:.4g}" for k, v in results.items())
             log(f"step {step} eval: {shown}")
 
-    def evaluators_loss(params_model: Any, step: int) -> dict[str, float]:
-        from .evaluate import LossEvaluator
-
-        nonlocal loss_eval
-        if loss_eval is None:
-            loss_eval = LossEvaluator(graphdef, objective, mesh)
-        return loss_eval(_params(params_model), eval_batches(), base_rng)
-
-    loss_eval = None
+    progress = Progress(tcfg.steps, initial=start, enabled=is_main_process())
+    window = _Window(time.perf_counter(), start)
+    warned_truncation = False
     try:
         if tcfg.eval_at_start and start == 0:
             evaluate(0)
-            window.started = time.perf_counter()
+        window.started = time.perf_counter()
         for step in range(start, tcfg.steps):
-            host_batch = next(data_iter)
-            batch = to_device(host_batch, mesh)
+            batch = to_device(next(data_iter), mesh)
             compiled = steps.get(state, batch, base_rng)
             state, metrics = compiled(state, batch, jax.random.fold_in(base_rng, step))
             window.metrics.append(metrics)
+            window.flops += train_flops(model_cfg, *batch["tokens"].shape)
             done = step + 1
             if done % tcfg.log_every == 0 or done == tcfg.steps:
+                fetched = window.fetch()
                 now = time.perf_counter()
-                logged = window.summary(now, done)
-                tokens_seen += sum(float(m.get("tokens", 0.0)) for m in jax.device_get(window.metrics))
+                logged = window.summary(fetched, now, done, peak)
+                train_seconds += now - window.started
+                tokens_seen += tokens(fetched)
                 logged["tokens_seen"] = tokens_seen
-                util = mfu(flops, logged["step_s"], peak)
-                if util is not None:
-                    logged["mfu"] = util
                 writer.write(done, logged)
                 progress.update(done, loss=logged.get("loss"), tokens_per_s=logged["tokens_per_s"])
+                if logged["truncated_documents"] and not warned_truncation:
+                    warned_truncation = True
+                    log(
+                        f"warning: {logged['truncated_documents']:.0f} documents were cut at "
+                        f"train.seq_len={tcfg.seq_len} in the last {tcfg.log_every} steps (their ends are not "
+                        "trained on); raise train.seq_len or filter with data.max_tokens"
+                    )
                 last_train = logged
                 window = _Window(time.perf_counter(), done)
             else:
@@ -229,12 +302,22 @@ def run_loop(
                 evaluate(done)
                 window.started = time.perf_counter()  # evaluation time is not training time
             if done % tcfg.save_every == 0 or done == tcfg.steps:
-                meta = {"tokens_seen": tokens_seen, "last_eval": last_eval, "first_eval": first_eval}
-                checkpointer.save(done, state, data_iter, meta, force=True)
+                pending = tokens(window.fetch()) if window.metrics else 0.0
+                saved = {
+                    "signature": signature,
+                    "train_steps": tcfg.steps,
+                    "tokens_seen": tokens_seen + pending,
+                    "train_seconds": train_seconds,
+                    "last_train": last_train,
+                    "last_eval": last_eval,
+                    "first_eval": first_eval,
+                }
+                checkpointer.save(done, state, data_iter, saved, force=True)
+                window.started = time.perf_counter()
     finally:
         progress.close()
         checkpointer.close()
-        writer.flush()
+        writer.close()
 
     final_model = _merge(graphdef, state)
     summary = {
@@ -242,7 +325,7 @@ def run_loop(
         "steps": int(jax.device_get(state.step)),
         "resumed_from": latest,
         "tokens_seen": tokens_seen,
-        "train_seconds": time.perf_counter() - loop_started,
+        "train_seconds": train_seconds,
         "compile_seconds": steps.compile_s,
         "final_train": last_train,
         "final_eval": last_eval,
@@ -254,7 +337,6 @@ def run_loop(
         export(final_model, out)
         summary["export"] = str(out)
     write_summary(run_dir, summary)
-    writer.close()
     return summary
 
 
@@ -268,7 +350,3 @@ def _merge(graphdef: Any, state: TrainState) -> Any:
     from flax import nnx
 
     return nnx.merge(graphdef, state.params)
-
-
-def _model_cfg(graphdef: Any, state: TrainState) -> Any:
-    return _merge(graphdef, state).cfg

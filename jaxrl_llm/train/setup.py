@@ -17,6 +17,7 @@ import ml_collections
 
 from jaxrl_llm.data.records import DataError
 from jaxrl_llm.errors import UserError
+from jaxrl_llm.models.hf_io import checkpoint_dir
 
 TOKENIZER_DIRNAME = "tokenizer"
 EVAL_MANIFEST_NAME = "eval_data_manifest.json"
@@ -24,13 +25,6 @@ EVAL_MANIFEST_NAME = "eval_data_manifest.json"
 
 class SetupError(UserError):
     """A run that cannot be assembled from its config (no tokenizer, an empty split, ...)."""
-
-
-def model_dir(path: str) -> Path:
-    """``model.path`` as a checkpoint directory: itself, or a previous run's final export."""
-    from jaxrl_llm.models.hf_io import checkpoint_dir
-
-    return checkpoint_dir(path)
 
 
 def _texts(records: list[dict]) -> list[str]:
@@ -54,7 +48,7 @@ def load_or_train_tokenizer(cfg: ml_collections.ConfigDict, records: list[dict] 
     if cfg.tokenizer.path:
         return load_tokenizer(cfg.tokenizer.path)
     if cfg.model.path:
-        return load_tokenizer(model_dir(cfg.model.path))
+        return load_tokenizer(checkpoint_dir(cfg.model.path))
     saved = Path(cfg.run_dir) / TOKENIZER_DIRNAME
     if (saved / "tokenizer_config.json").exists():
         return load_tokenizer(saved)
@@ -94,11 +88,12 @@ def _read(cfg: ml_collections.ConfigDict, path: str, renderer: Any, rejects: str
     )
 
 
-def raw_records(cfg: ml_collections.ConfigDict) -> list[dict]:
-    """The training records without token-length filters (for training a tokenizer before rendering)."""
+def raw_records(cfg: ml_collections.ConfigDict):
+    """The training data (``LoadedDataset``) without token-length filters, for training a tokenizer before
+    anything can be rendered."""
     if not cfg.data.path and not cfg.data.dataset_info:
         raise DataError("data.path is empty: set it to the dataset file or directory")
-    return _read(cfg, cfg.data.path, None, None).records
+    return _read(cfg, cfg.data.path, None, None)
 
 
 def split_eval(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -122,13 +117,14 @@ def load_datasets(cfg: ml_collections.ConfigDict, renderer: Any) -> tuple[Any, l
     from jaxrl_llm.data.load import load_from_config
     from jaxrl_llm.parallel import is_main_process
 
-    loaded = load_from_config(cfg, renderer)
+    loaded = load_from_config(cfg, renderer, write=is_main_process())
     if not loaded.records:
         raise DataError(f"data.path={cfg.data.path!r}: no record was accepted ({loaded.counts})")
     train, held = split_eval(loaded.records, float(cfg.data.eval_split), cfg.seed)
     if cfg.data.eval_path:
         run_dir = Path(cfg.run_dir)
-        ev = _read(cfg, cfg.data.eval_path, renderer, str(run_dir / "eval_rejects.jsonl"))
+        rejects = str(run_dir / "eval_rejects.jsonl") if is_main_process() else None
+        ev = _read(cfg, cfg.data.eval_path, renderer, rejects)
         if not ev.records:
             raise DataError(f"data.eval_path={cfg.data.eval_path!r}: no record was accepted ({ev.counts})")
         if is_main_process():
@@ -145,7 +141,7 @@ def build_model(cfg: ml_collections.ConfigDict, tokenizer: Any, mesh: Any, *, he
     m = cfg.model
     if m.path:
         model = load_hf(
-            model_dir(m.path),
+            checkpoint_dir(m.path),
             dtype=m.param_dtype,
             compute_dtype=m.dtype,
             mesh=mesh,

@@ -59,8 +59,11 @@ def run_sft(cfg: ml_collections.ConfigDict) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     mesh = mesh_from_config(cfg.parallel)
 
-    needs_training = not (cfg.tokenizer.path or cfg.model.path)
-    tokenizer = setup.load_or_train_tokenizer(cfg, setup.raw_records(cfg) if needs_training else None)
+    raw = None
+    if not (cfg.tokenizer.path or cfg.model.path):  # the tokenizer is trained on the data
+        raw = setup.raw_records(cfg)
+        _check_kind(cfg.stage, raw.kind)
+    tokenizer = setup.load_or_train_tokenizer(cfg, raw.records if raw is not None else None)
     renderer = Renderer.from_config(cfg, tokenizer)
     loaded, train_records, eval_records = setup.load_datasets(cfg, renderer)
     _check_kind(cfg.stage, loaded.kind)
@@ -128,7 +131,7 @@ def run_sft(cfg: ml_collections.ConfigDict) -> int:
         eval_batches=eval_batches,
         evaluators=evaluators,
         export=export,
-        packed=cfg.data.packing == "pack",
+        data_hash=loaded.content_hash,
     )
     final, first = summary["final_eval"], summary["first_eval"]
     shown = ", ".join(f"{k} {v:.4g}" for k, v in {**summary["final_train"], **final}.items() if k in _SHOWN)

@@ -22,7 +22,7 @@ class TrainState:
       step: [] int32, optimizer steps taken.
       params: ``nnx.State`` of the model's ``nnx.Param`` variables.
       opt_state: the optimizer's state for ``params``.
-      rng: a PRNG key, split once per step by the step function.
+      rng: the run's PRNG key; step ``i`` uses ``fold_in(rng, i)`` (so a resumed run draws the same keys).
     """
 
     step: jax.Array

@@ -59,11 +59,14 @@ def build_train_step(
     schedule: optax.Schedule | None = None,
     *,
     accum_steps: int = 1,
+    mesh: Mesh | None = None,
 ) -> StepFn:
     """The pure training step (not jitted; see :func:`compile_step`).
 
-    Metrics (all scalars): the objective's (``loss`` first), ``grad_norm`` (global norm before clipping),
-    ``learning_rate`` (the schedule at this step) and ``tokens`` (non-padding tokens in the batch).
+    Metrics (all scalars): the objective's (``loss`` first), ``grad_norm`` (global norm of the gradients
+    before clipping, frozen parameters' included), ``learning_rate`` (the schedule at this step),
+    ``tokens`` (non-padding tokens in the batch) and ``truncated`` (documents cut to fit a row). With a
+    ``mesh``, the accumulated gradients are kept sharded like the parameters.
     """
     if accum_steps < 1:
         raise ValueError(f"accum_steps={accum_steps} must be >= 1")
@@ -85,7 +88,13 @@ def build_train_step(
             micro = micro_batches(batch, accum_steps)
             keys = jax.random.split(rng, accum_steps)
             first = jax.tree.map(lambda x: x[0], micro)
-            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grads_of, first, keys[0]))
+            shapes = jax.eval_shape(grads_of, first, keys[0])
+            zeros = jax.tree.map(jnp.zeros_like, shapes)
+            if mesh is not None:  # an unconstrained carry may be replicated: full gradients on every device
+                zeros = (
+                    jax.lax.with_sharding_constraint(zeros[0], tree_shardings(shapes[0], mesh)),
+                    zeros[1],
+                )
 
             def body(carry, xs):
                 mb, key = xs
@@ -100,6 +109,8 @@ def build_train_step(
             metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
         if "segment_ids" in batch:
             metrics["tokens"] = (batch["segment_ids"] > 0).sum(dtype=jnp.float32)
+        if "num_truncated" in batch:
+            metrics["truncated"] = batch["num_truncated"].sum(dtype=jnp.float32)
         return new_state, metrics
 
     return step
@@ -218,7 +229,7 @@ def compile_eval_step(eval_step: Callable, params: Any, batch: Batch, rng: jax.A
 
 
 def abstract(tree: Any) -> Any:
-    """``jax.ShapeDtypeStruct`` leaves (with the arrays' shardings) for a tree of arrays."""
+    """``jax.ShapeDtypeStruct`` leaves (with the arrays' shardings) for a tree of arrays (or of structs)."""
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
     )
