@@ -71,3 +71,20 @@ def test_train_bench_compare_trl(tmp_path):
         result["peer_loss"],
         result["loss"],
     )
+
+
+def test_rollout_bench_writes_json(tmp_path):
+    out = tmp_path / "rollout.json"
+    args = ["rollout", "--model", "llama-tiny", "--batch", "2", "--prompt-len", "8", "--new-tokens", "4"]
+    assert main([*args, "--repeats", "1", "--sample", "--compare-hf", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for key in (
+        "tokens_per_s",
+        "decode_tokens_per_s",
+        "compile_s",
+        "peak_fraction",
+        "peer_tokens_per_s",
+        "speedup",
+    ):
+        assert result[key] >= 0, key
+    assert result["tokens_per_s"] > 0 and result["peer_tokens_per_s"] > 0

@@ -2,6 +2,7 @@
 
     python -m jaxrl_llm.bench peak
     python -m jaxrl_llm.bench forward --model llama-30m --batch 8 --seq-len 256 [--compare-hf] [--json OUT]
+    python -m jaxrl_llm.bench rollout --model llama-30m --batch 16 --prompt-len 64 --new-tokens 128 [--compare-hf]
     python -m jaxrl_llm.bench train --objective sft --model llama-30m --batch 8 --seq-len 256 [--compare-trl] [--json OUT]
 
 ``--model`` is a preset name (random weights) or an HF checkpoint directory.
@@ -57,7 +58,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also run TRL's SFTTrainer (PyTorch) on the same weights and rows",
     )
-    for p in (peak, fwd, train):
+    roll = sub.add_parser("rollout", help="generation tokens per second of the in-graph sampler")
+    roll.add_argument("--model", default="llama-30m", help="preset name or HF checkpoint directory")
+    roll.add_argument("--batch", type=int, default=16)
+    roll.add_argument("--prompt-len", type=int, default=64)
+    roll.add_argument("--new-tokens", type=int, default=128)
+    roll.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    roll.add_argument("--sample", action="store_true", help="temperature-1 sampling instead of greedy")
+    roll.add_argument("--repeats", type=int, default=3)
+    roll.add_argument("--compare-hf", action="store_true", help="also run HF transformers generate")
+    for p in (peak, fwd, train, roll):
         p.add_argument("--json", metavar="OUT", help="also write the result as one JSON object")
     args = parser.parse_args(argv)
     try:
@@ -77,6 +87,19 @@ def _run(args: argparse.Namespace) -> dict:
         import jax.numpy as jnp
 
         return machine_peaks(jnp.dtype(args.dtype))
+    if args.command == "rollout":
+        from .rollout import bench_rollout
+
+        return bench_rollout(
+            args.model,
+            batch=args.batch,
+            prompt_len=args.prompt_len,
+            new_tokens=args.new_tokens,
+            dtype=args.dtype,
+            sample=args.sample,
+            compare_hf=args.compare_hf,
+            repeats=args.repeats,
+        )
     if args.command == "train":
         return bench_train(
             args.model,

@@ -75,3 +75,15 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.k.shape[2]
+
+    def repeat_rows(self, n: int) -> KVCache:
+        """Each row repeated ``n`` times (row ``i`` -> rows ``i*n .. i*n+n-1``): one prefill, n samples."""
+        if n == 1:
+            return self
+        return self.replace(
+            k=jnp.repeat(self.k, n, axis=1),
+            v=jnp.repeat(self.v, n, axis=1),
+            valid=jnp.repeat(self.valid, n, axis=0),
+            positions=jnp.repeat(self.positions, n, axis=0),
+            lengths=jnp.repeat(self.lengths, n, axis=0),
+        )

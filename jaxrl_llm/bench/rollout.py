@@ -1,0 +1,133 @@
+"""Generation throughput of the in-graph sampler: decode and end-to-end tokens/s, compile time, and the
+fraction of this machine's limit, with HF transformers' ``generate`` on the same checkpoint as the peer.
+
+The limit is what the measured matmul FLOP/s and copy bandwidth allow: the prefill's FLOPs at the matmul
+peak, then per decode step the larger of its FLOPs at the matmul peak and one read of the weights at the
+copy bandwidth (decoding a small batch is bound by reading the weights).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .forward import _model, forward_flops
+from .peak import copy_bytes_per_s, matmul_flops_per_s
+
+
+def _timed_call(fn, repeats: int) -> tuple[float, float]:
+    """(first call incl. compile, median of ``repeats`` later calls), in seconds."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times)
+
+
+def bench_rollout(
+    spec: str,
+    *,
+    batch: int,
+    prompt_len: int,
+    new_tokens: int,
+    dtype: str = "float32",
+    sample: bool = False,
+    compare_hf: bool = False,
+    repeats: int = 3,
+) -> dict:
+    from ..models import count_params
+    from ..rollout.sampler import Sampler
+    from ..rollout.sampling import SamplingParams
+
+    model = _model(spec, dtype)
+    cfg = model.cfg
+    rs = np.random.RandomState(0)
+    ids = rs.randint(1, cfg.vocab_size, (batch, prompt_len)).astype(np.int32)
+    mask = np.ones_like(ids)
+    params = SamplingParams(temperature=1.0) if sample else SamplingParams.greedy()
+    sampler = Sampler(model, eos_ids=(), pad_id=0)  # no EOS: every row makes exactly new_tokens tokens
+
+    def run(n_new):
+        return lambda: (
+            sampler.sample(ids, mask, key=jax.random.key(0), max_new_tokens=n_new, sampling=params).tokens
+        )
+
+    first, total_s = _timed_call(run(new_tokens), repeats)
+    _, prefill_s = _timed_call(run(1), repeats)  # prefill + the first token
+    decode_s = max(total_s - prefill_s, 1e-9)
+
+    flops_peak = matmul_flops_per_s(jnp.dtype(dtype))
+    bandwidth = copy_bytes_per_s()
+    n_params = count_params(model)
+    weight_bytes = n_params * jnp.dtype(dtype).itemsize
+    step_flops = forward_flops(cfg, batch, 1)
+    limit_s = forward_flops(cfg, batch, prompt_len) / flops_peak + (new_tokens - 1) * max(
+        step_flops / flops_peak, weight_bytes / bandwidth
+    )
+    result = {
+        "model": spec,
+        "family": cfg.family,
+        "parameters": n_params,
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "dtype": dtype,
+        "sampling": "temperature 1" if sample else "greedy",
+        "device": jax.devices()[0].device_kind,
+        "compile_s": max(first - total_s, 0.0),
+        "total_s": total_s,
+        "tokens_per_s": batch * new_tokens / total_s,
+        "decode_tokens_per_s": batch * (new_tokens - 1) / decode_s,
+        "peak_matmul_flops_per_s": flops_peak,
+        "copy_bytes_per_s": bandwidth,
+        "limit_tokens_per_s": batch * new_tokens / limit_s,
+        "peak_fraction": limit_s / total_s,
+    }
+    if compare_hf:
+        result.update(_hf_generate(model, ids, mask, new_tokens, dtype, sample, repeats))
+        result["speedup"] = result["tokens_per_s"] / result["peer_tokens_per_s"]
+    return result
+
+
+def _hf_generate(model, ids, mask, new_tokens: int, dtype: str, sample: bool, repeats: int) -> dict:
+    """The same checkpoint through transformers' ``generate`` (PyTorch), exactly ``new_tokens`` per row."""
+    import torch
+    import transformers
+
+    from ..models import save_hf
+
+    with tempfile.TemporaryDirectory() as path:
+        save_hf(model, path)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    inputs = {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask)}
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=sample, pad_token_id=0)
+    if sample:
+        kwargs.update(temperature=1.0, top_k=0, top_p=1.0)
+
+    def run():
+        with torch.no_grad():
+            return hf.generate(**inputs, **kwargs, eos_token_id=None)
+
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = run()
+        times.append(time.perf_counter() - start)
+    assert out.shape[1] == ids.shape[1] + new_tokens
+    step = statistics.median(times)
+    return {
+        "peer": f"transformers {transformers.__version__} generate (torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads)",
+        "peer_total_s": step,
+        "peer_tokens_per_s": ids.shape[0] * new_tokens / step,
+    }
