@@ -174,9 +174,12 @@ def write_run_info(
     return info_path
 
 
+SUMMARY_NAME = "summary.json"
+
+
 def write_summary(run_dir: str | Path, summary: dict) -> Path:
     """Writes ``<run_dir>/summary.json`` (JSON-safe, sorted keys) on process 0; returns its path."""
-    path = Path(run_dir) / "summary.json"
+    path = Path(run_dir) / SUMMARY_NAME
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_atomic(path, _dumps(summary))

@@ -68,8 +68,13 @@ def model_config(section) -> ModelConfig:
     return get_preset(section.preset, **sizes, **execution)
 
 
-def build_model(section, *, seed: int = 0, mesh: Mesh | None = None, head: str = "lm"):
-    """The model a validated ``config.model`` section names: loaded from ``path``, else built from scratch."""
+def build_model(
+    section, *, seed: int = 0, mesh: Mesh | None = None, head: str = "lm", vocab_size: int | None = None
+):
+    """The model a validated ``config.model`` section names: loaded from ``path``, else built from scratch.
+
+    ``vocab_size`` (a tokenizer's) sizes a model built from scratch whose ``section.vocab_size`` is None.
+    """
     if section.path:
         from .hf_io import load_hf
 
@@ -82,4 +87,7 @@ def build_model(section, *, seed: int = 0, mesh: Mesh | None = None, head: str =
             remat=section.remat,
             scan_layers=bool(section.scan_layers),
         )
-    return create_model(model_config(section), seed=seed, mesh=mesh, head=head)
+    arch = model_config(section)
+    if section.vocab_size is None and vocab_size is not None:
+        arch = arch.replace(vocab_size=vocab_size)
+    return create_model(arch, seed=seed, mesh=mesh, head=head)

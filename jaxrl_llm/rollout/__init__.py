@@ -1,7 +1,6 @@
 """Rollout: generation from a model with a KV cache, compiled as one program per prompt bucket."""
 
-from .greedy import greedy_generate, left_pad
-from .sampler import FINISH_REASONS, Rollout, Sampler, prompt_bucket
+from .sampler import FINISH_REASONS, Rollout, Sampler, left_pad, prompt_bucket
 from .sampling import SamplingParams, filtered_logits, sample
 
 __all__ = [
@@ -10,7 +9,6 @@ __all__ = [
     "Sampler",
     "SamplingParams",
     "filtered_logits",
-    "greedy_generate",
     "left_pad",
     "prompt_bucket",
     "sample",

@@ -54,6 +54,22 @@ class Rollout:
     finish_reason: jax.Array
 
 
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int, width: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids int32[B, W], mask int32[B, W])`` with each prompt right-aligned (left padding)."""
+    width = width or max(map(len, prompts))
+    ids = np.full((len(prompts), width), pad_id, np.int32)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for i, p in enumerate(prompts):
+        if len(p) > width:
+            raise ValueError(f"prompt {i} has {len(p)} tokens, more than the width {width}")
+        if len(p):
+            ids[i, width - len(p) :] = p
+            mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
 def prompt_bucket(length: int, smallest: int = 16) -> int:
     """The padded prompt length a prompt of ``length`` tokens compiles for: the next power of two."""
     bucket = smallest

@@ -89,7 +89,9 @@ def exact_match(
     examples: int = 3,
 ) -> tuple[dict[str, float], list[dict[str, str]]]:
     """``({"exact_match", "samples"}, a few {prompt, reference, generated} examples)``."""
-    from jaxrl_llm.rollout import greedy_generate, left_pad
+    import jax
+
+    from jaxrl_llm.rollout import Sampler, SamplingParams, left_pad
 
     pairs = prompts_and_answers(records)
     if not pairs:
@@ -98,17 +100,18 @@ def exact_match(
     pad = tok.pad_id if tok.pad_id is not None else 0
     prompts = [renderer.render_prompt(r["messages"], r.get("tools")).tolist() for r, _ in pairs]
     width = max(map(len, prompts))  # one shape for every chunk: one compile
-    stops = stop_ids(renderer)
+    sampler = Sampler(model, eos_ids=stop_ids(renderer), pad_id=pad, mesh=mesh)
     hits, shown = 0, []
     for start in range(0, len(pairs), batch_size):
         chunk, rows = pairs[start : start + batch_size], prompts[start : start + batch_size]
         n = len(rows)
         ids, mask = left_pad(rows + [rows[-1]] * (batch_size - n), pad, width)
-        generated = greedy_generate(
-            model, ids, mask, max_new_tokens=max_new_tokens, eos_ids=stops, mesh=mesh
-        )[:n]
-        for (record, answer), out in zip(chunk, generated, strict=True):
-            text = tok.decode(out, skip_special_tokens=True).strip()
+        rollout = sampler.sample(
+            ids, mask, key=jax.random.key(0), max_new_tokens=max_new_tokens, sampling=SamplingParams.greedy()
+        )
+        tokens, lengths = np.asarray(rollout.tokens)[:n], np.asarray(rollout.lengths)[:n]
+        for (record, answer), out, length in zip(chunk, tokens, lengths, strict=True):
+            text = tok.decode(out[:length].tolist(), skip_special_tokens=True).strip()
             hit = text == answer.strip()
             hits += hit
             if len(shown) < examples:

@@ -31,8 +31,10 @@ import ml_collections
 import numpy as np
 
 from jaxrl_llm.checkpoint import Checkpointer, params_digest, write_summary
+from jaxrl_llm.checkpoint.run_info import SUMMARY_NAME
 from jaxrl_llm.data.pipeline import to_device
 from jaxrl_llm.errors import UserError
+from jaxrl_llm.models.hf_io import RUN_EXPORT_DIRNAME
 from jaxrl_llm.objectives.base import Objective
 from jaxrl_llm.observe import MetricWriter, Progress, mfu, peak_flops
 from jaxrl_llm.parallel import is_main_process
@@ -42,7 +44,6 @@ from .state import TrainState
 from .step import Compiled, abstract, build_train_step, compile_step, shard_state
 
 EvalFn = Callable[[Any, int], dict[str, float]]  # (model, step) -> metrics
-SUMMARY_NAME = "summary.json"
 
 
 class ResumeError(UserError):
@@ -333,7 +334,7 @@ def run_loop(
         "params_sha256": params_digest(_params(final_model)),
     }
     if export is not None and tcfg.export_hf:
-        out = run_dir / "final"
+        out = run_dir / RUN_EXPORT_DIRNAME
         export(final_model, out)
         summary["export"] = str(out)
     write_summary(run_dir, summary)

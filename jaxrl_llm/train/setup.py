@@ -136,23 +136,8 @@ def load_datasets(cfg: ml_collections.ConfigDict, renderer: Any) -> tuple[Any, l
 def build_model(cfg: ml_collections.ConfigDict, tokenizer: Any, mesh: Any, *, head: str = "lm"):
     """The model ``cfg.model`` names, checked against the tokenizer. A model from scratch without an
     explicit ``model.vocab_size`` takes the tokenizer's vocabulary size."""
-    from jaxrl_llm.models import create_model, load_hf, model_config
+    from jaxrl_llm.models import build_model as build
 
-    m = cfg.model
-    if m.path:
-        model = load_hf(
-            checkpoint_dir(m.path),
-            dtype=m.param_dtype,
-            compute_dtype=m.dtype,
-            mesh=mesh,
-            head=head,
-            remat=m.remat,
-            scan_layers=bool(m.scan_layers),
-        )
-    else:
-        arch = model_config(m)
-        if m.vocab_size is None:
-            arch = arch.replace(vocab_size=tokenizer.vocab_size)
-        model = create_model(arch, seed=cfg.seed, mesh=mesh, head=head)
+    model = build(cfg.model, seed=cfg.seed, mesh=mesh, head=head, vocab_size=tokenizer.vocab_size)
     tokenizer.check_fits(model.cfg.vocab_size)
     return model
