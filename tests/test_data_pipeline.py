@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -21,6 +18,7 @@ from jaxrl_llm.data.pipeline import make_pipeline, to_device
 from jaxrl_llm.data.records import DataError
 from jaxrl_llm.parallel import make_mesh
 from jaxrl_llm.render import RenderError
+from tests.simulated_devices import run_on_cpu_devices
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("tokens", "loss_mask", "segment_ids", "positions", "num_truncated")
@@ -299,9 +297,4 @@ EIGHT_DEVICES = textwrap.dedent(
 
 
 def test_to_device_shards_rows_over_data_and_fsdp_on_8_devices():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run(
-        [sys.executable, "-c", EIGHT_DEVICES], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "8-device to_device checks passed" in proc.stdout
+    run_on_cpu_devices(["-c", EIGHT_DEVICES], 8, "8-device to_device checks passed", timeout=300)

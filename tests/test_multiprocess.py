@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.simulated_devices import cpu_devices_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,7 +20,7 @@ def _free_port() -> int:
 
 def test_two_processes_share_one_mesh(tmp_path):
     port = _free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    env = cpu_devices_env(2)
     script = str(ROOT / "tests" / "multiprocess_worker.py")
     procs = [
         subprocess.Popen(

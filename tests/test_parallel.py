@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -13,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxrl_llm.models import create_model, get_preset
 from jaxrl_llm.parallel import MeshError, logical_to_spec, make_mesh, resolve_axis_sizes
+from tests.simulated_devices import run_on_cpu_devices
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,14 +51,4 @@ def test_one_device_mesh_runs_the_model():
 
 
 def test_parameters_are_sharded_as_the_rules_say_on_8_devices():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "sharding_8dev.py")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "8-device sharding checks passed" in proc.stdout
+    run_on_cpu_devices([str(ROOT / "tests" / "sharding_8dev.py")], 8, "8-device sharding checks passed")

@@ -3,9 +3,6 @@ is sharded like the 1-device step (8 simulated devices in a subprocess), and the
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -21,6 +18,7 @@ from jaxrl_llm.parallel import make_mesh
 from jaxrl_llm.train.optimizer import make_optimizer, make_schedule
 from jaxrl_llm.train.state import TrainState
 from jaxrl_llm.train.step import build_train_step, compile_step, micro_batches, tree_shardings
+from tests.simulated_devices import run_on_cpu_devices
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = get_preset("qwen3-tiny", vocab_size=128, num_heads=4, num_kv_heads=2)
@@ -205,14 +203,4 @@ def test_compiled_step_reports_memory_and_donates_state():
 
 
 def test_sharded_step_equals_one_device_on_8_devices():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.train_8dev"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "8-device train step checks passed" in proc.stdout
+    run_on_cpu_devices(["-m", "tests.train_8dev"], 8, "8-device train step checks passed")
