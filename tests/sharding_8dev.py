@@ -77,10 +77,11 @@ def main():
 
     # The KV cache is born sharded too: batch over the data axes, KV heads over tensor.
     cache = sharded.init_cache(8, 32, mesh=mesh)
-    assert tuple(cache.k.sharding.spec) == (None, ("data", "fsdp"), None, "tensor", None), (
-        cache.k.sharding.spec
-    )
-    assert cache.k.addressable_shards[0].data.shape == (CFG.num_layers, 2, 32, 1, 16)
+    k, v = cache.k[0], cache.v[0]
+    assert tuple(k.sharding.spec) == (("data", "fsdp"), "tensor", None, None), k.sharding.spec
+    assert tuple(v.sharding.spec) == (("data", "fsdp"), "tensor", None, None), v.sharding.spec
+    assert k.addressable_shards[0].data.shape == (2, 1, 16, 32)
+    assert v.addressable_shards[0].data.shape == (2, 1, 32, 16)
     with jax.set_mesh(mesh):
         out = jax.jit(lambda s, t, c: nnx.merge(graphdef, s).forward(t, cache=c))(state, batch, cache)
     np.testing.assert_allclose(np.asarray(out.logits), want, atol=1e-5)

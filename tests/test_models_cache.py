@@ -56,8 +56,11 @@ def test_prefill_then_decode_equals_full_forward(family, scan_layers):
 def test_cache_shapes_and_dtype():
     cfg = get_preset("qwen3-tiny", dtype="bfloat16")
     cache = create_model(cfg).init_cache(2, 32)
-    assert cache.k.shape == (cfg.num_layers, 2, 32, cfg.num_kv_heads, cfg.head_dim)
-    assert cache.k.dtype == jnp.bfloat16 and cache.max_len == 32
+    # One array per layer, heads-major: keys [B, K, D, S] (slots last), values [B, K, S, D].
+    assert len(cache.k) == len(cache.v) == cfg.num_layers
+    assert all(k.shape == (2, cfg.num_kv_heads, cfg.head_dim, 32) for k in cache.k)
+    assert all(v.shape == (2, cfg.num_kv_heads, 32, cfg.head_dim) for v in cache.v)
+    assert cache.k[0].dtype == jnp.bfloat16 and cache.max_len == 32
 
 
 def test_input_longer_than_the_cache_is_refused():

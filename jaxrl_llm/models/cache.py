@@ -1,5 +1,11 @@
 """The KV cache: a plain pytree of fixed-size arrays, written with ``dynamic_update_slice``.
 
+Keys and values are one array per layer, heads-major: keys ``[B, K, D, S]``, values ``[B, K, S, D]``. A
+decode step writes each layer's new slot in place and reads it back without slicing or restacking an
+``[L, ...]`` array (on XLA both copy the whole cache at every generated token), and both attention matmuls
+are plain ``[G, D] x [D, S]`` and ``[G, S] x [S, D]`` products per (row, head) with no transposed operand:
+on XLA's CPU matmuls the ``[S, D]`` key layout made the score product ~3x slower.
+
 Rows may be left- or right-padded: ``valid`` marks which slots hold real tokens and ``positions`` their
 RoPE positions, so a row's attention never depends on the other rows' padding.
 
@@ -22,8 +28,8 @@ from .layers import dtype_of
 
 @struct.dataclass
 class KVCache:
-    k: jax.Array  # [L, B, S, K, D] keys after RoPE
-    v: jax.Array  # [L, B, S, K, D]
+    k: tuple[jax.Array, ...]  # per layer [B, K, D, S]: keys after RoPE, slots last
+    v: tuple[jax.Array, ...]  # per layer [B, K, S, D]
     valid: jax.Array  # bool[B, S]: the slot holds a real (non-padding) token
     positions: jax.Array  # int32[B, S]: RoPE position of the token in each slot
     index: jax.Array  # int32[]: the next slot to write (shared by all rows)
@@ -46,12 +52,14 @@ class KVCache:
         whole on one device.
         """
         dtype = dtype or dtype_of(cfg.dtype)
-        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, max_len)
+        v_shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        layers = cfg.num_layers
 
         def make() -> KVCache:
             return cls(
-                k=jnp.zeros(shape, dtype),
-                v=jnp.zeros(shape, dtype),
+                k=tuple(jnp.zeros(k_shape, dtype) for _ in range(layers)),
+                v=tuple(jnp.zeros(v_shape, dtype) for _ in range(layers)),
                 valid=jnp.zeros((batch, max_len), bool),
                 positions=jnp.zeros((batch, max_len), jnp.int32),
                 index=jnp.zeros((), jnp.int32),
@@ -60,11 +68,12 @@ class KVCache:
 
         if mesh is None:
             return make()
-        kv = named_sharding(("layers", "batch", "cache_seq", "kv_heads", "head_dim"), shape, mesh, rules)
+        k = named_sharding(("batch", "kv_heads", "head_dim", "cache_seq"), k_shape, mesh, rules)
+        v = named_sharding(("batch", "kv_heads", "cache_seq", "head_dim"), v_shape, mesh, rules)
         rows = named_sharding(("batch", "cache_seq"), (batch, max_len), mesh, rules)
         shardings = cls(
-            k=kv,
-            v=kv,
+            k=(k,) * layers,
+            v=(v,) * layers,
             valid=rows,
             positions=rows,
             index=named_sharding((), (), mesh, rules),
@@ -74,15 +83,15 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.v[0].shape[2]
 
     def repeat_rows(self, n: int) -> KVCache:
         """Each row repeated ``n`` times (row ``i`` -> rows ``i*n .. i*n+n-1``): one prefill, n samples."""
         if n == 1:
             return self
         return self.replace(
-            k=jnp.repeat(self.k, n, axis=1),
-            v=jnp.repeat(self.v, n, axis=1),
+            k=tuple(jnp.repeat(k, n, axis=0) for k in self.k),
+            v=tuple(jnp.repeat(v, n, axis=0) for v in self.v),
             valid=jnp.repeat(self.valid, n, axis=0),
             positions=jnp.repeat(self.positions, n, axis=0),
             lengths=jnp.repeat(self.lengths, n, axis=0),

@@ -71,13 +71,13 @@ PRESETS: dict[str, ModelConfig] = {
             "rope_scaling": RopeScaling("linear", 8.0),
         }
     ),
-    # ~30M parameters: the benchmark size for the training step.
+    # ~30M parameters (33.5M): the benchmark model of the training, rollout and preference issues.
     "llama-30m": ModelConfig(
         family="llama",
         vocab_size=8192,
         hidden_size=512,
         intermediate_size=1536,
-        num_layers=6,
+        num_layers=8,
         num_heads=8,
         num_kv_heads=4,
         head_dim=64,

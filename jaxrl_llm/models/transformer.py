@@ -80,7 +80,17 @@ class Decoder(nnx.Module):
         """An empty KV cache for this model (sharded on ``mesh`` when given); see :class:`KVCache`."""
         return KVCache.init(self.cfg, batch, max_len, dtype, mesh=mesh)
 
-    def _run_blocks(self, x, positions, mask: AttentionMask, cache: KVCache | None):
+    def layer_states(self) -> tuple[nnx.State, ...]:
+        """Each block's parameters as its own arrays (slices of the stacked ``[L, ...]`` parameters).
+
+        A decode loop computes these once, outside the loop, and passes them as ``forward(..., layers=)``:
+        slicing a stacked parameter copies it on XLA, so slicing inside the loop would copy every weight at
+        every generated token.
+        """
+        _, state = nnx.split(self.blocks)
+        return tuple(jax.tree.map(lambda a, i=i: a[i], state) for i in range(self.cfg.num_layers))
+
+    def _run_blocks(self, x, positions, mask: AttentionMask, cache: KVCache | None, layers=None):
         graphdef, state = nnx.split(self.blocks)
         # What differs between layers (window, RoPE base) is scanned data, so all layers share one program.
         windows = jnp.asarray(self.windows, jnp.int32)
@@ -93,23 +103,28 @@ class Decoder(nnx.Module):
 
         def layer(x, xs):
             block_state, window, inv_freq, kv = xs
-            x, new_kv = nnx.merge(graphdef, block_state)(
+            return nnx.merge(graphdef, block_state)(
                 x, positions, mask.for_window(window), inv_freq, kv, index
             )
-            return x, None if kv is None else new_kv  # without a cache, nothing is stacked or kept
 
         if self.cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.cfg.remat])
         kv = None if cache is None else (cache.k, cache.v)
-        if self.cfg.scan_layers:
-            x, new_kv = jax.lax.scan(layer, x, (state, windows, inv_freqs, kv))
-        else:
-            outs = []
-            for i in range(self.cfg.num_layers):
-                x, out = layer(x, jax.tree.map(lambda a, i=i: a[i], (state, windows, inv_freqs, kv)))
-                outs.append(out)
-            new_kv = None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
-        return x, new_kv
+        if self.cfg.scan_layers and layers is None:
+            stacked = None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *zip(*kv))
+            x, new_kv = jax.lax.scan(layer, x, (state, windows, inv_freqs, stacked))
+            if new_kv is not None:  # back to one array per layer
+                new_kv = tuple(tuple(a[i] for i in range(self.cfg.num_layers)) for a in new_kv)
+            return x, new_kv
+        new_kv = ([], [])
+        for i in range(self.cfg.num_layers):
+            block_state = layers[i] if layers is not None else jax.tree.map(lambda a, i=i: a[i], state)
+            layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+            x, out = layer(x, (block_state, windows[i], inv_freqs[i], layer_kv))
+            if out is not None:
+                new_kv[0].append(out[0])
+                new_kv[1].append(out[1])
+        return x, None if kv is None else (tuple(new_kv[0]), tuple(new_kv[1]))
 
     def forward_hidden(
         self,
@@ -119,12 +134,14 @@ class Decoder(nnx.Module):
         attention_mask: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
+        layers: tuple[nnx.State, ...] | None = None,
     ):
         """tokens: int32[B, T] -> (hidden [B, T, E], updated cache or None).
 
         ``attention_mask`` (bool/int [B, T], 1 = real token) allows left and right padding. ``positions``
         default to the count of real tokens before each one (continuing from the cache), which is what HF
-        computes for padded generation. ``segment_ids`` (int32[B, T], 0 = padding, 1.. = the document within
+        computes for padded generation. ``layers`` (from :meth:`layer_states`) are the blocks' parameters
+        already sliced per layer, for decode loops. ``segment_ids`` (int32[B, T], 0 = padding, 1.. = the document within
         a packed row) keeps packed documents from attending to each other; positions then restart at 0 in
         every document unless given.
         """
@@ -155,7 +172,7 @@ class Decoder(nnx.Module):
             )
             mask = make_mask(positions, valid, cache.positions, cache.valid, slots)
         x = constrain(self.embed(tokens), ("batch", "seq", "embed"))
-        x, new_kv = self._run_blocks(x, positions, mask, cache)
+        x, new_kv = self._run_blocks(x, positions, mask, cache, layers)
         if cache is not None:
             cache = cache.replace(
                 k=new_kv[0],
@@ -212,10 +229,15 @@ class CausalLM(Decoder):
         return softcap(logits.astype(jnp.float32), self.cfg.final_logit_softcap)
 
     def forward(
-        self, tokens, *, positions=None, attention_mask=None, segment_ids=None, cache=None
+        self, tokens, *, positions=None, attention_mask=None, segment_ids=None, cache=None, layers=None
     ) -> ModelOutput:
         hidden, cache = self.forward_hidden(
-            tokens, positions=positions, attention_mask=attention_mask, segment_ids=segment_ids, cache=cache
+            tokens,
+            positions=positions,
+            attention_mask=attention_mask,
+            segment_ids=segment_ids,
+            cache=cache,
+            layers=layers,
         )
         scores = None if self.value_head is None else self.value_head(hidden)
         return ModelOutput(logits=self.logits(hidden), hidden=hidden, scores=scores, cache=cache)
@@ -259,10 +281,15 @@ class ScoreModel(Decoder):
         self.score = ScalarHead(cfg, rngs=rngs)
 
     def forward(
-        self, tokens, *, positions=None, attention_mask=None, segment_ids=None, cache=None
+        self, tokens, *, positions=None, attention_mask=None, segment_ids=None, cache=None, layers=None
     ) -> ModelOutput:
         hidden, cache = self.forward_hidden(
-            tokens, positions=positions, attention_mask=attention_mask, segment_ids=segment_ids, cache=cache
+            tokens,
+            positions=positions,
+            attention_mask=attention_mask,
+            segment_ids=segment_ids,
+            cache=cache,
+            layers=layers,
         )
         return ModelOutput(logits=None, hidden=hidden, scores=self.score(hidden), cache=cache)
 

@@ -111,12 +111,15 @@ def _generate(
     pad_id: int,
 ) -> Rollout:
     model = nnx.merge(graphdef, state)
-    out = model.forward(prompt_ids, attention_mask=prompt_mask, cache=cache)
+    layers = model.layer_states()  # sliced once: inside the loop every slice would copy the weights again
+    hidden, cache = model.forward_hidden(prompt_ids, attention_mask=prompt_mask, cache=cache, layers=layers)
     rows = prompt_ids.shape[0] * n
-    cache = out.cache.repeat_rows(n)
-    # Each row's next token follows its last real prompt token (the last column only when left-padded).
+    cache = cache.repeat_rows(n)
+    # Each row's next token follows its last real prompt token (the last column only when left-padded); the
+    # LM head runs on that position alone.
     last = jnp.max(jnp.where(prompt_mask > 0, jnp.arange(prompt_ids.shape[1]), 0), axis=1)
-    logits = jnp.repeat(jnp.take_along_axis(out.logits, last[:, None, None], axis=1)[:, 0], n, axis=0)
+    logits = model.logits(jnp.take_along_axis(hidden, last[:, None, None], axis=1))[:, 0]
+    logits = jnp.repeat(logits, n, axis=0)
     row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(rows))
     eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
     width = max((len(s) for s in stops), default=1)
@@ -155,7 +158,9 @@ def _generate(
 
     def body(state):
         step, token, cache, carry = state
-        out = model.forward(token[:, None], attention_mask=jnp.ones((rows, 1), jnp.int32), cache=cache)
+        out = model.forward(
+            token[:, None], attention_mask=jnp.ones((rows, 1), jnp.int32), cache=cache, layers=layers
+        )
         token, logp, model_logp = (x[:, 0] for x in draw(step, out.logits[:, -1]))
         return step + 1, token, out.cache, record(step, carry, token, logp, model_logp)
 
