@@ -111,7 +111,9 @@ class Decoder(nnx.Module):
             layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.cfg.remat])
         kv = None if cache is None else (cache.k, cache.v)
         if self.cfg.scan_layers and layers is None:
-            stacked = None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *zip(*kv))
+            stacked = (
+                None if kv is None else (jnp.stack(kv[0]), jnp.stack(kv[1]))
+            )  # copies: scan needs [L, ...]
             x, new_kv = jax.lax.scan(layer, x, (state, windows, inv_freqs, stacked))
             if new_kv is not None:  # back to one array per layer
                 new_kv = tuple(tuple(a[i] for i in range(self.cfg.num_layers)) for a in new_kv)
