@@ -11,6 +11,7 @@ import pytest
 from jaxrl_llm.models import create_model, get_preset
 from jaxrl_llm.rollout.sampler import FINISH_REASONS, Sampler, _generate, prompt_bucket
 from jaxrl_llm.rollout.sampling import SamplingParams
+from tests.simulated_devices import ROOT, run_on_cpu_devices
 
 ARCH = get_preset("llama-tiny", vocab_size=64)
 
@@ -163,3 +164,8 @@ def test_greedy_equals_hf_generate(tmp_path, family):
         ids, mask, key=jax.random.key(0), max_new_tokens=new, sampling=SamplingParams.greedy()
     )
     np.testing.assert_array_equal(np.asarray(got.tokens), want)
+
+
+def test_sharded_under_a_mesh_equals_one_device():
+    """Rows over data x fsdp, KV heads over tensor: the same completions as one device (8 simulated CPUs)."""
+    run_on_cpu_devices([str(ROOT / "tests" / "rollout_8dev.py")], 8, "8-device rollout checks passed")

@@ -1,9 +1,9 @@
 """Generation throughput of the in-graph sampler: decode and end-to-end tokens/s, compile time, and the
 fraction of this machine's limit, with HF transformers' ``generate`` on the same checkpoint as the peer.
 
-The limit is what the measured matmul FLOP/s and copy bandwidth allow: the prefill's FLOPs at the matmul
-peak, then per decode step the larger of its FLOPs at the matmul peak and one read of the weights at the
-copy bandwidth (decoding a small batch is bound by reading the weights).
+The limit is what the measured matmul FLOP/s and memory read bandwidth allow: the prefill's FLOPs at the
+matmul peak, then per decode step the larger of its FLOPs at the matmul peak and its reads (every weight
+matrix once, plus the keys and values cached so far) at the read bandwidth.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .forward import _model, forward_flops
-from .peak import copy_bytes_per_s, matmul_flops_per_s
+from .peak import matmul_flops_per_s, memory_bytes_per_s
 
 
 def _timed_call(fn, repeats: int) -> tuple[float, float]:
@@ -31,6 +31,16 @@ def _timed_call(fn, repeats: int) -> tuple[float, float]:
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
     return first, statistics.median(times)
+
+
+def decode_step_floor(cfg, batch: int, cached: int, itemsize: int, flops_per_s: float, bytes_per_s: float) -> float:
+    """Seconds one decode step needs at best: its matmul FLOPs at the peak, or reading every weight matrix
+    (not the embedding table, of which it gathers ``batch`` rows) and ``cached`` slots of keys and values."""
+    e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    matrices = cfg.num_layers * (e * d * (2 * h + 2 * kv) + 3 * e * cfg.intermediate_size) + e * cfg.vocab_size
+    flops = batch * (2 * matrices + 4 * cfg.num_layers * h * d * cached)
+    reads = (matrices + batch * cached * cfg.num_layers * 2 * kv * d) * itemsize
+    return max(flops / flops_per_s, reads / bytes_per_s)
 
 
 def bench_rollout(
@@ -66,12 +76,11 @@ def bench_rollout(
     decode_s = max(total_s - prefill_s, 1e-9)
 
     flops_peak = matmul_flops_per_s(jnp.dtype(dtype))
-    bandwidth = copy_bytes_per_s()
+    bandwidth = memory_bytes_per_s()
     n_params = count_params(model)
-    weight_bytes = n_params * jnp.dtype(dtype).itemsize
-    step_flops = forward_flops(cfg, batch, 1)
-    limit_s = forward_flops(cfg, batch, prompt_len) / flops_peak + (new_tokens - 1) * max(
-        step_flops / flops_peak, weight_bytes / bandwidth
+    limit_s = forward_flops(cfg, batch, prompt_len) / flops_peak + sum(
+        decode_step_floor(cfg, batch, prompt_len + i, jnp.dtype(dtype).itemsize, flops_peak, bandwidth)
+        for i in range(1, new_tokens)
     )
     result = {
         "model": spec,
@@ -88,7 +97,7 @@ def bench_rollout(
         "tokens_per_s": batch * new_tokens / total_s,
         "decode_tokens_per_s": batch * (new_tokens - 1) / decode_s,
         "peak_matmul_flops_per_s": flops_peak,
-        "copy_bytes_per_s": bandwidth,
+        "memory_bytes_per_s": bandwidth,
         "limit_tokens_per_s": batch * new_tokens / limit_s,
         "peak_fraction": limit_s / total_s,
     }

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from ..parallel import constrain, named_sharding
 from .sampling import SamplingParams, sample
 
 FINISH_REASONS = ("length", "eos", "stop")  # Rollout.finish_reason indexes this tuple
@@ -114,7 +115,7 @@ def _generate(
     layers = model.layer_states()  # sliced once: inside the loop every slice would copy the weights again
     hidden, cache = model.forward_hidden(prompt_ids, attention_mask=prompt_mask, cache=cache, layers=layers)
     rows = prompt_ids.shape[0] * n
-    cache = cache.repeat_rows(n)
+    cache = _constrain_cache(cache.repeat_rows(n))
     # Each row's next token follows its last real prompt token (the last column only when left-padded); the
     # LM head runs on that position alone.
     last = jnp.max(jnp.where(prompt_mask > 0, jnp.arange(prompt_ids.shape[1]), 0), axis=1)
@@ -150,6 +151,7 @@ def _generate(
         jnp.zeros((rows,), bool),
         jnp.zeros((rows,), jnp.int32),
     )
+    carry = jax.tree.map(lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1)), carry)
     carry = record(0, carry, token, logp, model_logp)
 
     def cond(state):
@@ -174,6 +176,18 @@ def _generate(
         model_logprobs=jnp.where(mask, model_logps, 0.0),
         lengths=mask.sum(axis=1, dtype=jnp.int32),
         finish_reason=reason,
+    )
+
+
+def _constrain_cache(cache):
+    """Rows over the data axes and KV heads over ``tensor`` (a no-op without a mesh): the group repeat must not
+    gather the cache onto every device."""
+    return cache.replace(
+        k=tuple(constrain(k, ("batch", "kv_heads", "head_dim", "cache_seq")) for k in cache.k),
+        v=tuple(constrain(v, ("batch", "kv_heads", "cache_seq", "head_dim")) for v in cache.v),
+        valid=constrain(cache.valid, ("batch", "cache_seq")),
+        positions=constrain(cache.positions, ("batch", "cache_seq")),
+        lengths=constrain(cache.lengths, ("batch",)),
     )
 
 
@@ -247,12 +261,17 @@ class Sampler:
                 f"prompt bucket {bucket} + max_new_tokens {max_new_tokens} exceeds the model's max_seq_len {limit}"
             )
         cache = self.model.init_cache(batch, bucket + max_new_tokens, mesh=self.mesh)
+        if self.mesh is None:
+            prompt_ids, prompt_mask = jnp.asarray(prompt_ids), jnp.asarray(prompt_mask)
+        else:  # prompts arrive split over the data axes, like the cache
+            rows = named_sharding(("batch", None), prompt_ids.shape, self.mesh)
+            prompt_ids, prompt_mask = jax.device_put(prompt_ids, rows), jax.device_put(prompt_mask, rows)
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             return _generate(
                 self.graphdef,
                 self.state,
-                jnp.asarray(prompt_ids),
-                jnp.asarray(prompt_mask),
+                prompt_ids,
+                prompt_mask,
                 cache,
                 key,
                 sampling.as_arrays(),
