@@ -169,3 +169,17 @@ def test_greedy_equals_hf_generate(tmp_path, family):
 def test_sharded_under_a_mesh_equals_one_device():
     """Rows over data x fsdp, KV heads over tensor: the same completions as one device (8 simulated CPUs)."""
     run_on_cpu_devices([str(ROOT / "tests" / "rollout_8dev.py")], 8, "8-device rollout checks passed")
+
+
+def test_the_last_bucket_ends_at_the_context_limit():
+    """A 40-token prompt (bucket 64) with 8 new tokens fits a 64-token model: the bucket is capped at 56."""
+    small = create_model(get_preset("llama-tiny", vocab_size=64, max_seq_len=64), seed=0)
+    ids = np.random.RandomState(0).randint(1, 64, (2, 40)).astype(np.int32)
+    rollout = Sampler(small).sample(ids, np.ones_like(ids), key=jax.random.key(0), max_new_tokens=8)
+    assert rollout.tokens.shape == (2, 8)
+    with pytest.raises(
+        ValueError, match="prompts of 60 tokens \\+ max_new_tokens 8 exceed the model's max_seq_len 64"
+    ):
+        Sampler(small).sample(
+            ids[:, :1].repeat(60, 1), np.ones((2, 60)), key=jax.random.key(0), max_new_tokens=8
+        )

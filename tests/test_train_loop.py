@@ -253,7 +253,7 @@ def test_no_tokenizer_is_a_clear_error(tmp_path, capsys):
 def test_generation_stops_at_the_templates_end_of_turn_even_when_eos_differs(tmp_path):
     """A base model's EOS (here <|endoftext|>) is not the ChatML turn terminator (<|im_end|>)."""
     from jaxrl_llm.render import Renderer, load_tokenizer
-    from jaxrl_llm.train.evaluate import stop_ids
+    from jaxrl_llm.rollout import end_of_turn_ids
     from tests.fixtures_tokenizers import make_hf_tokenizer_dir
 
     out = make_hf_tokenizer_dir(tmp_path)
@@ -261,5 +261,5 @@ def test_generation_stops_at_the_templates_end_of_turn_even_when_eos_differs(tmp
     config["eos_token"] = "<|endoftext|>"
     (out / "tokenizer_config.json").write_text(json.dumps(config))
     tok = load_tokenizer(out)
-    ids = stop_ids(Renderer(tok, "chatml"))
+    ids = end_of_turn_ids(Renderer(tok, "chatml"))
     assert tok.token_to_id("<|endoftext|>") in ids and tok.token_to_id("<|im_end|>") in ids

@@ -33,11 +33,15 @@ def _timed_call(fn, repeats: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
-def decode_step_floor(cfg, batch: int, cached: int, itemsize: int, flops_per_s: float, bytes_per_s: float) -> float:
+def decode_step_floor(
+    cfg, batch: int, cached: int, itemsize: int, flops_per_s: float, bytes_per_s: float
+) -> float:
     """Seconds one decode step needs at best: its matmul FLOPs at the peak, or reading every weight matrix
     (not the embedding table, of which it gathers ``batch`` rows) and ``cached`` slots of keys and values."""
     e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    matrices = cfg.num_layers * (e * d * (2 * h + 2 * kv) + 3 * e * cfg.intermediate_size) + e * cfg.vocab_size
+    matrices = (
+        cfg.num_layers * (e * d * (2 * h + 2 * kv) + 3 * e * cfg.intermediate_size) + e * cfg.vocab_size
+    )
     flops = batch * (2 * matrices + 4 * cfg.num_layers * h * d * cached)
     reads = (matrices + batch * cached * cfg.num_layers * 2 * kv * d) * itemsize
     return max(flops / flops_per_s, reads / bytes_per_s)

@@ -250,16 +250,16 @@ class Sampler:
         if max_new_tokens < 1 or n < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} and n={n} must be >= 1")
         batch, length = prompt_ids.shape
-        bucket = prompt_bucket(length)
+        limit = self.model.cfg.max_seq_len
+        if length + max_new_tokens > limit:
+            raise ValueError(
+                f"prompts of {length} tokens + max_new_tokens {max_new_tokens} exceed the model's max_seq_len {limit}"
+            )
+        bucket = min(prompt_bucket(length), limit - max_new_tokens)  # the last bucket ends at the context
         if bucket > length:  # more left padding: the same bucket, the same program
             pad = bucket - length
             prompt_ids = np.concatenate([np.full((batch, pad), self.pad_id, np.int32), prompt_ids], 1)
             prompt_mask = np.concatenate([np.zeros((batch, pad), np.int32), prompt_mask], 1)
-        limit = self.model.cfg.max_seq_len
-        if bucket + max_new_tokens > limit:
-            raise ValueError(
-                f"prompt bucket {bucket} + max_new_tokens {max_new_tokens} exceeds the model's max_seq_len {limit}"
-            )
         cache = self.model.init_cache(batch, bucket + max_new_tokens, mesh=self.mesh)
         if self.mesh is None:
             prompt_ids, prompt_mask = jnp.asarray(prompt_ids), jnp.asarray(prompt_mask)

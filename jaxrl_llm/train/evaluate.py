@@ -52,32 +52,6 @@ def prompts_and_answers(records: Sequence[dict]) -> list[tuple[dict, str]]:
     return out
 
 
-def stop_ids(renderer: Any) -> tuple[int, ...]:
-    """Ids that end a generated answer: the tokenizer's EOS ids and the template's end-of-turn token.
-
-    A base model's EOS often differs from its chat template's turn terminator (Qwen2.5 base: EOS
-    ``<|endoftext|>``, turns end with ``<|im_end|>``; Llama 3: ``<|end_of_text|>`` vs ``<|eot_id|>``); the
-    terminator is read off a rendered one-turn exchange: the special token right after the answer.
-    """
-    from jaxrl_llm.errors import UserError
-
-    tok = renderer.tokenizer
-    ids = list(tok.eos_ids)
-    user, answer = {"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}
-    try:
-        prompt = renderer.render_prompt([user])
-        rest = renderer.render_ids([user, answer])[len(prompt) :]
-    except UserError:
-        return tuple(ids)
-    content = renderer.encode("2")
-    n = len(content)
-    if len(rest) > n and rest[:n].tolist() == content.tolist():
-        end = int(rest[n])
-        if tok.decode([end], skip_special_tokens=True) == "" and end not in ids:
-            ids.append(end)
-    return tuple(ids)
-
-
 def exact_match(
     model: Any,
     renderer: Any,
@@ -91,30 +65,23 @@ def exact_match(
     """``({"exact_match", "samples"}, a few {prompt, reference, generated} examples)``."""
     import jax
 
-    from jaxrl_llm.rollout import Sampler, SamplingParams, left_pad
+    from jaxrl_llm.rollout import ChatSampler, SamplingParams
 
     pairs = prompts_and_answers(records)
     if not pairs:
         return {}, []
-    tok = renderer.tokenizer
-    pad = tok.pad_id if tok.pad_id is not None else 0
-    prompts = [renderer.render_prompt(r["messages"], r.get("tools")).tolist() for r, _ in pairs]
-    width = max(map(len, prompts))  # one shape for every chunk: one compile
-    sampler = Sampler(model, eos_ids=stop_ids(renderer), pad_id=pad, mesh=mesh)
+    chat = ChatSampler(model, renderer, batch_size=batch_size, mesh=mesh)
+    completions = chat.generate(
+        [record for record, _ in pairs],
+        key=jax.random.key(0),
+        max_new_tokens=max_new_tokens,
+        sampling=SamplingParams.greedy(),
+    )
     hits, shown = 0, []
-    for start in range(0, len(pairs), batch_size):
-        chunk, rows = pairs[start : start + batch_size], prompts[start : start + batch_size]
-        n = len(rows)
-        ids, mask = left_pad(rows + [rows[-1]] * (batch_size - n), pad, width)
-        rollout = sampler.sample(
-            ids, mask, key=jax.random.key(0), max_new_tokens=max_new_tokens, sampling=SamplingParams.greedy()
-        )
-        tokens, lengths = np.asarray(rollout.tokens)[:n], np.asarray(rollout.lengths)[:n]
-        for (record, answer), out, length in zip(chunk, tokens, lengths, strict=True):
-            text = tok.decode(out[:length].tolist(), skip_special_tokens=True).strip()
-            hit = text == answer.strip()
-            hits += hit
-            if len(shown) < examples:
-                question = record["messages"][-1].get("content", "")
-                shown.append({"prompt": str(question), "reference": answer, "generated": text})
+    for (record, answer), (completion,) in zip(pairs, completions, strict=True):
+        text = completion.text.strip()
+        hits += text == answer.strip()
+        if len(shown) < examples:
+            question = record["messages"][-1].get("content", "")
+            shown.append({"prompt": str(question), "reference": answer, "generated": text})
     return {"exact_match": hits / len(pairs), "samples": len(pairs)}, shown
