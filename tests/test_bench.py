@@ -83,6 +83,8 @@ def test_rollout_bench_writes_json(tmp_path):
         "decode_tokens_per_s",
         "compile_s",
         "peak_fraction",
+        "memory_bytes_per_s",
+        "limit_tokens_per_s",
         "peer_tokens_per_s",
         "speedup",
     ):

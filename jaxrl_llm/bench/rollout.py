@@ -121,14 +121,23 @@ def _hf_generate(model, ids, mask, new_tokens: int, dtype: str, sample: bool, re
     with tempfile.TemporaryDirectory() as path:
         save_hf(model, path)
         hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
-    inputs = {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask)}
+    # The peer runs where we run: on the GPU when JAX is on one (and torch sees it), else on the CPU.
+    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    hf = hf.to(device)
+    inputs = {
+        "input_ids": torch.tensor(ids, dtype=torch.long, device=device),
+        "attention_mask": torch.tensor(mask, device=device),
+    }
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=sample, pad_token_id=0)
     if sample:
         kwargs.update(temperature=1.0, top_k=0, top_p=1.0)
 
     def run():
         with torch.no_grad():
-            return hf.generate(**inputs, **kwargs, eos_token_id=None)
+            out = hf.generate(**inputs, **kwargs, eos_token_id=None)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
 
     run()  # warm-up
     times = []
@@ -140,7 +149,8 @@ def _hf_generate(model, ids, mask, new_tokens: int, dtype: str, sample: bool, re
     step = statistics.median(times)
     return {
         "peer": f"transformers {transformers.__version__} generate (torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads)",
+        + (torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} threads")
+        + ")",
         "peer_total_s": step,
         "peer_tokens_per_s": ids.shape[0] * new_tokens / step,
     }
