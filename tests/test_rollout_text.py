@@ -112,7 +112,7 @@ def test_records_with_tools_render_their_schemas(setup):
     ("conversations", "stop", "message"),
     [
         (["hello"], (), "conversation 0: expected a list of messages"),
-        ([{"prompt": "hi"}], (), "conversation 0: a record needs a 'messages' list"),
+        ([{"prompt": "hi"}], (), "conversation 0: a record needs a 'messages' or 'prompt' list"),
         (CONVERSATIONS[:1], [""], "stop string '' encodes to no tokens"),
     ],
 )

@@ -71,7 +71,7 @@ def end_of_turn_ids(renderer: Any) -> tuple[int, ...]:
 
 
 def _conversation(item: Any, index: int) -> tuple[Sequence[Mapping[str, Any]], Any]:
-    """``(messages, tools)`` from a message list or a record with ``messages`` (and optional ``tools``)."""
+    """``(messages, tools)`` from a message list or a record with ``messages``/``prompt`` (and ``tools``)."""
     if isinstance(item, Mapping):
         if "messages" not in item:
             raise UserError(
