@@ -7,6 +7,7 @@ dotted key, the value and what the schema allows, and arrive all at once.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import traceback
 from collections.abc import Iterable, Mapping, Sequence
@@ -78,6 +79,14 @@ def coerce(field: Field, raw: str) -> Any:
         return None
     if field.type is str:
         return raw
+    if field.type is list:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{field.key}={raw!r}: expected a JSON list ({err.msg})") from None
+        if not isinstance(value, list):
+            raise ConfigError(f"{field.key}={raw!r}: expected a JSON list, got {type(value).__name__}")
+        return value
     if field.type is bool:
         if text.lower() in _TRUE + _FALSE:
             return text.lower() in _TRUE

@@ -442,6 +442,38 @@ FIELDS: tuple[Field, ...] = (
         "starting with user, tool results only after an assistant tool call.",
         bool,
     ),
+    Field(
+        "reward.functions",
+        [],
+        "Reward components of the RL stages: a list of {name, weight, params, label} (label names a "
+        "component in the logs; set it to use one function twice). On the command line a JSON list. "
+        "python -m jaxrl_llm.reward lists the functions and their params.",
+        list,
+    ),
+    Field(
+        "reward.on_error",
+        "zero",
+        "A host reward that raises, returns NaN or times out scores 0 for that sample ('zero'), or also "
+        "drops the sample from the loss ('exclude'); counted and logged either way.",
+        str,
+        choices=("zero", "exclude"),
+    ),
+    Field(
+        "reward.host_timeout_s",
+        30.0,
+        "Time limit of one host reward call, seconds.",
+        float,
+        lo=0,
+        lo_open=True,
+    ),
+    Field(
+        "reward.workers",
+        None,
+        "Threads running host rewards in parallel. None = 4 per CPU core.",
+        int,
+        lo=1,
+        nullable=True,
+    ),
 )
 
 SECTIONS = {
@@ -453,6 +485,7 @@ SECTIONS = {
     "optimizer": "Optimizer and learning-rate schedule",
     "train": "Training loop",
     "data": "Dataset, validation and quality filters (python -m jaxrl_llm.data validate checks one)",
+    "reward": "Rewards of the RL stages (jaxrl_llm.reward)",
 }
 
 FIELDS_BY_KEY: dict[str, Field] = {f.key: f for f in FIELDS}
