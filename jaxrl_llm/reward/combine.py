@@ -126,7 +126,8 @@ class RewardSet:
             self.params[spec.key] = fn.prepare(params, tokenizer) if fn.prepare else params
         self.models = {s.key: _load_model(self.params[s.key]) for s in self.specs if s.reward.kind == "model"}
         self._device = jax.jit(self.device_components)
-        self._pool = concurrent.futures.ThreadPoolExecutor(workers or 4 * (_cpus() or 1), "reward")
+        self.workers = workers or 4 * (_cpus() or 1)
+        self._pool = concurrent.futures.ThreadPoolExecutor(self.workers, "reward")
 
     @classmethod
     def from_config(cls, cfg: Any, *, tokenizer: Any = None) -> RewardSet:
@@ -141,7 +142,14 @@ class RewardSet:
         )
 
     def close(self) -> None:
+        """Stops the host-reward threads (calls still running finish on their own)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> RewardSet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ------------------------------------------------------------------------------------------ device
 
@@ -219,8 +227,7 @@ class RewardSet:
 
         n = len(completions)
         futures = [self._pool.submit(call, i) for i in range(n)]
-        workers = max(self._pool._max_workers, 1)
-        concurrent.futures.wait(futures, timeout=limit * math.ceil(n / workers) + 1.0)
+        concurrent.futures.wait(futures, timeout=limit * math.ceil(n / self.workers) + 1.0)
         values, ok, failed = np.zeros(n, np.float32), np.zeros(n, bool), np.zeros(n, bool)
         errs: list[tuple[int, str]] = []
         for i, future in enumerate(futures):
