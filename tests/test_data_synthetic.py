@@ -67,7 +67,7 @@ def test_parse_defaults_and_plus_is_kept():
     assert synthetic_records("synthetic:arithmetic?n=40&digits=3&ops=+-&seed=7") == arithmetic_records(
         40, digits=3, ops="+-", seed=7
     )
-    assert set(SYNTHETIC) == {"arithmetic"}
+    assert set(SYNTHETIC) == {"arithmetic", "arithmetic_pref", "arithmetic_kto", "arithmetic_rl"}
 
 
 @pytest.mark.parametrize(
@@ -187,3 +187,29 @@ def test_split_digits_saves_and_loads(digit_tokenizer, tmp_path):
     chat = arithmetic_records(1, seed=5)[0]["messages"]
     rendered = tok.apply_chat_template(chat)
     assert tok.decode(tok.encode(rendered)) == rendered
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [("arithmetic_pref", "preference"), ("arithmetic_kto", "unpaired"), ("arithmetic_rl", "prompt")],
+)
+def test_the_same_problems_as_preference_unpaired_and_prompt_records(name, kind):
+    path = f"synthetic:{name}?n=40&digits=2&ops=+-&seed=3"
+    ds = load_dataset(path)
+    assert ds.kind == kind and ds.counts.as_dict()["accepted"] == 40  # valid canonical records, none dropped
+    conversations = arithmetic_records(40, digits=2, ops="+-", seed=3)
+    for record, conversation in zip(ds.records, conversations, strict=True):
+        user, answer = conversation["messages"]
+        assert record["prompt"] == [user]
+        if kind == "preference":
+            assert record["chosen"][0]["content"] == answer["content"]
+            wrong = int(record["rejected"][0]["content"]) - int(answer["content"])
+            assert wrong != 0 and abs(wrong) <= 10
+        elif kind == "unpaired":
+            right = record["completion"][0]["content"] == answer["content"]
+            assert right == record["label"]
+        else:
+            assert record["ground_truth"] == answer["content"]
+    if kind == "unpaired":
+        assert sum(r["label"] for r in ds.records) == 20
+    assert load_dataset(path).content_hash == ds.content_hash  # deterministic

@@ -1,8 +1,17 @@
 """Datasets generated in-process, named by a ``data.path`` of the form ``synthetic:NAME?key=value&...``.
 
 ``synthetic:arithmetic?n=4000&digits=2&ops=+-&seed=0`` is ``n`` canonical conversation records, a user
-asking ``"What is 47 + 38?"`` and the assistant answering ``"85"``. Every parameter is optional. The query
-is split on ``&`` and ``=`` only (no URL decoding), so ``+`` stays ``+``.
+asking ``"What is 47 + 38?"`` and the assistant answering ``"85"``. The same problems come in the other
+record kinds, for the preference and RL stages:
+
+- ``synthetic:arithmetic_pref?...``: preference records, the correct answer chosen and a wrong one rejected;
+- ``synthetic:arithmetic_kto?...``: unpaired records, a correct answer labelled true or a wrong one labelled
+  false (alternating, so half and half);
+- ``synthetic:arithmetic_rl?...``: RL prompt records with the answer as ``ground_truth``.
+
+A wrong answer is the correct one plus a nonzero offset in [-10, 10] (so it looks plausible), drawn from
+the same seed. Every parameter is optional. The query is split on ``&`` and ``=`` only (no URL decoding), so
+``+`` stays ``+``.
 
 A dataset's problems are distinct (drawn without replacement), so the duplicate filter keeps all ``n``.
 """
@@ -63,6 +72,51 @@ def arithmetic_records(n: int, *, digits: int = 2, ops: str = "+", seed: int = 0
     return records
 
 
+def _wrong(answer: str, rng: random.Random) -> str:
+    return str(int(answer) + rng.choice([d for d in range(-10, 11) if d]))
+
+
+def _split(record: dict) -> tuple[list[dict], dict]:
+    """(the user turn as a prompt, the assistant turn) of an arithmetic conversation."""
+    user, assistant = record["messages"]
+    return [user], assistant
+
+
+def arithmetic_preference_records(n: int, *, digits: int = 2, ops: str = "+", seed: int = 0) -> list[dict]:
+    """The ``arithmetic_records`` problems as preference pairs: correct answer chosen, a wrong one rejected."""
+    rng = random.Random(seed + 1)
+    out = []
+    for record in arithmetic_records(n, digits=digits, ops=ops, seed=seed):
+        prompt, answer = _split(record)
+        wrong = {"role": "assistant", "content": _wrong(answer["content"], rng)}
+        out.append({"prompt": prompt, "chosen": [answer], "rejected": [wrong]})
+    return out
+
+
+def arithmetic_unpaired_records(n: int, *, digits: int = 2, ops: str = "+", seed: int = 0) -> list[dict]:
+    """The ``arithmetic_records`` problems as KTO records: even ones answered correctly (label true), odd
+    ones wrongly (label false)."""
+    rng = random.Random(seed + 1)
+    out = []
+    for i, record in enumerate(arithmetic_records(n, digits=digits, ops=ops, seed=seed)):
+        prompt, answer = _split(record)
+        good = i % 2 == 0
+        content = answer["content"] if good else _wrong(answer["content"], rng)
+        out.append(
+            {"prompt": prompt, "completion": [{"role": "assistant", "content": content}], "label": good}
+        )
+    return out
+
+
+def arithmetic_prompt_records(n: int, *, digits: int = 2, ops: str = "+", seed: int = 0) -> list[dict]:
+    """The ``arithmetic_records`` problems as RL prompts with the answer as ``ground_truth``."""
+    out = []
+    for record in arithmetic_records(n, digits=digits, ops=ops, seed=seed):
+        prompt, answer = _split(record)
+        out.append({"prompt": prompt, "ground_truth": answer["content"]})
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Generator:
     """A named synthetic dataset: ``make(**params)`` returns its records, all of canonical ``kind``;
@@ -79,6 +133,24 @@ SYNTHETIC: dict[str, Generator] = {
     "arithmetic": Generator(
         make=arithmetic_records,
         kind="conversation",
+        defaults={"n": 2000, "digits": 2, "ops": "+", "seed": 0},
+        check=_arithmetic_problem,
+    ),
+    "arithmetic_pref": Generator(
+        make=arithmetic_preference_records,
+        kind="preference",
+        defaults={"n": 2000, "digits": 2, "ops": "+", "seed": 0},
+        check=_arithmetic_problem,
+    ),
+    "arithmetic_kto": Generator(
+        make=arithmetic_unpaired_records,
+        kind="unpaired",
+        defaults={"n": 2000, "digits": 2, "ops": "+", "seed": 0},
+        check=_arithmetic_problem,
+    ),
+    "arithmetic_rl": Generator(
+        make=arithmetic_prompt_records,
+        kind="prompt",
         defaults={"n": 2000, "digits": 2, "ops": "+", "seed": 0},
         check=_arithmetic_problem,
     ),
