@@ -161,6 +161,23 @@ def pad_to_bucket(example: Example, buckets: Sequence[int], *, overlong: str = "
     return row
 
 
+def pad_pair(
+    chosen: Example, rejected: Example, buckets: Sequence[int], *, overlong: str = "truncate"
+) -> Row | None:
+    """A preference pair as one row of ``[2, T]`` arrays (side 0 chosen, side 1 rejected), both padded to
+    the bucket that holds the longer side, so a batch of pairs never splits one; None when dropped."""
+    sides = [as_example(chosen), as_example(rejected)]
+    fitted = [fit_length(side, buckets[-1], overlong) for side in sides]
+    if any(f is None for f, _ in fitted):
+        return None
+    length = bucket_length(max(len(f["ids"]) for f, _ in fitted), buckets)
+    row = empty_rows(2, length)
+    for i, (side, _) in enumerate(fitted):
+        _place({k: row[k][i] for k in ROW_KEYS}, side, 0)  # views: writes land in ``row``
+    row["num_truncated"] = np.int32(sum(t for _, t in fitted))
+    return row
+
+
 def next_token_targets(tokens: Any, loss_mask: Any, segment_ids: Any) -> tuple[Any, Any]:
     """``(targets, weights)``, both [B, T-1], for ``logits[:, :-1]`` of a [B, T] row batch.
 

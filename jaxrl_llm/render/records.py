@@ -172,3 +172,28 @@ class SFTEncoder:
             raise RenderError(f"SFT trains on conversation or text records, not on {sorted(record)}")
         rendered = self.renderer.render(record["messages"], record.get("tools"))
         return {"ids": rendered.ids, "loss_mask": rendered.loss_mask}
+
+
+@dataclasses.dataclass(frozen=True)
+class PairEncoder:
+    """``preference record -> {"chosen": example, "rejected": example}`` (picklable, for Grain workers).
+
+    Each side is ``prompt + answer`` rendered as training renders conversations; only the answer's tokens
+    are targets (a multi-turn prompt's earlier assistant turns are context, not trained on).
+    """
+
+    renderer: Renderer
+
+    def __call__(self, record: dict) -> dict[str, dict[str, Any]]:
+        if "chosen" not in record:
+            raise RenderError(
+                f"preference training needs prompt/chosen/rejected records, not {sorted(record)}"
+            )
+        tools = record.get("tools")
+        start = len(self.renderer.render_prompt(record["prompt"], tools))
+        out = {}
+        for side in ("chosen", "rejected"):
+            rendered = self.renderer.render(record["prompt"] + record[side], tools)
+            mask = rendered.loss_mask & (np.arange(len(rendered.ids)) >= start)
+            out[side] = {"ids": rendered.ids, "loss_mask": mask}
+        return out

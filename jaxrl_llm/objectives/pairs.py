@@ -1,0 +1,200 @@
+"""Pairwise objectives (DPO and its variants, SimPO, ORPO, reward modelling) as ``Objective`` s.
+
+A pair batch holds ``B`` preference pairs as rows of shape ``[B, 2, T]`` (``[:, 0]`` the prompt + chosen
+answer, ``[:, 1]`` the prompt + rejected one), with the packed-row keys ``tokens``, ``loss_mask``,
+``segment_ids`` and ``positions`` (``jaxrl_llm.data.packing``): the pair axis stays inside a batch row, so
+the step factory's micro-batches never split a pair. The policy reads both sides in one forward over
+``2B`` rows. A completion's log-prob is the sum over its target tokens (``loss_mask``: the answer) of the
+next-token log-probs; its mean divides by their count. A pair whose rows have no target tokens (the
+batcher's filler) counts for nothing.
+
+DPO needs the frozen reference model's log-probs: the batch carries them as ``ref_logps`` ``[B, 2]``
+(summed), computed in one pass before training (``reference_logps``) or by the caller each step.
+The loss is the mean over the global batch's pairs; metrics follow TRL's names: ``rewards/chosen``,
+``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxrl_llm.data.packing import next_token_targets
+
+from .base import Batch, Objective
+from .preference import bradley_terry_loss, dpo_loss, orpo_loss, simpo_loss
+from .sft import token_logps
+
+PAIR_KEYS = ("tokens", "loss_mask", "segment_ids", "positions")
+
+
+def _rows(batch: Batch) -> dict[str, jax.Array]:
+    """``[B, 2, T]`` -> ``[2B, T]`` (chosen and rejected of a pair adjacent)."""
+    return {k: batch[k].reshape(-1, batch[k].shape[-1]) for k in PAIR_KEYS}
+
+
+def pair_logps(model, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(summed log-probs [B, 2], target counts [B, 2], summed NLL-correct counts [B, 2])`` of both sides."""
+    rows = _rows(batch)
+    logits = model(rows["tokens"], positions=rows["positions"], segment_ids=rows["segment_ids"])[:, :-1]
+    targets, weights = next_token_targets(rows["tokens"], rows["loss_mask"].astype(bool), rows["segment_ids"])
+    weights = weights.astype(jnp.float32)
+    logps = (token_logps(logits, targets) * weights).sum(-1)
+    correct = ((jnp.argmax(logits, axis=-1) == targets) * weights).sum(-1)
+    b = batch["tokens"].shape[0]
+    return logps.reshape(b, 2), weights.sum(-1).reshape(b, 2), correct.reshape(b, 2)
+
+
+def pair_mask(batch: Batch) -> jax.Array:
+    """float32[B]: 1 for a real pair (both sides have target tokens), 0 for filler."""
+    has = batch["loss_mask"].astype(bool).any(-1)  # [B, 2]
+    return (has[:, 0] & has[:, 1]).astype(jnp.float32)
+
+
+def pair_normalizer(batch: Batch) -> jax.Array:
+    """Number of real pairs in the (global) batch, at least 1."""
+    return jnp.maximum(pair_mask(batch).sum(), 1.0)
+
+
+def _pair_sums(real, losses, chosen_rewards, rejected_rewards, logps) -> dict[str, jax.Array]:
+    return {
+        "loss": (losses * real).sum(),
+        "chosen_rewards": (chosen_rewards * real).sum(),
+        "rejected_rewards": (rejected_rewards * real).sum(),
+        "accurate": ((chosen_rewards > rejected_rewards) * real).sum(),
+        "chosen_logps": (logps[:, 0] * real).sum(),
+        "rejected_logps": (logps[:, 1] * real).sum(),
+    }
+
+
+def pair_summarize(sums: dict[str, jax.Array], pairs: jax.Array) -> dict[str, jax.Array]:
+    out = {
+        "loss": sums["loss"] / pairs,
+        "rewards/chosen": sums["chosen_rewards"] / pairs,
+        "rewards/rejected": sums["rejected_rewards"] / pairs,
+        "rewards/margins": (sums["chosen_rewards"] - sums["rejected_rewards"]) / pairs,
+        "rewards/accuracies": sums["accurate"] / pairs,
+        "logps/chosen": sums["chosen_logps"] / pairs,
+        "logps/rejected": sums["rejected_logps"] / pairs,
+        "pairs": pairs,
+    }
+    if "nll" in sums:
+        out["nll"] = sums["nll"] / pairs
+    return out
+
+
+def _objective(name: str, loss: Callable) -> Objective:
+    return Objective(name, loss, pair_normalizer, pair_summarize)
+
+
+def dpo_objective(
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    reference_free: bool = False,
+    sft_weight: float = 0.0,
+) -> Objective:
+    """DPO (``dpo_loss``; Rafailov et al. 2023, arXiv:2305.18290) with the batch's ``ref_logps``.
+
+    ``reference_free`` uses a reference of log-prob 0 (no ``ref_logps`` needed); ``ipo`` gets length-averaged
+    log-probs (policy and reference), as the IPO paper defines it; ``sft_weight`` adds that times the
+    chosen answers' mean token NLL per pair (RPO, Pang et al. 2024).
+    """
+
+    def loss(model, batch: Batch, rng: jax.Array):
+        del rng
+        logps, counts, _ = pair_logps(model, batch)
+        ref = jnp.zeros_like(logps) if reference_free else batch["ref_logps"].astype(jnp.float32)
+        if loss_type == "ipo":
+            scale = jnp.maximum(counts, 1.0)
+            policy, reference = logps / scale, ref / scale
+        else:
+            policy, reference = logps, ref
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            policy[:, 0],
+            policy[:, 1],
+            reference[:, 0],
+            reference[:, 1],
+            beta=beta,
+            loss_type=loss_type,
+            label_smoothing=label_smoothing,
+        )
+        real = pair_mask(batch)
+        sums = _pair_sums(real, losses, chosen_rewards, rejected_rewards, logps)
+        total = sums["loss"]
+        if sft_weight:
+            nll = (-logps[:, 0] / jnp.maximum(counts[:, 0], 1.0) * real).sum()
+            sums["nll"] = nll
+            total = total + sft_weight * nll
+            sums["loss"] = total
+        return total, sums
+
+    return _objective("dpo", loss)
+
+
+def simpo_objective(*, beta: float = 2.0, gamma: float = 1.0, label_smoothing: float = 0.0) -> Objective:
+    """SimPO (``simpo_loss``; Meng et al. 2024, arXiv:2405.14734): length-averaged log-probs, no reference.
+    Rewards are ``beta`` times the mean log-probs."""
+
+    def loss(model, batch: Batch, rng: jax.Array):
+        del rng
+        logps, counts, _ = pair_logps(model, batch)
+        mean = logps / jnp.maximum(counts, 1.0)
+        losses = simpo_loss(mean[:, 0], mean[:, 1], beta=beta, gamma=gamma, label_smoothing=label_smoothing)
+        sums = _pair_sums(pair_mask(batch), losses, beta * mean[:, 0], beta * mean[:, 1], logps)
+        return sums["loss"], sums
+
+    return _objective("simpo", loss)
+
+
+def orpo_objective(*, beta: float = 0.1) -> Objective:
+    """ORPO (Hong et al. 2024, arXiv:2403.07691): the chosen answers' mean token NLL plus ``orpo_loss``'s
+    odds-ratio term, per pair. Rewards are ``beta`` times the mean log-probs (TRL's convention)."""
+
+    def loss(model, batch: Batch, rng: jax.Array):
+        del rng
+        logps, counts, _ = pair_logps(model, batch)
+        mean = logps / jnp.maximum(counts, 1.0)
+        ratio_losses, _ = orpo_loss(mean[:, 0], mean[:, 1], beta=beta)
+        nll = -mean[:, 0]
+        real = pair_mask(batch)
+        sums = _pair_sums(real, nll + ratio_losses, beta * mean[:, 0], beta * mean[:, 1], logps)
+        sums["nll"] = (nll * real).sum()
+        return sums["loss"], sums
+
+    return _objective("orpo", loss)
+
+
+def last_token_scores(model, batch: Batch) -> jax.Array:
+    """float32[B, 2]: a score model's output at each side's last real token."""
+    rows = _rows(batch)
+    scores = model(rows["tokens"], positions=rows["positions"], segment_ids=rows["segment_ids"])
+    real = rows["segment_ids"] > 0
+    last = real.shape[-1] - 1 - jnp.argmax(jnp.flip(real, axis=-1), axis=-1)
+    picked = jnp.take_along_axis(scores, last[:, None], axis=-1)[:, 0]
+    return picked.reshape(batch["tokens"].shape[0], 2).astype(jnp.float32)
+
+
+def rm_objective(*, center_coef: float = 0.0) -> Objective:
+    """Reward modelling: Bradley-Terry on a score model's last-token scores (``bradley_terry_loss``;
+    ``batch["margin"]`` [B] when present). Rewards are the scores; accuracy is the pairwise accuracy."""
+
+    def loss(model, batch: Batch, rng: jax.Array):
+        del rng
+        scores = last_token_scores(model, batch)
+        margin = batch.get("margin")
+        losses = bradley_terry_loss(scores[:, 0], scores[:, 1], margin=margin, center_coef=center_coef)
+        sums = _pair_sums(pair_mask(batch), losses, scores[:, 0], scores[:, 1], jnp.zeros_like(scores))
+        return sums["loss"], sums
+
+    return _objective("rm", loss)
+
+
+def reference_logps(model, batch: Batch) -> jax.Array:
+    """float32[B, 2]: summed completion log-probs of both sides under ``model`` (the frozen reference):
+    what ``dpo_objective`` reads as ``batch["ref_logps"]``. Jit it and run it once per batch before training."""
+    logps, _, _ = pair_logps(model, batch)
+    return jax.lax.stop_gradient(logps)
