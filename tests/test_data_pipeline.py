@@ -298,3 +298,49 @@ EIGHT_DEVICES = textwrap.dedent(
 
 def test_to_device_shards_rows_over_data_and_fsdp_on_8_devices():
     run_on_cpu_devices(["-c", EIGHT_DEVICES], 8, "8-device to_device checks passed", timeout=300)
+
+
+def _pair_encode(record):
+    """A picklable stand-in for PairEncoder: prompt tokens then the answer, the answer the target."""
+    prompt = [1] * record["p"]
+    return {
+        side: {
+            "ids": prompt + [2 + i for i in range(record[side])],
+            "loss_mask": [0] * record["p"] + [1] * record[side],
+        }
+        for side in ("chosen", "rejected")
+    }
+
+
+def test_pairs_mode_keeps_each_pair_in_one_row_and_resumes_exactly():
+    rs = np.random.RandomState(0)
+    records = [
+        {"p": int(rs.randint(1, 20)), "chosen": int(rs.randint(1, 40)), "rejected": int(rs.randint(1, 100))}
+        for _ in range(37)
+    ]
+    kwargs = dict(batch_size=4, seq_len=128, mode="pairs", buckets=(32, 64, 128), seed=3, num_epochs=1)
+    batches = list(make_pipeline(records, _pair_encode, **kwargs))
+    seen = 0
+    for batch in batches:
+        b, two, t = batch["tokens"].shape
+        assert (b, two) == (4, 2) and t in (32, 64, 128)
+        for row in range(b):
+            if not batch["loss_mask"][row].any():
+                continue  # filler
+            seen += 1
+            lengths = (batch["segment_ids"][row] > 0).sum(-1)
+            targets = batch["loss_mask"][row].sum(-1)
+            prompt = lengths - targets
+            assert prompt[0] == prompt[1]  # the same prompt on both sides
+            assert max(lengths) <= t and (t == 32 or max(lengths) > t // 2)  # the longer side's bucket
+    assert seen == len(records)
+    # Resume mid-stream: the rest of the batches are the same.
+    it = iter(make_pipeline(records, _pair_encode, **kwargs))
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    again = iter(make_pipeline(records, _pair_encode, **kwargs))
+    again.set_state(state)
+    for want, got in zip(batches[3:], again, strict=True):
+        for key in want:
+            np.testing.assert_array_equal(want[key], got[key])

@@ -8,6 +8,7 @@
       .to_iter_dataset() [.mp_prefetch(workers)]  encode runs in worker processes when worker_count > 0
       -> pack: fit to seq_len, FirstFitPackIterDataset, batch (padded with empty rows)
       -> bucket: pad each example to its length bucket, batch examples of one bucket together
+      -> pairs: the same with a preference pair per row ([2, T]: chosen, rejected)
 
 Everything stateful (truncation, packing, bucketing) runs after ``mp_prefetch``, in the main process, as
 Grain advises: the batches are then the same for any ``worker_count``. Batches are dicts of numpy arrays
@@ -46,13 +47,13 @@ from .packing import (
     check_buckets,
     check_overlong,
     default_buckets,
-    empty_rows,
     fit_length,
+    pad_pair,
     pad_to_bucket,
 )
 from .records import DataError
 
-MODES = ("pack", "bucket")
+MODES = ("pack", "bucket", "pairs")
 Batch = dict[str, np.ndarray]
 
 
@@ -63,9 +64,16 @@ class Encode:
 
     encode: Callable[[Any], Any]
 
-    def __call__(self, record: Any) -> dict[str, np.ndarray]:
+    def __call__(self, record: Any) -> dict[str, Any]:
+        encoded = self.encode(record)
+        if isinstance(encoded, Mapping) and "chosen" in encoded:  # a preference pair (PairEncoder)
+            return {side: self._example(encoded[side], record) for side in ("chosen", "rejected")}
+        return self._example(encoded, record)
+
+    @staticmethod
+    def _example(encoded: Any, record: Any) -> dict[str, np.ndarray]:
         try:
-            example = as_example(self.encode(record))
+            example = as_example(encoded)
         except UserError:  # the encoder's own message (a RenderError, say) already says what is wrong
             raise
         except ValueError as err:
@@ -107,9 +115,10 @@ class _StackPadded:
     def __call__(self, rows: Sequence[dict[str, np.ndarray]]) -> Batch:
         batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
         missing = self.batch_size - len(rows)
-        if missing:
-            fill = empty_rows(missing, batch["tokens"].shape[1])
-            batch = {k: np.concatenate([v, fill[k]]) for k, v in batch.items()}
+        if missing:  # all-zero rows are empty: padding tokens, no targets, segment 0 (pairs: [2, T] each)
+            batch = {
+                k: np.concatenate([v, np.zeros((missing, *v.shape[1:]), v.dtype)]) for k, v in batch.items()
+            }
         return batch
 
 
@@ -130,10 +139,15 @@ class _BucketBatchIterator(grain.DatasetIterator):
     """
 
     def __init__(
-        self, parent: grain.DatasetIterator, buckets: tuple[int, ...], batch_size: int, overlong: str
+        self,
+        parent: grain.DatasetIterator,
+        buckets: tuple[int, ...],
+        batch_size: int,
+        overlong: str,
+        pairs: bool = False,
     ):
         super().__init__(parent)
-        self._buckets, self._batch_size, self._overlong = buckets, batch_size, overlong
+        self._buckets, self._batch_size, self._overlong, self._pairs = buckets, batch_size, overlong, pairs
         self._reset()
 
     def _reset(self) -> None:
@@ -142,10 +156,13 @@ class _BucketBatchIterator(grain.DatasetIterator):
 
     def _add(self, offset: int, state_before: Any, example: dict[str, np.ndarray]) -> int | None:
         """Buffers one example; returns its bucket, or None when it is dropped as overlong."""
-        row = pad_to_bucket(example, self._buckets, overlong=self._overlong)
+        if self._pairs:
+            row = pad_pair(example["chosen"], example["rejected"], self._buckets, overlong=self._overlong)
+        else:
+            row = pad_to_bucket(example, self._buckets, overlong=self._overlong)
         if row is None:
             return None
-        bucket = len(row["tokens"])
+        bucket = row["tokens"].shape[-1]
         self._waiting[bucket].append(_Waiting(offset, state_before, row))
         return bucket
 
@@ -193,12 +210,16 @@ class _BucketBatchIterator(grain.DatasetIterator):
 
 
 class _BucketBatchIterDataset(grain.IterDataset):
-    def __init__(self, parent: grain.IterDataset, buckets: tuple[int, ...], batch_size: int, overlong: str):
+    def __init__(
+        self, parent: grain.IterDataset, buckets: tuple[int, ...], batch_size: int, overlong: str, pairs: bool
+    ):
         super().__init__(parent)
-        self._buckets, self._batch_size, self._overlong = buckets, batch_size, overlong
+        self._buckets, self._batch_size, self._overlong, self._pairs = buckets, batch_size, overlong, pairs
 
     def __iter__(self) -> _BucketBatchIterator:
-        return _BucketBatchIterator(self._parent.__iter__(), self._buckets, self._batch_size, self._overlong)
+        return _BucketBatchIterator(
+            self._parent.__iter__(), self._buckets, self._batch_size, self._overlong, self._pairs
+        )
 
     def __str__(self) -> str:
         return f"BucketBatchIterDataset(buckets={self._buckets}, batch_size={self._batch_size})"
@@ -267,8 +288,10 @@ def make_pipeline(
         lambda when ``worker_count > 0``.
       batch_size: the global batch; each of ``process_count`` processes gets ``batch_size / process_count``.
       seq_len: row length when packing; the longest bucket (and the default buckets' top) when bucketing.
-      mode: ``"pack"`` (several documents per row, segment ids keep them apart) or ``"bucket"`` (one
-        document per row, padded to the smallest of ``buckets`` that holds it).
+      mode: ``"pack"`` (several documents per row, segment ids keep them apart), ``"bucket"`` (one
+        document per row, padded to the smallest of ``buckets`` that holds it) or ``"pairs"`` (``encode``
+        returns ``{"chosen", "rejected"}`` examples, e.g. ``PairEncoder``: each pair is one ``[2, T]`` row,
+        both sides padded to the bucket of the longer one; batches are ``[B, 2, T]``).
       buckets: bucket lengths, each at most ``seq_len``; default powers of two from 64 up to ``seq_len``.
       seed: shuffling (records each epoch, and packed rows within a packing group).
       num_epochs: passes over the data; None repeats forever.
@@ -297,9 +320,9 @@ def make_pipeline(
     index, count = _shard(shard_by_process, process_index, process_count)
     if batch_size % count:
         raise DataError(f"batch_size={batch_size} is not divisible by the {count} processes sharing it")
-    if count > 1 and mode == "bucket":
+    if count > 1 and mode in ("bucket", "pairs"):
         raise DataError(
-            f'mode="bucket" cannot be used by {count} processes: each picks its batch\'s bucket length on its '
+            f'mode="{mode}" cannot be used by {count} processes: each picks its batch\'s bucket length on its '
             "own, so on the same step they would emit rows of different lengths and the global arrays would "
             'not agree; use mode="pack" with num_epochs=None and run a fixed number of steps'
         )
@@ -327,11 +350,11 @@ def make_pipeline(
         _mark_flags_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
 
-    if mode == "bucket":
+    if mode in ("bucket", "pairs"):
         buckets = buckets or default_buckets(seq_len)
         if buckets[-1] > seq_len:
             raise DataError(f"buckets={buckets}: every bucket must be <= seq_len={seq_len}")
-        return _BucketBatchIterDataset(it, buckets, local_batch, overlong)
+        return _BucketBatchIterDataset(it, buckets, local_batch, overlong, pairs=mode == "pairs")
 
     if overlong == "drop":
         it = it.filter(_FitsIn(seq_len))
