@@ -427,3 +427,10 @@ def test_docs_config_reference_is_current():
 )
 def test_training_combinations(overrides, message):
     assert message in _problems(apply_overrides(base_config(), overrides))
+
+
+def test_dpo_loss_types_mirror_the_objectives():
+    from jaxrl_llm.config.schema import DPO_LOSS_TYPES
+    from jaxrl_llm.objectives import DPO_LOSS_TYPES as IMPLEMENTED
+
+    assert DPO_LOSS_TYPES == IMPLEMENTED

@@ -38,11 +38,12 @@ def test_unknown_key_exits_2_with_suggestion():
 
 
 def test_valid_run_prints_config_and_says_stage_is_not_implemented():
-    out = _run("--config", QUICKSTART, "--config.train.steps=70", "--config.stage", "dpo")
+    out = _run("--config", QUICKSTART, "--config.train.steps=70", "--config.stage", "kto")
     assert out.returncode == 3, out.stderr
     assert "train.steps" in out.stdout and "= 70" in out.stdout
     assert "run_dir" in out.stdout and "runs/quickstart" in out.stdout
-    assert "stage 'dpo' is not implemented yet" in out.stderr and "Implemented stages: sft, pt" in out.stderr
+    assert "stage 'kto' is not implemented yet" in out.stderr
+    assert "Implemented stages: sft, pt, rm, dpo, orpo, simpo" in out.stderr
     assert "Traceback" not in out.stderr
 
 
@@ -75,4 +76,4 @@ def test_main_routes_to_a_registered_stage(monkeypatch, capsys):
     assert train_main.main(["--config", str(REPO / QUICKSTART), "--config.train.steps=80"]) == 0
     assert seen == [80]
     capsys.readouterr()
-    assert "Implemented stages: sft, pt." in stages.not_implemented_message("ppo")
+    assert "Implemented stages: sft, pt, rm, dpo, orpo, simpo." in stages.not_implemented_message("ppo")

@@ -47,6 +47,22 @@ DATA_FORMATS = (
 # Mirrors the names of jaxrl_llm.render.templates.TEMPLATES and jaxrl_llm.render.render.MASK_MODES (a test
 # keeps them equal); "" = the tokenizer's own chat template.
 RENDER_TEMPLATES = ("", "chatml", "llama3", "qwen", "gemma", "plain")
+# Mirrors jaxrl_llm.objectives.DPO_LOSS_TYPES (a test keeps them equal).
+DPO_LOSS_TYPES = (
+    "sigmoid",
+    "robust",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+)
 RENDER_MASKS = ("all", "last")
 
 
@@ -443,6 +459,52 @@ FIELDS: tuple[Field, ...] = (
         bool,
     ),
     Field(
+        "pref.beta",
+        0.1,
+        "Preference stages' beta: the KL coefficient of dpo (0.1 is usual) and orpo's odds-ratio weight; "
+        "simpo's reward scale (the paper uses 2-2.5).",
+        float,
+        lo=0,
+        lo_open=True,
+    ),
+    Field(
+        "pref.loss_type",
+        "sigmoid",
+        "stage=dpo: the DPO loss (jaxrl_llm.objectives.dpo_loss).",
+        str,
+        choices=DPO_LOSS_TYPES,
+    ),
+    Field(
+        "pref.label_smoothing",
+        0.0,
+        "stage=dpo/simpo: probability that a preference label is flipped (conservative DPO, robust, exo_pair).",
+        float,
+        lo=0,
+        hi=0.5,
+        hi_open=True,
+    ),
+    Field(
+        "pref.reference_free",
+        False,
+        "stage=dpo: no reference model (its log-probs taken as 0) instead of a frozen copy of the initial policy.",
+        bool,
+    ),
+    Field(
+        "pref.sft_weight",
+        0.0,
+        "stage=dpo: weight of an added NLL term on the chosen answers (RPO).",
+        float,
+        lo=0,
+    ),
+    Field("pref.simpo_gamma", 1.0, "stage=simpo: the target reward margin gamma.", float, lo=0),
+    Field(
+        "pref.center_coef",
+        0.0,
+        "stage=rm: weight of the (chosen + rejected)^2 term that keeps scores centred on 0.",
+        float,
+        lo=0,
+    ),
+    Field(
         "reward.functions",
         [],
         "Reward components of the RL stages: a list of {name, weight, params, label} (label names a "
@@ -485,6 +547,7 @@ SECTIONS = {
     "optimizer": "Optimizer and learning-rate schedule",
     "train": "Training loop",
     "data": "Dataset, validation and quality filters (python -m jaxrl_llm.data validate checks one)",
+    "pref": "Preference and reward-model stages (rm, dpo, orpo, simpo)",
     "reward": "Rewards of the RL stages (jaxrl_llm.reward)",
 }
 

@@ -21,15 +21,18 @@ from .step import build_eval_step
 class LossEvaluator:
     """Sums the objective's statistics over eval batches and summarizes them once (a global mean)."""
 
-    def __init__(self, graphdef, objective, mesh):
-        self.objective, self.mesh = objective, mesh
+    def __init__(self, graphdef, objective, mesh, prepare=None):
+        self.objective, self.mesh, self.prepare = objective, mesh, prepare
         self._step = jax.jit(build_eval_step(graphdef, objective))  # one compile per batch shape
 
     def __call__(self, params, batches: Iterable[dict[str, np.ndarray]], rng: jax.Array) -> dict[str, float]:
         total, norm, count = None, 0.0, 0
         with jax.set_mesh(self.mesh):
             for batch in batches:
-                sums, n = self._step(params, to_device(batch, self.mesh), rng)
+                batch = to_device(batch, self.mesh)
+                if self.prepare is not None:
+                    batch = self.prepare(batch)
+                sums, n = self._step(params, batch, rng)
                 total = sums if total is None else jax.tree.map(lambda a, b: a + b, total, sums)
                 norm, count = norm + n, count + 1
         if total is None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -184,8 +184,17 @@ def run_loop(
     eval_batches: Callable[[], Iterable[dict[str, np.ndarray]]] | None = None,
     evaluators: Iterable[EvalFn] = (),
     export: Callable[[Any, Path], None] | None = None,
+    spec: Callable[[int, int], dict[str, jax.ShapeDtypeStruct]] | None = None,
+    lengths: Sequence[int] | None = None,
+    prepare: Callable[[dict[str, jax.Array]], dict[str, jax.Array]] | None = None,
 ) -> dict[str, Any]:
-    """Trains ``model`` on ``train_data`` (an endless iterable of host batches); returns the summary."""
+    """Trains ``model`` on ``train_data`` (an endless iterable of host batches); returns the summary.
+
+    ``spec(batch_size, length)`` gives the shapes of a (prepared) batch and ``lengths`` the row lengths the
+    data can have, so that every step is compiled before step 0 (defaults: the packed-row batch, and
+    ``row_lengths(cfg)``); ``prepare`` adds fields to each device batch before its step and evaluation
+    (a frozen reference model's log-probs, say).
+    """
     run_dir = Path(cfg.run_dir)
     tcfg = cfg.train
     model_cfg = model.cfg
@@ -235,8 +244,8 @@ def run_loop(
     # The run's key, copied out of the state (whose buffers are donated to every step).
     base_rng = jax.random.wrap_key_data(jnp.array(jax.random.key_data(state.rng), copy=True))
     if start < tcfg.steps:
-        for length in row_lengths(cfg):
-            steps.get(state, batch_spec(tcfg.batch_size, length), base_rng)
+        for length in lengths or row_lengths(cfg):
+            steps.get(state, (spec or batch_spec)(tcfg.batch_size, length), base_rng)
 
     writer = MetricWriter(run_dir, enabled=is_main_process(), resume_step=latest)
     peak = device_peak_flops(cfg)
@@ -254,7 +263,7 @@ def run_loop(
         if eval_batches is not None:
             from .evaluate import LossEvaluator
 
-            loss_eval = loss_eval or LossEvaluator(graphdef, objective, mesh)
+            loss_eval = loss_eval or LossEvaluator(graphdef, objective, mesh, prepare)
             results |= loss_eval(state.params, eval_batches(), base_rng)
         for fn in evaluators:
             results |= fn(current, step)
@@ -274,10 +283,13 @@ def run_loop(
         window.started = time.perf_counter()
         for step in range(start, tcfg.steps):
             batch = to_device(next(data_iter), mesh)
+            if prepare is not None:
+                batch = prepare(batch)
             compiled = steps.get(state, batch, base_rng)
             state, metrics = compiled(state, batch, jax.random.fold_in(base_rng, step))
             window.metrics.append(metrics)
-            window.flops += train_flops(model_cfg, *batch["tokens"].shape)
+            length = batch["tokens"].shape[-1]
+            window.flops += train_flops(model_cfg, batch["tokens"].size // length, length)
             done = step + 1
             if done % tcfg.log_every == 0 or done == tcfg.steps:
                 fetched = window.fetch()

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import ml_collections
 
+from .pairs import run_pairs
 from .sft import run_sft
 
 StageFn = Callable[[ml_collections.ConfigDict], int | None]
@@ -22,17 +23,17 @@ EXIT_NOT_IMPLEMENTED = 3
 STAGES: dict[str, StageFn | None] = {
     "sft": run_sft,
     "pt": run_sft,  # continued pre-training: the SFT loss on raw text
-    "rm": None,  # TODO(#7): reward model.
-    "dpo": None,  # TODO(#7)
+    "rm": run_pairs,  # reward model (Bradley-Terry on a score head)
+    "dpo": run_pairs,
     "kto": None,  # TODO(#7)
-    "orpo": None,  # TODO(#7)
-    "simpo": None,  # TODO(#7)
+    "orpo": run_pairs,
+    "simpo": run_pairs,
     "ppo": None,  # TODO(RL issue)
     "grpo": None,  # TODO(RL issue)
 }
 
 _ARRIVES_WITH = {
-    **{name: "the preference-objectives issue, #7" for name in ("rm", "dpo", "kto", "orpo", "simpo")},
+    "kto": "the preference-objectives issue, #7",
     **{name: "the RL issue" for name in ("ppo", "grpo")},
 }
 

@@ -1,0 +1,188 @@
+"""Stages ``rm``, ``dpo``, ``orpo`` and ``simpo``: training on preference pairs (prompt, chosen, rejected).
+
+Each pair is one ``[2, T]`` row of a ``[B, 2, T]`` batch (``data.pipeline`` ``mode="pairs"``, rows padded to
+the bucket of the longer side; ``data.packing`` does not apply), rendered with ``PairEncoder`` (only the
+answers are targets). The objectives are ``jaxrl_llm.objectives.pairs``':
+
+- ``dpo``: a frozen copy of the initial policy is the reference; its log-probs of both answers are computed
+  for every batch (training and evaluation) by a separate jitted forward and passed in the batch as
+  ``ref_logps``; ``pref.reference_free`` drops it. ``pref.loss_type`` picks among the 13 DPO losses.
+- ``simpo`` and ``orpo``: no reference model.
+- ``rm``: the model gets a score head (``*ForSequenceClassification``: HF's randomly initialised ``score``
+  on top of a causal LM checkpoint) trained with Bradley-Terry; ``final/`` is what the reward layer loads.
+
+Evaluation on held-out pairs reports the same metrics as training (``eval/rewards/accuracies`` is the
+held-out preference accuracy).
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from jaxrl_llm.data.records import DataError
+
+PAIR_STAGES = ("rm", "dpo", "orpo", "simpo")
+
+
+def _objective(cfg: ml_collections.ConfigDict):
+    from jaxrl_llm.objectives import dpo_objective, orpo_objective, rm_objective, simpo_objective
+
+    p = cfg.pref
+    if cfg.stage == "dpo":
+        return dpo_objective(
+            beta=p.beta,
+            loss_type=p.loss_type,
+            label_smoothing=p.label_smoothing,
+            reference_free=p.reference_free,
+            sft_weight=p.sft_weight,
+        )
+    if cfg.stage == "simpo":
+        return simpo_objective(beta=p.beta, gamma=p.simpo_gamma, label_smoothing=p.label_smoothing)
+    if cfg.stage == "orpo":
+        return orpo_objective(beta=p.beta)
+    return rm_objective(center_coef=p.center_coef)
+
+
+def pair_spec(batch_size: int, length: int, *, reference: bool) -> dict[str, Any]:
+    """Shapes of a global pair batch (what the pipeline yields), plus ``ref_logps`` for a live reference."""
+    import jax
+    import jax.numpy as jnp
+
+    rows = {"tokens": jnp.int32, "loss_mask": jnp.bool_, "segment_ids": jnp.int32, "positions": jnp.int32}
+    spec = {k: jax.ShapeDtypeStruct((batch_size, 2, length), d) for k, d in rows.items()}
+    spec["num_truncated"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+    if reference:
+        spec["ref_logps"] = jax.ShapeDtypeStruct((batch_size, 2), jnp.float32)
+    return spec
+
+
+def _reference(cfg: ml_collections.ConfigDict, tokenizer: Any, mesh: Any):
+    """``prepare(batch) -> batch + ref_logps`` with a frozen copy of the initial policy."""
+    import jax
+    from flax import nnx
+
+    from jaxrl_llm.objectives import reference_logps
+
+    from . import setup
+
+    graphdef, params = nnx.split(setup.build_model(cfg, tokenizer, mesh))
+    logps = jax.jit(lambda p, batch: reference_logps(nnx.merge(graphdef, p), batch))
+
+    def prepare(batch: dict[str, Any]) -> dict[str, Any]:
+        return {**batch, "ref_logps": logps(params, batch)}
+
+    return prepare
+
+
+def run_pairs(cfg: ml_collections.ConfigDict) -> int:
+    import jax
+
+    from jaxrl_llm.checkpoint import write_run_info
+    from jaxrl_llm.data.packing import default_buckets
+    from jaxrl_llm.data.pipeline import make_pipeline
+    from jaxrl_llm.models import count_params
+    from jaxrl_llm.parallel import initialize, is_main_process, mesh_from_config
+    from jaxrl_llm.render import PairEncoder, Renderer
+
+    from . import setup
+    from .loop import log, run_loop
+    from .sft import _save_tokenizer
+
+    initialize(cfg.parallel.coordinator_address, cfg.parallel.num_processes, cfg.parallel.process_id)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    mesh = mesh_from_config(cfg.parallel)
+    if jax.process_count() > 1:
+        raise DataError(
+            f"stage={cfg.stage!r} batches pairs by length bucket: single-process runs only for now"
+        )
+
+    raw = None
+    if not (cfg.tokenizer.path or cfg.model.path):
+        raw = setup.raw_records(cfg)
+        _check_kind(cfg.stage, raw.kind)
+    tokenizer = setup.load_or_train_tokenizer(cfg, raw.records if raw is not None else None)
+    renderer = Renderer.from_config(cfg, tokenizer)
+    loaded, train_records, eval_records = setup.load_datasets(cfg, renderer)
+    _check_kind(cfg.stage, loaded.kind)
+    log(f"data: {len(train_records)} training pairs, {len(eval_records)} evaluation pairs ({loaded.counts})")
+    head = "score" if cfg.stage == "rm" else "lm"
+    model = setup.build_model(cfg, tokenizer, mesh, head=head)
+    log(
+        f"model: {model.cfg.family} ({head} head), {count_params(model):,} parameters on mesh {dict(mesh.shape)}"
+    )
+    write_run_info(
+        run_dir,
+        config_dict=cfg.to_dict(),
+        seed=cfg.seed,
+        mesh=mesh,
+        tokenizer_identity={**renderer.identity(), "vocab_size": tokenizer.vocab_size},
+        data_manifests={"train": loaded.manifest},
+        extra={"model": {"family": model.cfg.family, "parameters": count_params(model), "head": head}},
+    )
+    reference = cfg.stage == "dpo" and not cfg.pref.reference_free
+    prepare = _reference(cfg, tokenizer, mesh) if reference else None
+    buckets = default_buckets(cfg.train.seq_len)
+    encoder = PairEncoder(renderer)
+
+    def pipeline(records: list[dict], *, train: bool):
+        return make_pipeline(
+            records,
+            encoder,
+            batch_size=cfg.train.batch_size,
+            seq_len=cfg.train.seq_len,
+            mode="pairs",
+            buckets=buckets,
+            seed=cfg.seed,
+            shuffle=train,
+            num_epochs=None if train else 1,
+            worker_count=cfg.data.workers if train else 0,
+        )
+
+    eval_batches = None
+    if eval_records:
+
+        def eval_batches():
+            batches = pipeline(eval_records, train=False)
+            steps = cfg.train.eval_steps
+            return batches if steps is None else itertools.islice(batches, steps)
+
+    def export(model, out: Path) -> None:
+        from jaxrl_llm.models import save_hf
+
+        save_hf(model, out)
+        if is_main_process():
+            _save_tokenizer(tokenizer, out)
+
+    summary = run_loop(
+        cfg,
+        model=model,
+        objective=_objective(cfg),
+        train_data=pipeline(train_records, train=True),
+        mesh=mesh,
+        eval_batches=eval_batches,
+        export=export,
+        data_hash=loaded.content_hash,
+        spec=lambda b, t: pair_spec(b, t, reference=reference),
+        lengths=buckets,
+        prepare=prepare,
+    )
+    final = {**summary["final_train"], **{f"eval/{k}": v for k, v in summary["final_eval"].items()}}
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in final.items() if k.split("/", 1)[-1] in _SHOWN)
+    log(f"done: {summary['steps']} steps; {shown}; summary in {run_dir / 'summary.json'}")
+    return 0
+
+
+_SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "tokens_per_s")
+
+
+def _check_kind(stage: str, kind: str | None) -> None:
+    if kind != "preference":
+        raise DataError(
+            f"stage={stage!r} trains on preference records (prompt, chosen, rejected), but data.path holds "
+            f"{kind} records" + ("; labelled completions train with stage=kto" if kind == "unpaired" else "")
+        )
