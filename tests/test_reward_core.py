@@ -407,3 +407,13 @@ def test_from_the_config_and_its_command_line_json():
 
     with pytest.raises(ConfigError, match="reward.functions=.*expected a JSON list"):
         apply_overrides(base_config(), {"reward.functions": "{not json"})
+
+
+def test_code_exec_reads_the_records_tests_also_from_meta():
+    code = get_reward("code_exec").fn
+    answer = "```python\ndef add(a, b):\n    return a + b\n```"
+    tests = ["assert add(2, 3) == 5", "assert add(1, 1) == 3"]
+    assert code(answer, {"tests": tests}, timeout_s=10) == 0.5
+    assert code(answer, {"prompt": [], "meta": {"tests": tests}}, timeout_s=10) == 0.5
+    with pytest.raises(KeyError, match="no 'tests' field"):
+        code(answer, {"prompt": []})

@@ -121,3 +121,13 @@ def test_bad_input_is_named(setup, conversations, stop, message):
     chat = ChatSampler(model, renderer, batch_size=1)
     with pytest.raises(UserError, match=message):
         chat.generate(conversations, key=jax.random.key(0), max_new_tokens=2, stop=stop)
+
+
+def test_rl_prompt_records_are_conversations(setup):
+    model, renderer = setup
+    chat = ChatSampler(model, renderer, batch_size=1)
+    record = {"prompt": [{"role": "user", "content": "What is 2 + 3?"}], "ground_truth": "5"}
+    (completion,) = chat.generate(
+        [record], key=jax.random.key(0), max_new_tokens=3, sampling=SamplingParams.greedy()
+    )[0]
+    assert completion.prompt_tokens == len(renderer.render_prompt(record["prompt"]))

@@ -73,11 +73,12 @@ def end_of_turn_ids(renderer: Any) -> tuple[int, ...]:
 def _conversation(item: Any, index: int) -> tuple[Sequence[Mapping[str, Any]], Any]:
     """``(messages, tools)`` from a message list or a record with ``messages``/``prompt`` (and ``tools``)."""
     if isinstance(item, Mapping):
-        if "messages" not in item:
+        messages = item.get("messages", item.get("prompt"))  # a conversation, or an RL prompt record
+        if isinstance(messages, str) or not isinstance(messages, Sequence):
             raise UserError(
-                f"conversation {index}: a record needs a 'messages' list, got keys {sorted(item)}"
+                f"conversation {index}: a record needs a 'messages' or 'prompt' list, got keys {sorted(item)}"
             )
-        return item["messages"], item.get("tools")
+        return messages, item.get("tools")
     if isinstance(item, Sequence) and not isinstance(item, str):
         return item, None
     raise UserError(
