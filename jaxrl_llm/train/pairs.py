@@ -18,7 +18,6 @@ held-out preference accuracy).
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -48,13 +47,17 @@ def _objective(cfg: ml_collections.ConfigDict):
 
 
 def pair_spec(batch_size: int, length: int, *, reference: bool) -> dict[str, Any]:
-    """Shapes of a global pair batch (what the pipeline yields), plus ``ref_logps`` for a live reference."""
+    """Shapes of a global pair batch: the row batch's (``loop.batch_spec``) with a pair axis, plus
+    ``ref_logps`` for a live reference."""
     import jax
     import jax.numpy as jnp
 
-    rows = {"tokens": jnp.int32, "loss_mask": jnp.bool_, "segment_ids": jnp.int32, "positions": jnp.int32}
-    spec = {k: jax.ShapeDtypeStruct((batch_size, 2, length), d) for k, d in rows.items()}
-    spec["num_truncated"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+    from .loop import batch_spec
+
+    spec = {
+        k: jax.ShapeDtypeStruct((batch_size, 2, length), v.dtype) if v.ndim == 2 else v
+        for k, v in batch_spec(batch_size, length).items()
+    }
     if reference:
         spec["ref_logps"] = jax.ShapeDtypeStruct((batch_size, 2), jnp.float32)
     return spec
@@ -81,53 +84,24 @@ def _reference(cfg: ml_collections.ConfigDict, tokenizer: Any, mesh: Any):
 def run_pairs(cfg: ml_collections.ConfigDict) -> int:
     import jax
 
-    from jaxrl_llm.checkpoint import write_run_info
     from jaxrl_llm.data.packing import default_buckets
     from jaxrl_llm.data.pipeline import make_pipeline
-    from jaxrl_llm.models import count_params
-    from jaxrl_llm.parallel import initialize, is_main_process, mesh_from_config
-    from jaxrl_llm.render import PairEncoder, Renderer
+    from jaxrl_llm.render import PairEncoder
 
     from . import setup
     from .loop import log, run_loop
-    from .sft import _save_tokenizer
 
-    initialize(cfg.parallel.coordinator_address, cfg.parallel.num_processes, cfg.parallel.process_id)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    mesh = mesh_from_config(cfg.parallel)
-    if jax.process_count() > 1:
+    run = setup.start_stage(cfg, _check_kind, head="score" if cfg.stage == "rm" else "lm")
+    if jax.process_count() > 1:  # known once start_stage has joined the processes
         raise DataError(
             f"stage={cfg.stage!r} batches pairs by length bucket: single-process runs only for now"
         )
-
-    raw = None
-    if not (cfg.tokenizer.path or cfg.model.path):
-        raw = setup.raw_records(cfg)
-        _check_kind(cfg.stage, raw.kind)
-    tokenizer = setup.load_or_train_tokenizer(cfg, raw.records if raw is not None else None)
-    renderer = Renderer.from_config(cfg, tokenizer)
-    loaded, train_records, eval_records = setup.load_datasets(cfg, renderer)
-    _check_kind(cfg.stage, loaded.kind)
-    log(f"data: {len(train_records)} training pairs, {len(eval_records)} evaluation pairs ({loaded.counts})")
-    head = "score" if cfg.stage == "rm" else "lm"
-    model = setup.build_model(cfg, tokenizer, mesh, head=head)
-    log(
-        f"model: {model.cfg.family} ({head} head), {count_params(model):,} parameters on mesh {dict(mesh.shape)}"
-    )
-    write_run_info(
-        run_dir,
-        config_dict=cfg.to_dict(),
-        seed=cfg.seed,
-        mesh=mesh,
-        tokenizer_identity={**renderer.identity(), "vocab_size": tokenizer.vocab_size},
-        data_manifests={"train": loaded.manifest},
-        extra={"model": {"family": model.cfg.family, "parameters": count_params(model), "head": head}},
-    )
+    run_dir, mesh, tokenizer = run.run_dir, run.mesh, run.tokenizer
+    train_records, eval_records = run.train_records, run.eval_records
     reference = cfg.stage == "dpo" and not cfg.pref.reference_free
     prepare = _reference(cfg, tokenizer, mesh) if reference else None
     buckets = default_buckets(cfg.train.seq_len)
-    encoder = PairEncoder(renderer)
+    encoder = PairEncoder(run.renderer)
 
     def pipeline(records: list[dict], *, train: bool):
         return make_pipeline(
@@ -151,22 +125,15 @@ def run_pairs(cfg: ml_collections.ConfigDict) -> int:
             steps = cfg.train.eval_steps
             return batches if steps is None else itertools.islice(batches, steps)
 
-    def export(model, out: Path) -> None:
-        from jaxrl_llm.models import save_hf
-
-        save_hf(model, out)
-        if is_main_process():
-            _save_tokenizer(tokenizer, out)
-
     summary = run_loop(
         cfg,
-        model=model,
+        model=run.model,
         objective=_objective(cfg),
         train_data=pipeline(train_records, train=True),
         mesh=mesh,
         eval_batches=eval_batches,
-        export=export,
-        data_hash=loaded.content_hash,
+        export=setup.hf_export(tokenizer),
+        data_hash=run.loaded.content_hash,
         spec=lambda b, t: pair_spec(b, t, reference=reference),
         lengths=buckets,
         prepare=prepare,

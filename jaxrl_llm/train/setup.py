@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import ml_collections
 
@@ -141,3 +142,82 @@ def build_model(cfg: ml_collections.ConfigDict, tokenizer: Any, mesh: Any, *, he
     model = build(cfg.model, seed=cfg.seed, mesh=mesh, head=head, vocab_size=tokenizer.vocab_size)
     tokenizer.check_fits(model.cfg.vocab_size)
     return model
+
+
+class StageRun(NamedTuple):
+    run_dir: Path
+    mesh: Any
+    tokenizer: Any
+    renderer: Any
+    loaded: Any  # the LoadedDataset (manifest, counts, content hash)
+    train_records: list[dict]
+    eval_records: list[dict]
+    model: Any
+
+
+def start_stage(
+    cfg: ml_collections.ConfigDict, check_kind: Callable[[str, str | None], None], *, head: str = "lm"
+) -> StageRun:
+    """What every training stage does first: join the processes, make ``run_dir`` and the mesh, load or train
+    the tokenizer (``check_kind(stage, kind)`` refuses data the stage cannot train on, before a tokenizer is
+    trained on it), render and split the data, build the model with ``head``, write ``run_info.json``."""
+    from jaxrl_llm.checkpoint import write_run_info
+    from jaxrl_llm.models import count_params
+    from jaxrl_llm.parallel import initialize, mesh_from_config
+    from jaxrl_llm.render import Renderer
+
+    from .loop import log
+
+    initialize(cfg.parallel.coordinator_address, cfg.parallel.num_processes, cfg.parallel.process_id)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    mesh = mesh_from_config(cfg.parallel)
+    raw = None
+    if not (cfg.tokenizer.path or cfg.model.path):  # the tokenizer is trained on the data
+        raw = raw_records(cfg)
+        check_kind(cfg.stage, raw.kind)
+    tokenizer = load_or_train_tokenizer(cfg, raw.records if raw is not None else None)
+    renderer = Renderer.from_config(cfg, tokenizer)
+    loaded, train_records, eval_records = load_datasets(cfg, renderer)
+    check_kind(cfg.stage, loaded.kind)
+    log(
+        f"data: {len(train_records)} training records, {len(eval_records)} evaluation records "
+        f"(content hash {loaded.content_hash[:12]}; {loaded.counts})"
+    )
+    model = build_model(cfg, tokenizer, mesh, head=head)
+    params = count_params(model)
+    log(f"model: {model.cfg.family} ({head} head), {params:,} parameters on mesh {dict(mesh.shape)}")
+    write_run_info(
+        run_dir,
+        config_dict=cfg.to_dict(),
+        seed=cfg.seed,
+        mesh=mesh,
+        tokenizer_identity={**renderer.identity(), "vocab_size": tokenizer.vocab_size},
+        data_manifests={"train": loaded.manifest},
+        extra={"model": {"family": model.cfg.family, "parameters": params, "head": head}},
+    )
+    return StageRun(run_dir, mesh, tokenizer, renderer, loaded, train_records, eval_records, model)
+
+
+def hf_export(tokenizer: Any) -> Callable[[Any, Path], None]:
+    """``export(model, out)`` for ``run_loop``: the model as an HF checkpoint with its tokenizer beside it."""
+
+    def export(model: Any, out: Path) -> None:
+        from jaxrl_llm.models import save_hf
+        from jaxrl_llm.parallel import is_main_process
+
+        save_hf(model, out)
+        if is_main_process():
+            save_tokenizer(tokenizer, out)
+
+    return export
+
+
+def save_tokenizer(tokenizer: Any, out: Path) -> None:
+    """The tokenizer next to the exported weights, so the export is a complete model directory."""
+    import shutil
+
+    if tokenizer.hf is not None:
+        tokenizer.hf.save_pretrained(str(out))
+    elif Path(tokenizer.name_or_path).is_file():  # a SentencePiece .model
+        shutil.copy(tokenizer.name_or_path, out / "tokenizer.model")

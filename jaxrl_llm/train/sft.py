@@ -3,7 +3,6 @@ continued pre-training on raw text (every token a target), with the same loss an
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -44,46 +43,16 @@ def run_sft(cfg: ml_collections.ConfigDict) -> int:
 
     import jax
 
-    from jaxrl_llm.checkpoint import write_run_info
     from jaxrl_llm.objectives import sft_objective
-    from jaxrl_llm.parallel import initialize, is_main_process, mesh_from_config
-    from jaxrl_llm.render import Renderer
     from jaxrl_llm.render.records import SFTEncoder
 
     from . import setup
     from .evaluate import exact_match
     from .loop import log, run_loop
 
-    initialize(cfg.parallel.coordinator_address, cfg.parallel.num_processes, cfg.parallel.process_id)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    mesh = mesh_from_config(cfg.parallel)
-
-    raw = None
-    if not (cfg.tokenizer.path or cfg.model.path):  # the tokenizer is trained on the data
-        raw = setup.raw_records(cfg)
-        _check_kind(cfg.stage, raw.kind)
-    tokenizer = setup.load_or_train_tokenizer(cfg, raw.records if raw is not None else None)
-    renderer = Renderer.from_config(cfg, tokenizer)
-    loaded, train_records, eval_records = setup.load_datasets(cfg, renderer)
-    _check_kind(cfg.stage, loaded.kind)
-    log(
-        f"data: {len(train_records)} training records, {len(eval_records)} evaluation records "
-        f"(content hash {loaded.content_hash[:12]}; {loaded.counts})"
-    )
-    model = setup.build_model(cfg, tokenizer, mesh)
-    from jaxrl_llm.models import count_params
-
-    log(f"model: {model.cfg.family}, {count_params(model):,} parameters on mesh {dict(mesh.shape)}")
-    write_run_info(
-        run_dir,
-        config_dict=cfg.to_dict(),
-        seed=cfg.seed,
-        mesh=mesh,
-        tokenizer_identity={**renderer.identity(), "vocab_size": tokenizer.vocab_size},
-        data_manifests={"train": loaded.manifest},
-        extra={"model": {"family": model.cfg.family, "parameters": count_params(model)}},
-    )
+    run = setup.start_stage(cfg, _check_kind)
+    run_dir, mesh, renderer = run.run_dir, run.mesh, run.renderer
+    train_records, eval_records = run.train_records, run.eval_records
 
     encoder = SFTEncoder(renderer)
     train_data = _pipeline(cfg, train_records, encoder, train=True)
@@ -115,23 +84,16 @@ def run_sft(cfg: ml_collections.ConfigDict) -> int:
 
             evaluators.append(generated)
 
-    def export(model, out: Path) -> None:
-        from jaxrl_llm.models import save_hf
-
-        save_hf(model, out)
-        if is_main_process():
-            _save_tokenizer(tokenizer, out)
-
     summary = run_loop(
         cfg,
-        model=model,
+        model=run.model,
         objective=sft_objective(),
         train_data=train_data,
         mesh=mesh,
         eval_batches=eval_batches,
         evaluators=evaluators,
-        export=export,
-        data_hash=loaded.content_hash,
+        export=setup.hf_export(run.tokenizer),
+        data_hash=run.loaded.content_hash,
     )
     final, first = summary["final_eval"], summary["first_eval"]
     shown = ", ".join(f"{k} {v:.4g}" for k, v in {**summary["final_train"], **final}.items() if k in _SHOWN)
@@ -143,13 +105,3 @@ def run_sft(cfg: ml_collections.ConfigDict) -> int:
 
 
 _SHOWN = ("loss", "token_accuracy", "tokens_per_s", "exact_match")
-
-
-def _save_tokenizer(tokenizer: Any, out: Path) -> None:
-    """The tokenizer next to the exported weights, so the export is a complete model directory."""
-    import shutil
-
-    if tokenizer.hf is not None:
-        tokenizer.hf.save_pretrained(str(out))
-    elif Path(tokenizer.name_or_path).is_file():  # a SentencePiece .model
-        shutil.copy(tokenizer.name_or_path, out / "tokenizer.model")
