@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from ..models.transformer import sequence_scores
+from ..rollout.sampler import prompt_bucket
 from .base import RewardError, register
 
 
@@ -27,13 +28,6 @@ def reward_model(
     *, path: str = "", template: str = "", batch_size: int = 8, max_length: int = 2048, dtype: str = "float32"
 ) -> None:
     """A learned reward model's score of the whole exchange (see ``RewardModel``)."""
-
-
-def _bucket(length: int, smallest: int = 16) -> int:
-    bucket = smallest
-    while bucket < length:
-        bucket *= 2
-    return bucket
 
 
 class RewardModel:
@@ -87,7 +81,7 @@ class RewardModel:
         out = np.zeros(len(rows), np.float32)
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start : start + self.batch_size]
-            width = _bucket(max(map(len, chunk)))
+            width = prompt_bucket(max(map(len, chunk)))  # the sampler's buckets: powers of two
             ids = np.full((self.batch_size, width), self.pad_id, np.int32)
             mask = np.zeros((self.batch_size, width), np.int32)
             for r, row in enumerate(chunk):
