@@ -1,5 +1,6 @@
-"""Stages rm, dpo, orpo and simpo through the real command: synthetic pairs and the LLaMA-Factory demo file,
-metrics, held-out evaluation, exports (the reward model loads in the reward layer), resume, wrong data."""
+"""Stages rm, dpo, kto, orpo and simpo through the real command: synthetic pairs and labelled completions and
+the LLaMA-Factory demo files, metrics, held-out evaluation, precomputed reference log-probs, exports (the
+reward model loads in the reward layer), wrong data."""
 
 from __future__ import annotations
 
@@ -31,15 +32,21 @@ TINY = [
 ]
 
 
+KTO_DATA = "--config.data.path=synthetic:arithmetic_kto?n=120&digits=2"
+
+
 def train(run_dir: Path, stage: str, *overrides: str) -> int:
-    return train_main.main([*TINY, f"--config.stage={stage}", f"--config.run_dir={run_dir}", *overrides])
+    data = [KTO_DATA] if stage == "kto" else []
+    return train_main.main(
+        [*TINY, *data, f"--config.stage={stage}", f"--config.run_dir={run_dir}", *overrides]
+    )
 
 
 def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-@pytest.mark.parametrize("stage", ["dpo", "simpo", "orpo", "rm"])
+@pytest.mark.parametrize("stage", ["dpo", "kto", "simpo", "orpo", "rm"])
 def test_each_stage_trains_on_synthetic_pairs_and_reports_pair_metrics(tmp_path, stage):
     run_dir = tmp_path / stage
     assert train(run_dir, stage) == 0
@@ -77,15 +84,22 @@ def test_reward_model_export_scores_in_the_reward_layer(tmp_path):
     assert scores.shape == (2,) and np.isfinite(scores).all()
 
 
-@pytest.mark.parametrize("stage", ["dpo", "rm"])
-def test_two_steps_on_the_llamafactory_demo_preference_file(tmp_path, stage):
+@pytest.mark.parametrize("stage", ["dpo", "kto", "orpo", "simpo", "rm"])
+def test_two_steps_on_the_llamafactory_demo_files(tmp_path, stage):
+    data = (
+        [f"--config.data.path={DEMO / 'kto_en_demo.json'}"]
+        if stage == "kto"
+        else [
+            f"--config.data.path={DEMO / 'dpo_en_demo.json'}",
+            "--config.data.format=sharegpt",
+            "--config.data.kind=preference",
+        ]
+    )
     assert (
         train(
             tmp_path / stage,
             stage,
-            f"--config.data.path={DEMO / 'dpo_en_demo.json'}",
-            "--config.data.format=sharegpt",
-            "--config.data.kind=preference",
+            *data,
             "--config.data.eval_split=0.0",
             "--config.tokenizer.train_vocab_size=300",
             "--config.train.steps=2",
@@ -101,3 +115,30 @@ def test_conversations_are_refused_with_the_stage_that_fits(tmp_path, capsys):
     code = train(tmp_path / "x", "dpo", "--config.data.path=synthetic:arithmetic?n=40")
     assert code != 0
     assert "stage='dpo' trains on preference records" in capsys.readouterr().err
+    code = train(tmp_path / "y", "dpo", KTO_DATA)
+    assert code != 0
+    assert "labelled completions train with stage=kto" in capsys.readouterr().err
+    code = train(tmp_path / "z", "kto", "--config.data.path=synthetic:arithmetic_pref?n=40")
+    assert code != 0
+    assert "preference pairs train with stage=dpo" in capsys.readouterr().err
+
+
+def test_kto_starts_at_the_reference(tmp_path):
+    run_dir = tmp_path / "kto"
+    assert train(run_dir, "kto", "--config.train.eval_at_start=true", "--config.pref.beta=0.5") == 0
+    first = summary(run_dir)["first_eval"]
+    assert first["loss"] == pytest.approx(0.5, abs=1e-5)  # 1 - sigmoid(0): policy == reference, z = 0
+    assert first["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert first["count/desirable"] + first["count/undesirable"] == first["examples"] == 12
+
+
+def test_precomputed_reference_log_probs_train_as_the_live_reference(tmp_path, capsys):
+    args = ("--config.train.eval_at_start=true", "--config.pref.beta=0.5")
+    assert train(tmp_path / "live", "dpo", *args) == 0
+    assert train(tmp_path / "pre", "dpo", *args, "--config.pref.precompute_ref=true") == 0
+    out = capsys.readouterr()
+    assert "reference log-probs precomputed for 120 records" in out.out + out.err
+    live, pre = summary(tmp_path / "live"), summary(tmp_path / "pre")
+    for part in ("first_eval", "final_eval", "final_train"):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies"):
+            assert pre[part][key] == pytest.approx(live[part][key], rel=1e-4, abs=1e-5), (part, key)

@@ -461,7 +461,7 @@ FIELDS: tuple[Field, ...] = (
     Field(
         "pref.beta",
         0.1,
-        "Preference stages' beta: the KL coefficient of dpo (0.1 is usual) and orpo's odds-ratio weight; "
+        "Preference stages' beta: the KL coefficient of dpo and kto (0.1 is usual) and orpo's odds-ratio weight; "
         "simpo's reward scale (the paper uses 2-2.5).",
         float,
         lo=0,
@@ -490,6 +490,13 @@ FIELDS: tuple[Field, ...] = (
         bool,
     ),
     Field(
+        "pref.precompute_ref",
+        False,
+        "stage=dpo: compute the reference model's log-probs of every training and evaluation pair in one pass "
+        "before training (then the reference is freed) instead of on every batch.",
+        bool,
+    ),
+    Field(
         "pref.sft_weight",
         0.0,
         "stage=dpo: weight of an added NLL term on the chosen answers (RPO).",
@@ -497,6 +504,23 @@ FIELDS: tuple[Field, ...] = (
         lo=0,
     ),
     Field("pref.simpo_gamma", 1.0, "stage=simpo: the target reward margin gamma.", float, lo=0),
+    Field(
+        "pref.desirable_weight",
+        1.0,
+        "stage=kto: weight lambda_D of the desirable examples' losses (the paper keeps lambda_D * n_D / "
+        "(lambda_U * n_U) in [1, 4/3]).",
+        float,
+        lo=0,
+        lo_open=True,
+    ),
+    Field(
+        "pref.undesirable_weight",
+        1.0,
+        "stage=kto: weight lambda_U of the undesirable examples' losses.",
+        float,
+        lo=0,
+        lo_open=True,
+    ),
     Field(
         "pref.center_coef",
         0.0,
@@ -547,7 +571,7 @@ SECTIONS = {
     "optimizer": "Optimizer and learning-rate schedule",
     "train": "Training loop",
     "data": "Dataset, validation and quality filters (python -m jaxrl_llm.data validate checks one)",
-    "pref": "Preference and reward-model stages (rm, dpo, orpo, simpo)",
+    "pref": "Preference and reward-model stages (rm, dpo, kto, orpo, simpo)",
     "reward": "Rewards of the RL stages (jaxrl_llm.reward)",
 }
 

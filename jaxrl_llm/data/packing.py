@@ -186,3 +186,32 @@ def next_token_targets(tokens: Any, loss_mask: Any, segment_ids: Any) -> tuple[A
     """
     same_doc = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
     return tokens[:, 1:], loss_mask[:, 1:] & same_doc
+
+
+def kto_rows(examples: Sequence[Example], prompt_lens: Sequence[int], length: int) -> list[Row]:
+    """One batch of KTO rows ``[2, length]``: side 0 an example itself (prompt + its completion), side 1
+    its prompt followed by the completion of the batch's previous example (the last one's for the first),
+    cut to ``length`` when it is longer.
+
+    The side-1 sequences are the mismatched (prompt, completion) pairs whose policy/reference log-ratio
+    estimates KTO's KL reference point; rotating the completions by one inside the batch (TRL's
+    ``(x_1, y_n), (x_2, y_1), ...``) makes them the same completions as the batch's own, paired with other
+    prompts. ``examples`` are already fitted to ``length``; ``prompt_lens[i]`` is where example ``i``'s
+    completion starts. A batch of one pairs its example with itself.
+    """
+    rows = []
+    for i, example in enumerate(examples):
+        other, start = examples[i - 1], int(prompt_lens[i - 1])
+        prompt = int(prompt_lens[i])
+        mismatched = {
+            "ids": np.concatenate([example["ids"][:prompt], other["ids"][start:]])[:length],
+            "loss_mask": np.concatenate(
+                [np.zeros(min(prompt, len(example["ids"])), np.bool_), other["loss_mask"][start:]]
+            )[:length],
+        }
+        row = empty_rows(2, length)
+        for side, ex in enumerate((example, mismatched)):
+            _place({k: row[k][side] for k in ROW_KEYS}, ex, 0)
+        row["num_truncated"] = np.int32(0)  # the caller counts its examples' truncation
+        rows.append(row)
+    return rows

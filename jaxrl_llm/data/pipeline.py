@@ -9,6 +9,8 @@
       -> pack: fit to seq_len, FirstFitPackIterDataset, batch (padded with empty rows)
       -> bucket: pad each example to its length bucket, batch examples of one bucket together
       -> pairs: the same with a preference pair per row ([2, T]: chosen, rejected)
+      -> kto: the same with [2, T] rows built per batch: each labelled example, and its prompt followed by
+         the batch's previous completion (the mismatched pair of KTO's KL term), ``desirable`` [B_local]
 
 Everything stateful (truncation, packing, bucketing) runs after ``mp_prefetch``, in the main process, as
 Grain advises: the batches are then the same for any ``worker_count``. Batches are dicts of numpy arrays
@@ -44,16 +46,21 @@ from jaxrl_llm.parallel import DEFAULT_RULES, named_sharding
 from .packing import (
     ROW_KEYS,
     as_example,
+    bucket_length,
     check_buckets,
     check_overlong,
     default_buckets,
     fit_length,
+    kto_rows,
     pad_pair,
     pad_to_bucket,
 )
 from .records import DataError
 
-MODES = ("pack", "bucket", "pairs")
+MODES = ("pack", "bucket", "pairs", "kto")
+# Per-example integers an encoder (or the pipeline) may add beside the token arrays; bucketed batches carry
+# them as [B_local] arrays (0 in filler rows).
+SCALARS = ("desirable", "prompt_len", "index")
 Batch = dict[str, np.ndarray]
 
 
@@ -63,12 +70,20 @@ class Encode:
     not a closure, because Grain sends it to spawned worker processes."""
 
     encode: Callable[[Any], Any]
+    indexed: bool = False  # items are (record index, record): the example gets "index"
 
-    def __call__(self, record: Any) -> dict[str, Any]:
+    def __call__(self, item: Any) -> dict[str, Any]:
+        index, record = item if self.indexed else (None, item)
         encoded = self.encode(record)
         if isinstance(encoded, Mapping) and "chosen" in encoded:  # a preference pair (PairEncoder)
-            return {side: self._example(encoded[side], record) for side in ("chosen", "rejected")}
-        return self._example(encoded, record)
+            out = {side: self._example(encoded[side], record) for side in ("chosen", "rejected")}
+        else:
+            out = self._example(encoded, record)
+        if isinstance(encoded, Mapping):
+            out.update({k: int(encoded[k]) for k in SCALARS if k in encoded})
+        if index is not None:
+            out["index"] = int(index)
+        return out
 
     @staticmethod
     def _example(encoded: Any, record: Any) -> dict[str, np.ndarray]:
@@ -81,6 +96,12 @@ class Encode:
         if not len(example["ids"]):
             raise DataError(f"encode returned no tokens for record {str(record)[:200]}")
         return example
+
+
+@dataclasses.dataclass(frozen=True)
+class _WithIndex:
+    def __call__(self, index: int, record: Any) -> tuple[int, Any]:
+        return index, record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,10 +165,10 @@ class _BucketBatchIterator(grain.DatasetIterator):
         buckets: tuple[int, ...],
         batch_size: int,
         overlong: str,
-        pairs: bool = False,
+        mode: str = "bucket",
     ):
         super().__init__(parent)
-        self._buckets, self._batch_size, self._overlong, self._pairs = buckets, batch_size, overlong, pairs
+        self._buckets, self._batch_size, self._overlong, self._mode = buckets, batch_size, overlong, mode
         self._reset()
 
     def _reset(self) -> None:
@@ -155,14 +176,27 @@ class _BucketBatchIterator(grain.DatasetIterator):
         self._consumed = 0
 
     def _add(self, offset: int, state_before: Any, example: dict[str, np.ndarray]) -> int | None:
-        """Buffers one example; returns its bucket, or None when it is dropped as overlong."""
-        if self._pairs:
+        """Buffers one example; returns its bucket, or None when it is dropped as overlong.
+
+        kto examples wait unpadded (their rows depend on the batch they end up in: ``_emit``)."""
+        if self._mode == "pairs":
             row = pad_pair(example["chosen"], example["rejected"], self._buckets, overlong=self._overlong)
+        elif self._mode == "kto":
+            if "prompt_len" not in example or "desirable" not in example:
+                raise DataError(
+                    'mode="kto" needs encode to return "prompt_len" and "desirable" beside the tokens '
+                    "(KTOEncoder does)"
+                )
+            fitted, truncated = fit_length(as_example(example), self._buckets[-1], self._overlong)
+            row = None if fitted is None else {**fitted, "num_truncated": np.int32(truncated)}
         else:
             row = pad_to_bucket(example, self._buckets, overlong=self._overlong)
         if row is None:
             return None
-        bucket = row["tokens"].shape[-1]
+        row.update({k: np.int32(example[k]) for k in SCALARS if k in example})
+        bucket = (
+            bucket_length(len(row["ids"]), self._buckets) if self._mode == "kto" else row["tokens"].shape[-1]
+        )
         self._waiting[bucket].append(_Waiting(offset, state_before, row))
         return bucket
 
@@ -183,8 +217,13 @@ class _BucketBatchIterator(grain.DatasetIterator):
         raise StopIteration
 
     def _emit(self, bucket: int) -> Batch:
-        rows, self._waiting[bucket] = self._waiting[bucket], []
-        return _StackPadded(self._batch_size)([w.row for w in rows])
+        waiting, self._waiting[bucket] = self._waiting[bucket], []
+        rows = [w.row for w in waiting]
+        if self._mode == "kto":
+            built = kto_rows(rows, [r["prompt_len"] for r in rows], bucket)
+            keep = ("num_truncated", "desirable", "index")
+            rows = [{**b, **{k: r[k] for k in keep if k in r}} for b, r in zip(built, rows, strict=True)]
+        return _StackPadded(self._batch_size)(rows)
 
     def get_state(self) -> dict[str, Any]:
         waiting = sorted((w for ws in self._waiting.values() for w in ws), key=lambda w: w.offset)
@@ -211,14 +250,14 @@ class _BucketBatchIterator(grain.DatasetIterator):
 
 class _BucketBatchIterDataset(grain.IterDataset):
     def __init__(
-        self, parent: grain.IterDataset, buckets: tuple[int, ...], batch_size: int, overlong: str, pairs: bool
+        self, parent: grain.IterDataset, buckets: tuple[int, ...], batch_size: int, overlong: str, mode: str
     ):
         super().__init__(parent)
-        self._buckets, self._batch_size, self._overlong, self._pairs = buckets, batch_size, overlong, pairs
+        self._buckets, self._batch_size, self._overlong, self._mode = buckets, batch_size, overlong, mode
 
     def __iter__(self) -> _BucketBatchIterator:
         return _BucketBatchIterator(
-            self._parent.__iter__(), self._buckets, self._batch_size, self._overlong, self._pairs
+            self._parent.__iter__(), self._buckets, self._batch_size, self._overlong, self._mode
         )
 
     def __str__(self) -> str:
@@ -278,6 +317,7 @@ def make_pipeline(
     shard_by_process: bool = True,
     process_index: int | None = None,
     process_count: int | None = None,
+    with_index: bool = False,
 ) -> grain.IterDataset:
     """This process's batches of ``records``, as a Grain ``IterDataset`` (iterate it for batches).
 
@@ -291,7 +331,9 @@ def make_pipeline(
       mode: ``"pack"`` (several documents per row, segment ids keep them apart), ``"bucket"`` (one
         document per row, padded to the smallest of ``buckets`` that holds it) or ``"pairs"`` (``encode``
         returns ``{"chosen", "rejected"}`` examples, e.g. ``PairEncoder``: each pair is one ``[2, T]`` row,
-        both sides padded to the bucket of the longer one; batches are ``[B, 2, T]``).
+        both sides padded to the bucket of the longer one; batches are ``[B, 2, T]``) or ``"kto"``
+        (``encode`` returns an example with ``prompt_len`` and ``desirable``, e.g. ``KTOEncoder``: each batch
+        of one bucket is made of ``[2, T]`` rows by ``packing.kto_rows``, with ``desirable`` [B]).
       buckets: bucket lengths, each at most ``seq_len``; default powers of two from 64 up to ``seq_len``.
       seed: shuffling (records each epoch, and packed rows within a packing group).
       num_epochs: passes over the data; None repeats forever.
@@ -303,6 +345,8 @@ def make_pipeline(
         more bins waste less padding but reorder data further.
       shard_by_process: split records across JAX processes; ``process_index``/``process_count`` override
         ``jax.process_index()``/``jax.process_count()`` (tests simulate several processes with them).
+      with_index: each example carries ``index``, its position in ``records`` (bucketed batches: an
+        ``index`` [B] array), e.g. to look up values precomputed per record.
     """
     _check_arguments(records, encode, batch_size=batch_size, seq_len=seq_len)
     if mode not in MODES:
@@ -320,7 +364,7 @@ def make_pipeline(
     index, count = _shard(shard_by_process, process_index, process_count)
     if batch_size % count:
         raise DataError(f"batch_size={batch_size} is not divisible by the {count} processes sharing it")
-    if count > 1 and mode in ("bucket", "pairs"):
+    if count > 1 and mode != "pack":
         raise DataError(
             f'mode="{mode}" cannot be used by {count} processes: each picks its batch\'s bucket length on its '
             "own, so on the same step they would emit rows of different lengths and the global arrays would "
@@ -339,22 +383,24 @@ def make_pipeline(
     if usable == 0:
         raise DataError(f"{len(records)} records cannot be shared by {count} processes")
     ds = grain.MapDataset.source(records)
+    if with_index:
+        ds = ds.map_with_index(_WithIndex())
     if count > 1:
         ds = ds[:usable][index::count]
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
-    it = ds.map(Encode(encode)).to_iter_dataset()
+    it = ds.map(Encode(encode, indexed=with_index)).to_iter_dataset()
     if worker_count:
         _mark_flags_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
 
-    if mode in ("bucket", "pairs"):
+    if mode != "pack":
         buckets = buckets or default_buckets(seq_len)
         if buckets[-1] > seq_len:
             raise DataError(f"buckets={buckets}: every bucket must be <= seq_len={seq_len}")
-        return _BucketBatchIterDataset(it, buckets, local_batch, overlong, pairs=mode == "pairs")
+        return _BucketBatchIterDataset(it, buckets, local_batch, overlong, mode)
 
     if overlong == "drop":
         it = it.filter(_FitsIn(seq_len))

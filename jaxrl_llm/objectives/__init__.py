@@ -1,6 +1,7 @@
 """Training objectives: pure loss functions and the ``Objective`` bundles the step factory trains."""
 
 from .base import Objective
+from .kto import kto_objective
 from .pairs import (
     dpo_objective,
     orpo_objective,
@@ -19,6 +20,7 @@ __all__ = [
     "dpo_loss",
     "dpo_objective",
     "kto_loss",
+    "kto_objective",
     "orpo_loss",
     "orpo_objective",
     "pair_logps",

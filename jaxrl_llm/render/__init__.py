@@ -7,7 +7,15 @@ generation prompt for rollout and serving, and checks their train/inference pari
 ``check_parity_sample`` over a dataset).
 """
 
-from .records import PairEncoder, ParityReport, SFTEncoder, check_parity_sample, parity_report, token_lengths
+from .records import (
+    KTOEncoder,
+    PairEncoder,
+    ParityReport,
+    SFTEncoder,
+    check_parity_sample,
+    parity_report,
+    token_lengths,
+)
 from .render import MASK_MODES, Rendered, Renderer, template_messages, template_tools
 from .templates import TEMPLATES, RenderError, Template, UnknownTemplateError, get_template
 from .tokenizer import Tokenizer, TokenizerError, load_tokenizer
@@ -18,6 +26,7 @@ __all__ = [
     "ParityReport",
     "RenderError",
     "Rendered",
+    "KTOEncoder",
     "PairEncoder",
     "SFTEncoder",
     "Renderer",

@@ -197,3 +197,36 @@ class PairEncoder:
             mask = rendered.loss_mask & (np.arange(len(rendered.ids)) >= start)
             out[side] = {"ids": rendered.ids, "loss_mask": mask}
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class KTOEncoder:
+    """``unpaired record -> {"ids", "loss_mask", "prompt_len", "desirable"}`` (picklable, for Grain workers).
+
+    The sequence is ``prompt + completion`` rendered as training renders conversations, only the
+    completion's tokens targets; ``prompt_len`` is where the completion starts (the rendered prompt with
+    its generation prompt, exactly what inference renders), so the pipeline can pair the prompt with
+    another record's completion (``data.packing.kto_rows``); ``desirable`` is the record's label.
+    """
+
+    renderer: Renderer
+
+    def __call__(self, record: dict) -> dict[str, Any]:
+        if "completion" not in record or "label" not in record:
+            raise RenderError(f"KTO trains on prompt/completion/label records, not {sorted(record)}")
+        tools = record.get("tools")
+        prompt = self.renderer.render_prompt(record["prompt"], tools)
+        rendered = self.renderer.render(record["prompt"] + record["completion"], tools)
+        start = len(prompt)
+        if not np.array_equal(rendered.ids[:start], prompt):
+            raise RenderError(
+                "the chat template renders the prompt differently alone and followed by the completion, so a "
+                "completion cannot be paired with another prompt (KTO's KL term)"
+            )
+        mask = rendered.loss_mask & (np.arange(len(rendered.ids)) >= start)
+        return {
+            "ids": rendered.ids,
+            "loss_mask": mask,
+            "prompt_len": start,
+            "desirable": bool(record["label"]),
+        }

@@ -1,4 +1,4 @@
-"""Stages ``rm``, ``dpo``, ``orpo`` and ``simpo``: training on preference pairs (prompt, chosen, rejected).
+"""Stages ``rm``, ``dpo``, ``kto``, ``orpo`` and ``simpo``: preference pairs and KTO's labelled completions.
 
 Each pair is one ``[2, T]`` row of a ``[B, 2, T]`` batch (``data.pipeline`` ``mode="pairs"``, rows padded to
 the bucket of the longer side; ``data.packing`` does not apply), rendered with ``PairEncoder`` (only the
@@ -6,7 +6,13 @@ answers are targets). The objectives are ``jaxrl_llm.objectives.pairs``':
 
 - ``dpo``: a frozen copy of the initial policy is the reference; its log-probs of both answers are computed
   for every batch (training and evaluation) by a separate jitted forward and passed in the batch as
-  ``ref_logps``; ``pref.reference_free`` drops it. ``pref.loss_type`` picks among the 13 DPO losses.
+  ``ref_logps``, or with ``pref.precompute_ref`` once for every pair before training (a table looked up by
+  each pair's record index; the reference's weights are then freed); ``pref.reference_free`` drops it.
+  ``pref.loss_type`` picks among the 13 DPO losses.
+- ``kto``: unpaired records (prompt, completion, label) rendered with ``KTOEncoder``; the pipeline's
+  ``mode="kto"`` makes each row ``[2, T]`` of the example and of its prompt with the previous completion of
+  the same batch (the mismatched pairs of the KL reference point, ``objectives.kto``); the reference is
+  live, as for dpo.
 - ``simpo`` and ``orpo``: no reference model.
 - ``rm``: the model gets a score head (``*ForSequenceClassification``: HF's randomly initialised ``score``
   on top of a causal LM checkpoint) trained with Bradley-Terry; ``final/`` is what the reward layer loads.
@@ -24,13 +30,23 @@ import ml_collections
 
 from jaxrl_llm.data.records import DataError
 
-PAIR_STAGES = ("rm", "dpo", "orpo", "simpo")
+PAIR_STAGES = ("rm", "dpo", "kto", "orpo", "simpo")
 
 
 def _objective(cfg: ml_collections.ConfigDict):
-    from jaxrl_llm.objectives import dpo_objective, orpo_objective, rm_objective, simpo_objective
+    from jaxrl_llm.objectives import (
+        dpo_objective,
+        kto_objective,
+        orpo_objective,
+        rm_objective,
+        simpo_objective,
+    )
 
     p = cfg.pref
+    if cfg.stage == "kto":
+        return kto_objective(
+            beta=p.beta, desirable_weight=p.desirable_weight, undesirable_weight=p.undesirable_weight
+        )
     if cfg.stage == "dpo":
         return dpo_objective(
             beta=p.beta,
@@ -46,9 +62,9 @@ def _objective(cfg: ml_collections.ConfigDict):
     return rm_objective(center_coef=p.center_coef)
 
 
-def pair_spec(batch_size: int, length: int, *, reference: bool) -> dict[str, Any]:
+def pair_spec(batch_size: int, length: int, *, reference: bool, labels: bool = False) -> dict[str, Any]:
     """Shapes of a global pair batch: the row batch's (``loop.batch_spec``) with a pair axis, plus
-    ``ref_logps`` for a live reference."""
+    ``ref_logps`` when there is a reference and KTO's ``desirable`` labels."""
     import jax
     import jax.numpy as jnp
 
@@ -60,11 +76,13 @@ def pair_spec(batch_size: int, length: int, *, reference: bool) -> dict[str, Any
     }
     if reference:
         spec["ref_logps"] = jax.ShapeDtypeStruct((batch_size, 2), jnp.float32)
+    if labels:
+        spec["desirable"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
     return spec
 
 
-def _reference(cfg: ml_collections.ConfigDict, tokenizer: Any, mesh: Any):
-    """``prepare(batch) -> batch + ref_logps`` with a frozen copy of the initial policy."""
+def _reference_fn(cfg: ml_collections.ConfigDict, tokenizer: Any, mesh: Any):
+    """``ref(batch) -> float32[B, 2]``: a frozen copy of the initial policy's log-probs of both sides."""
     import jax
     from flax import nnx
 
@@ -74,9 +92,47 @@ def _reference(cfg: ml_collections.ConfigDict, tokenizer: Any, mesh: Any):
 
     graphdef, params = nnx.split(setup.build_model(cfg, tokenizer, mesh))
     logps = jax.jit(lambda p, batch: reference_logps(nnx.merge(graphdef, p), batch))
+    return lambda batch: logps(params, batch)
+
+
+def _live_reference(cfg: ml_collections.ConfigDict, tokenizer: Any, mesh: Any):
+    """``prepare(batch) -> batch + ref_logps``, the reference run on every batch."""
+    ref = _reference_fn(cfg, tokenizer, mesh)
+    return lambda batch: {**batch, "ref_logps": ref(batch)}
+
+
+def _precomputed_reference(cfg, tokenizer, mesh, record_sets, pipeline):
+    """``prepare(batch) -> batch - index + ref_logps`` from a table computed in one pass over every record
+    of ``record_sets`` (training, then evaluation: indices run on from one set to the next; the batches of
+    set ``k`` must carry ``index`` plus the sizes of the sets before it). The reference's weights are freed
+    once the table is made."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxrl_llm.data.pipeline import to_device
+
+    from .loop import log
+
+    ref = _reference_fn(cfg, tokenizer, mesh)
+    table = np.zeros((sum(len(r) for r in record_sets), 2), np.float32)
+    offset, passes = 0, 0
+    for records in record_sets:
+        for host in pipeline(records, train=False):
+            real = host["loss_mask"].reshape(len(host["loss_mask"]), -1).any(-1)  # filler rows: no targets
+            values = np.asarray(jax.device_get(ref(to_device(host, mesh))))
+            table[host["index"][real] + offset] = values[real]
+            passes += 1
+        offset += len(records)
+    del ref  # the reference's weights go with it
+    log(f"reference log-probs precomputed for {len(table)} records ({passes} batches)")
+    with jax.set_mesh(mesh):
+        device_table = jnp.asarray(table)
+    lookup = jax.jit(lambda t, i: t[i])
 
     def prepare(batch: dict[str, Any]) -> dict[str, Any]:
-        return {**batch, "ref_logps": logps(params, batch)}
+        rest = {k: v for k, v in batch.items() if k != "index"}
+        return {**rest, "ref_logps": lookup(device_table, batch["index"])}
 
     return prepare
 
@@ -86,22 +142,25 @@ def run_pairs(cfg: ml_collections.ConfigDict) -> int:
 
     from jaxrl_llm.data.packing import default_buckets
     from jaxrl_llm.data.pipeline import make_pipeline
-    from jaxrl_llm.render import PairEncoder
+    from jaxrl_llm.render import KTOEncoder, PairEncoder
 
     from . import setup
     from .loop import log, run_loop
 
     run = setup.start_stage(cfg, _check_kind, head="score" if cfg.stage == "rm" else "lm")
+    if cfg.pref.precompute_ref and cfg.stage != "dpo":
+        log(f"note: pref.precompute_ref applies to stage=dpo only; stage={cfg.stage!r} ignores it")
     if jax.process_count() > 1:  # known once start_stage has joined the processes
         raise DataError(
             f"stage={cfg.stage!r} batches pairs by length bucket: single-process runs only for now"
         )
     run_dir, mesh, tokenizer = run.run_dir, run.mesh, run.tokenizer
     train_records, eval_records = run.train_records, run.eval_records
-    reference = cfg.stage == "dpo" and not cfg.pref.reference_free
-    prepare = _reference(cfg, tokenizer, mesh) if reference else None
+    kto = cfg.stage == "kto"
+    reference = kto or (cfg.stage == "dpo" and not cfg.pref.reference_free)
+    precompute = reference and cfg.stage == "dpo" and cfg.pref.precompute_ref
     buckets = default_buckets(cfg.train.seq_len)
-    encoder = PairEncoder(run.renderer)
+    encoder = KTOEncoder(run.renderer) if kto else PairEncoder(run.renderer)
 
     def pipeline(records: list[dict], *, train: bool):
         return make_pipeline(
@@ -109,19 +168,28 @@ def run_pairs(cfg: ml_collections.ConfigDict) -> int:
             encoder,
             batch_size=cfg.train.batch_size,
             seq_len=cfg.train.seq_len,
-            mode="pairs",
+            mode="kto" if kto else "pairs",
             buckets=buckets,
             seed=cfg.seed,
             shuffle=train,
             num_epochs=None if train else 1,
             worker_count=cfg.data.workers if train else 0,
+            with_index=precompute,
         )
+
+    prepare = None
+    if precompute:
+        prepare = _precomputed_reference(cfg, tokenizer, mesh, (train_records, eval_records), pipeline)
+    elif reference:
+        prepare = _live_reference(cfg, tokenizer, mesh)
 
     eval_batches = None
     if eval_records:
 
         def eval_batches():
             batches = pipeline(eval_records, train=False)
+            if precompute:  # the table holds the evaluation records after the training ones
+                batches = ({**b, "index": b["index"] + len(train_records)} for b in batches)
             steps = cfg.train.eval_steps
             return batches if steps is None else itertools.islice(batches, steps)
 
@@ -134,7 +202,7 @@ def run_pairs(cfg: ml_collections.ConfigDict) -> int:
         eval_batches=eval_batches,
         export=setup.hf_export(tokenizer),
         data_hash=run.loaded.content_hash,
-        spec=lambda b, t: pair_spec(b, t, reference=reference),
+        spec=lambda b, t: pair_spec(b, t, reference=reference, labels=kto),
         lengths=buckets,
         prepare=prepare,
     )
@@ -148,6 +216,14 @@ _SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "tokens_per_s")
 
 
 def _check_kind(stage: str, kind: str | None) -> None:
+    if stage == "kto":
+        if kind != "unpaired":
+            raise DataError(
+                f"stage='kto' trains on labelled completions (prompt, completion, label), but data.path holds "
+                f"{kind} records"
+                + ("; preference pairs train with stage=dpo" if kind == "preference" else "")
+            )
+        return
     if kind != "preference":
         raise DataError(
             f"stage={stage!r} trains on preference records (prompt, chosen, rejected), but data.path holds "

@@ -25,17 +25,14 @@ STAGES: dict[str, StageFn | None] = {
     "pt": run_sft,  # continued pre-training: the SFT loss on raw text
     "rm": run_pairs,  # reward model (Bradley-Terry on a score head)
     "dpo": run_pairs,
-    "kto": None,  # TODO(#7)
+    "kto": run_pairs,  # KTO: unpaired desirable / undesirable completions
     "orpo": run_pairs,
     "simpo": run_pairs,
     "ppo": None,  # TODO(RL issue)
     "grpo": None,  # TODO(RL issue)
 }
 
-_ARRIVES_WITH = {
-    "kto": "the preference-objectives issue, #7",
-    **{name: "the RL issue" for name in ("ppo", "grpo")},
-}
+_ARRIVES_WITH = {name: "the RL issue" for name in ("ppo", "grpo")}
 
 
 def implemented_stages() -> tuple[str, ...]:
