@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
+
+import pytest
 
 from jaxrl_llm.bench.__main__ import main
 from jaxrl_llm.bench.forward import forward_flops
+from jaxrl_llm.bench.train import bench_train
 from jaxrl_llm.models import get_preset
 
 
@@ -90,3 +94,93 @@ def test_rollout_bench_writes_json(tmp_path):
     ):
         assert result[key] >= 0, key
     assert result["tokens_per_s"] > 0 and result["peer_tokens_per_s"] > 0
+
+
+PAIR_ARGS = ["--model", "llama-tiny", "--batch", "2", "--prompt-len", "6", "--completion-len", "10"]
+
+
+def test_pair_batch_layout():
+    from jaxrl_llm.bench.train import pair_batch
+
+    b = pair_batch(vocab_size=256, batch=3, prompt_len=4, completion_len=5)
+    assert b["tokens"].shape == b["loss_mask"].shape == b["positions"].shape == (3, 2, 9)
+    assert (b["tokens"][:, 0, :4] == b["tokens"][:, 1, :4]).all()  # one prompt per pair
+    assert (b["tokens"][:, 0, 4:] != b["tokens"][:, 1, 4:]).any()  # a completion per side
+    assert b["tokens"].min() >= 1 and not b["loss_mask"][..., :4].any() and b["loss_mask"][..., 4:].all()
+    assert (b["positions"] == range(9)).all() and (b["segment_ids"] == 1).all()
+    assert b["num_truncated"].shape == (3,)
+
+
+def test_train_bench_dpo_writes_json(tmp_path, capsys):
+    out = tmp_path / "dpo.json"
+    assert main(["train", "--objective", "dpo", *PAIR_ARGS, "--repeats", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for key in ("tokens_per_s", "step_s", "compile_s", "peak_fraction", "reference_s", "flops_per_s"):
+        assert result[key] > 0, key
+    assert result["reference"] == "live" and result["tokens_per_step"] == 2 * 2 * (6 + 10)
+    assert result["tokens_per_s"] == 2 * 2 * 16 / result["step_s"]
+    # The policy starts as the reference: every log-ratio is 0 and the sigmoid loss is log 2.
+    assert abs(result["first_loss"] - math.log(2)) < 1e-4, result["first_loss"]
+    printed = capsys.readouterr().out
+    assert "reference_s" in printed and "peak_fraction" in printed
+
+
+def test_train_bench_dpo_precomputed_and_rm():
+    pre = bench_train(
+        "llama-tiny",
+        objective="dpo",
+        batch=2,
+        prompt_len=6,
+        completion_len=10,
+        reference="precomputed",
+        repeats=1,
+    )
+    assert pre["reference"] == "precomputed" and pre["step_s"] > 0 and pre["reference_s"] > 0
+    assert abs(pre["first_loss"] - math.log(2)) < 1e-4
+    rm = bench_train("llama-tiny", objective="rm", batch=3, prompt_len=4, completion_len=4, repeats=1)
+    assert "reference" not in rm and "reference_s" not in rm
+    assert rm["tokens_per_step"] == 3 * 2 * 8 and rm["tokens_per_s"] == 48 / rm["step_s"]
+    assert rm["peak_fraction"] > 0 and rm["flops_per_s"] > 0 and math.isfinite(rm["loss"])
+    # A score model's FLOPs leave out the vocabulary-wide LM head that DPO's forwards pay for.
+    cfg = get_preset("llama-tiny")
+    head = 2 * 6 * 8 * cfg.hidden_size * (cfg.vocab_size - 1)
+    assert rm["flops_per_s"] * rm["step_s"] == pytest.approx(3 * (forward_flops(cfg, 6, 8) - head))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--objective", "dpo", "--seq-len", "16"], "--seq-len: objective 'dpo' trains on preference pairs"),
+        (["--objective", "rm", "--seq-len", "16"], "give --prompt-len and --completion-len instead"),
+        (["--objective", "sft", "--prompt-len", "8"], "--prompt-len: objective 'sft' trains on full rows"),
+        (["--objective", "rm", "--reference", "live"], "only objective 'dpo' has a reference model"),
+        (["--objective", "dpo", "--compare-trl", "--accum", "2"], "--compare-trl with --accum=2"),
+        (["--objective", "rm", "--compare-trl", "--remat", "full"], "--compare-trl with --remat='full'"),
+    ],
+)
+def test_train_bench_argument_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--model", "llama-tiny", *args])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("objective", ["dpo", "rm"])
+def test_train_bench_pairs_compare_trl(objective):
+    result = bench_train(
+        "llama-tiny",
+        objective=objective,
+        batch=2,
+        prompt_len=6,
+        completion_len=10,
+        repeats=1,
+        compare_trl=True,
+    )
+    assert result["peer_tokens_per_s"] > 0 and result["speedup"] > 0
+    assert (
+        result["peer"].startswith("trl ")
+        and ("DPOTrainer" if objective == "dpo" else "RewardTrainer") in result["peer"]
+    )
+    # Same initial weights, same token ids, AdamW with the same settings: the losses agree step for step.
+    for ours, theirs in (("first_loss", "peer_first_loss"), ("loss", "peer_loss")):
+        assert abs(result[ours] - result[theirs]) < 1e-3 * result[ours], (ours, result[ours], result[theirs])

@@ -4,8 +4,13 @@
     python -m jaxrl_llm.bench forward --model llama-30m --batch 8 --seq-len 256 [--compare-hf] [--json OUT]
     python -m jaxrl_llm.bench rollout --model llama-30m --batch 16 --prompt-len 64 --new-tokens 128 [--compare-hf]
     python -m jaxrl_llm.bench train --objective sft --model llama-30m --batch 8 --seq-len 256 [--compare-trl] [--json OUT]
+    python -m jaxrl_llm.bench train --objective dpo --model llama-30m --batch 4 --prompt-len 64 --completion-len 64 \
+        [--reference live|precomputed] [--compare-trl] [--json OUT]
+    python -m jaxrl_llm.bench train --objective rm --model llama-30m --batch 4 --prompt-len 64 --completion-len 64 \
+        [--compare-trl] [--json OUT]
 
-``--model`` is a preset name (random weights) or an HF checkpoint directory.
+``--model`` is a preset name (random weights) or an HF checkpoint directory. For ``train``, ``--batch`` counts
+rows for ``sft`` and preference pairs for ``dpo`` and ``rm`` (each side prompt + completion tokens, all counted).
 """
 
 from __future__ import annotations
@@ -17,7 +22,15 @@ import sys
 from ..errors import EXIT_USER_ERROR, UserError
 from .forward import bench_forward
 from .peak import machine_peaks
-from .train import OBJECTIVES, bench_train
+from .train import (
+    DEFAULT_COMPLETION_LEN,
+    DEFAULT_PROMPT_LEN,
+    DEFAULT_SEQ_LEN,
+    OBJECTIVES,
+    REFERENCES,
+    bench_train,
+    check_train_args,
+)
 
 
 def _print(result: dict) -> None:
@@ -46,8 +59,22 @@ def main(argv: list[str] | None = None) -> int:
     train = sub.add_parser("train", help="training-step tokens per second (jitted step, AdamW)")
     train.add_argument("--objective", default="sft", choices=OBJECTIVES)
     train.add_argument("--model", default="llama-30m", help="preset name or HF checkpoint directory")
-    train.add_argument("--batch", type=int, default=8)
-    train.add_argument("--seq-len", type=int, default=256)
+    train.add_argument("--batch", type=int, default=8, help="rows (sft) or preference pairs (dpo, rm)")
+    train.add_argument("--seq-len", type=int, help=f"sft only: row length (default {DEFAULT_SEQ_LEN})")
+    train.add_argument(
+        "--prompt-len", type=int, help=f"dpo, rm: prompt tokens of a pair (default {DEFAULT_PROMPT_LEN})"
+    )
+    train.add_argument(
+        "--completion-len",
+        type=int,
+        help=f"dpo, rm: completion tokens of each side (default {DEFAULT_COMPLETION_LEN})",
+    )
+    train.add_argument(
+        "--reference",
+        choices=REFERENCES,
+        help="dpo only: the frozen reference's log-probs run before every step (live, the default) "
+        "or once up front (precomputed)",
+    )
     train.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     train.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"))
     train.add_argument("--accum", type=int, default=1, help="gradient-accumulation micro-batches")
@@ -56,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument(
         "--compare-trl",
         action="store_true",
-        help="also run TRL's SFTTrainer (PyTorch) on the same weights and rows",
+        help="also run TRL's trainer for the objective (SFTTrainer, DPOTrainer, RewardTrainer; PyTorch, CPU) "
+        "on the same weights and token ids",
     )
     roll = sub.add_parser("rollout", help="generation tokens per second of the in-graph sampler")
     roll.add_argument("--model", default="llama-30m", help="preset name or HF checkpoint directory")
@@ -75,11 +103,22 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:  # a bad --model name or path: one line, no traceback
         print(f"jaxrl_llm.bench: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except _ArgumentError as err:
+        parser.error(str(err))
     _print(result)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     return 0
+
+
+class _ArgumentError(ValueError):
+    """Arguments that parse but do not go together: argparse's usage message and exit status 2."""
+
+
+def _flag(name: str) -> str:
+    """A ``bench_train`` argument as the command line spells it."""
+    return {"accum_steps": "--accum"}.get(name, "--" + name.replace("_", "-"))
 
 
 def _run(args: argparse.Namespace) -> dict:
@@ -101,11 +140,28 @@ def _run(args: argparse.Namespace) -> dict:
             repeats=args.repeats,
         )
     if args.command == "train":
+        try:
+            check_train_args(
+                args.objective,
+                seq_len=args.seq_len,
+                prompt_len=args.prompt_len,
+                completion_len=args.completion_len,
+                reference=args.reference,
+                compare_trl=args.compare_trl,
+                accum_steps=args.accum,
+                remat=args.remat,
+                flag=_flag,
+            )
+        except ValueError as err:
+            raise _ArgumentError(str(err)) from err
         return bench_train(
             args.model,
             objective=args.objective,
             batch=args.batch,
             seq_len=args.seq_len,
+            prompt_len=args.prompt_len,
+            completion_len=args.completion_len,
+            reference=args.reference,
             dtype=args.dtype,
             param_dtype=args.param_dtype,
             accum_steps=args.accum,

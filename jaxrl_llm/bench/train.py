@@ -1,13 +1,30 @@
 """Training-step throughput: tokens/s, step time, compile time and the fraction of the matmul peak.
 
 The step is the one training runs (``jaxrl_llm.train.step``: jitted, sharded over every local device,
-state donated, compiled ahead of time) with AdamW, on full rows of random tokens where every token is a
-target. FLOPs are counted as 3 forwards (forward + backward), the standard 6N-per-token estimate plus
-attention; the peak is this machine's matmul FLOP/s measured in the same run (times the device count).
+state donated, compiled ahead of time) with AdamW, on a synthetic batch of random tokens:
 
-With ``compare_trl`` (objective ``sft``) the same initial weights and token rows then run through TRL's
-``SFTTrainer`` (``jaxrl_llm.bench.peer.trl_sft``) at the same batch, length and dtypes, and the ratio of
-tokens/s is reported as ``speedup``.
+- ``sft``: ``batch`` full rows of ``seq_len`` tokens, every token a target (``sft_batch``).
+- ``dpo`` and ``rm``: ``batch`` preference pairs (``pair_batch``): each side is the pair's ``prompt_len``
+  prompt tokens followed by its own ``completion_len`` completion tokens (the targets), a ``[B, 2, P + C]``
+  batch; tokens are counted over the prompt and the completion of both sides, ``B * 2 * (P + C)`` a step.
+  ``dpo`` is ``dpo_objective(beta=0.1)`` (sigmoid loss). Its reference log-probs come, as in the ``dpo``
+  stage, from a separate jitted forward of a frozen copy of the initial weights (``reference_logps``):
+  with ``reference="live"`` (the stage's way) that forward runs before every step and its time is part
+  of the step's; with ``"precomputed"`` they are computed once up front (what one pass before training
+  buys) and only the step is timed. ``reference_s`` is that forward's own time either way. ``rm`` trains
+  a score-head model (``*ForSequenceClassification``) with ``rm_objective()``; there is no reference.
+
+FLOPs are counted as 3 forwards (forward + backward), the standard 6N-per-token estimate plus attention
+(``forward_flops``; a score model's head is one column instead of the vocabulary), plus 1 forward for a
+live reference; the peak is this machine's matmul FLOP/s measured in the same run (times the device count).
+``compile_s`` is the training step's compile time (``reference_compile_s`` the reference forward's);
+``first_loss`` is the first step's loss (``log 2`` for DPO, where the policy is still the reference).
+
+With ``compare_trl`` the same initial weights and token ids then run through TRL's trainer for the same
+objective (``jaxrl_llm.bench.peer``: ``SFTTrainer``, ``DPOTrainer`` with its own live or precomputed
+reference, ``RewardTrainer``) at the same batch, lengths and dtypes, and the ratio of tokens/s (ours over
+TRL's) is reported as ``speedup``. The peer runs one micro-batch per step without activation
+checkpointing, so the comparison refuses ``accum_steps > 1`` and ``remat != "none"``.
 """
 
 from __future__ import annotations
@@ -15,6 +32,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +42,12 @@ from ..config import base_config
 from .forward import forward_flops
 from .peak import matmul_flops_per_s
 
-OBJECTIVES = ("sft",)
+OBJECTIVES = ("sft", "dpo", "rm")
+PAIR_OBJECTIVES = ("dpo", "rm")
+REFERENCES = ("live", "precomputed")
+DEFAULT_SEQ_LEN = 256
+DEFAULT_PROMPT_LEN = DEFAULT_COMPLETION_LEN = 64
+DPO_BETA = 0.1
 
 
 def sft_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -39,7 +62,31 @@ def sft_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0) -> dict[
     }
 
 
-def _train_model(spec: str, param_dtype: str, dtype: str, remat: str = "none"):
+def pair_batch(
+    vocab_size: int, batch: int, prompt_len: int, completion_len: int, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """``batch`` preference pairs ``[B, 2, P + C]``: a random prompt shared by both sides of a pair, then a
+    random completion of its own on each side (the only targets); one segment, positions from 0.
+
+    Token ids start at 1: 0 is the TRL peer's pad id, which HF's sequence classifier would take for padding.
+    """
+    rs = np.random.RandomState(seed)
+    length = prompt_len + completion_len
+    prompt = rs.randint(1, vocab_size, (batch, 1, prompt_len))
+    completions = rs.randint(1, vocab_size, (batch, 2, completion_len))
+    tokens = np.concatenate([np.repeat(prompt, 2, axis=1), completions], axis=-1).astype(np.int32)
+    loss_mask = np.zeros((batch, 2, length), bool)
+    loss_mask[..., prompt_len:] = True
+    return {
+        "tokens": tokens,
+        "loss_mask": loss_mask,
+        "segment_ids": np.ones((batch, 2, length), np.int32),
+        "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (batch, 2, length)).copy(),
+        "num_truncated": np.zeros((batch,), np.int32),
+    }
+
+
+def _train_model(spec: str, param_dtype: str, dtype: str, remat: str = "none", head: str = "lm"):
     """Mixed precision as training runs it: parameters (and the optimizer) in ``param_dtype``, compute in
     ``dtype``, logits and loss in float32."""
     from pathlib import Path
@@ -47,8 +94,87 @@ def _train_model(spec: str, param_dtype: str, dtype: str, remat: str = "none"):
     from ..models import create_model, get_preset, load_hf
 
     if Path(spec).is_dir():
-        return load_hf(spec, dtype=param_dtype, compute_dtype=dtype, remat=remat)
-    return create_model(get_preset(spec, param_dtype=param_dtype, dtype=dtype, remat=remat), seed=0)
+        return load_hf(spec, dtype=param_dtype, compute_dtype=dtype, remat=remat, head=head)
+    cfg = get_preset(spec, param_dtype=param_dtype, dtype=dtype, remat=remat)
+    return create_model(cfg, seed=0, head=head)
+
+
+def check_train_args(
+    objective: str,
+    *,
+    seq_len: int | None = None,
+    prompt_len: int | None = None,
+    completion_len: int | None = None,
+    reference: str | None = None,
+    compare_trl: bool = False,
+    accum_steps: int = 1,
+    remat: str = "none",
+    flag: Callable[[str], str] = str,
+) -> tuple[int | None, int | None, int | None, str | None]:
+    """``(seq_len, prompt_len, completion_len, reference)`` with their defaults filled in, or a
+    ``ValueError`` naming the argument (as ``flag(name)`` spells it) that ``objective`` does not take.
+
+    ``compare_trl`` refuses what the TRL peer cannot match: it runs one micro-batch per optimizer step and
+    keeps every activation.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"{flag('objective')}={objective!r}: expected one of {', '.join(OBJECTIVES)}")
+    if objective == "sft":
+        given = [
+            flag(n)
+            for n, v in (("prompt_len", prompt_len), ("completion_len", completion_len))
+            if v is not None
+        ]
+        if given:
+            raise ValueError(
+                f"{' and '.join(given)}: objective 'sft' trains on full rows of {flag('seq_len')} tokens; "
+                "prompt and completion lengths are for the pair objectives (dpo, rm)"
+            )
+        seq_len = DEFAULT_SEQ_LEN if seq_len is None else seq_len
+    else:
+        if seq_len is not None:
+            raise ValueError(
+                f"{flag('seq_len')}: objective {objective!r} trains on preference pairs; give "
+                f"{flag('prompt_len')} and {flag('completion_len')} instead (each side of a pair is the prompt "
+                "followed by its completion)"
+            )
+        prompt_len = DEFAULT_PROMPT_LEN if prompt_len is None else prompt_len
+        completion_len = DEFAULT_COMPLETION_LEN if completion_len is None else completion_len
+        if prompt_len < 1 or completion_len < 1:
+            raise ValueError(
+                f"{flag('prompt_len')}={prompt_len}, {flag('completion_len')}={completion_len}: "
+                "both must be at least 1"
+            )
+    if objective == "dpo":
+        reference = "live" if reference is None else reference
+        if reference not in REFERENCES:
+            raise ValueError(f"{flag('reference')}={reference!r}: expected one of {', '.join(REFERENCES)}")
+    elif reference is not None:
+        raise ValueError(
+            f"{flag('reference')}={reference!r}: only objective 'dpo' has a reference model, not {objective!r}"
+        )
+    if compare_trl and accum_steps != 1:
+        raise ValueError(
+            f"{flag('compare_trl')} with {flag('accum_steps')}={accum_steps}: the TRL peer runs one "
+            f"micro-batch per optimizer step; compare with {flag('accum_steps')}=1"
+        )
+    if compare_trl and remat != "none":
+        raise ValueError(
+            f"{flag('compare_trl')} with {flag('remat')}={remat!r}: the TRL peer runs without gradient "
+            f"checkpointing; compare with {flag('remat')}=none"
+        )
+    return seq_len, prompt_len, completion_len, reference
+
+
+def _timed_steps(run, repeats: int) -> tuple[list[float], object, object]:
+    """``run()`` once (warm-up) then ``repeats`` times, each to completion: (times, first, last) outputs."""
+    first = jax.block_until_ready(run())
+    times, last = [], first
+    for _ in range(repeats):
+        start = time.perf_counter()
+        last = jax.block_until_ready(run())
+        times.append(time.perf_counter() - start)
+    return times, first, last
 
 
 def bench_train(
@@ -56,7 +182,10 @@ def bench_train(
     *,
     objective: str = "sft",
     batch: int,
-    seq_len: int,
+    seq_len: int | None = None,
+    prompt_len: int | None = None,
+    completion_len: int | None = None,
+    reference: str | None = None,
     dtype: str = "float32",
     param_dtype: str = "float32",
     accum_steps: int = 1,
@@ -64,27 +193,43 @@ def bench_train(
     repeats: int = 5,
     compare_trl: bool = False,
 ) -> dict:
+    """Tokens/s of ``objective``'s training step (see the module docstring); ``seq_len`` (default 256) is
+    for ``sft``, ``prompt_len`` and ``completion_len`` (default 64 each) for ``dpo`` and ``rm``,
+    ``reference`` (``"live"`` by default) for ``dpo`` only."""
     from flax import nnx
 
     from ..data.pipeline import to_device
     from ..models import save_hf
-    from ..objectives import sft_objective
+    from ..objectives import dpo_objective, reference_logps, rm_objective, sft_objective
     from ..parallel import make_mesh
     from ..train.optimizer import make_optimizer, make_schedule
     from ..train.state import TrainState
-    from ..train.step import build_train_step, compile_step, shard_state
+    from ..train.step import build_train_step, compile_step, shard_state, tree_shardings
 
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective={objective!r}: expected one of {', '.join(OBJECTIVES)}")
-    if compare_trl and objective != "sft":
-        raise ValueError(
-            f"compare_trl: TRL's SFTTrainer is a peer for objective 'sft' only, not {objective!r}"
-        )
+    seq_len, prompt_len, completion_len, reference = check_train_args(
+        objective,
+        seq_len=seq_len,
+        prompt_len=prompt_len,
+        completion_len=completion_len,
+        reference=reference,
+        compare_trl=compare_trl,
+        accum_steps=accum_steps,
+        remat=remat,
+    )
+    pairs = objective in PAIR_OBJECTIVES
+    length = prompt_len + completion_len if pairs else seq_len
+    rows = 2 * batch if pairs else batch  # sequences of ``length`` tokens a step
     mesh = make_mesh()
-    model = _train_model(spec, param_dtype, dtype, remat)
+    model = _train_model(spec, param_dtype, dtype, remat, head="score" if objective == "rm" else "lm")
     if compare_trl:  # the step donates the model's arrays: export the peer's copy of the weights first
         peer_dir = tempfile.TemporaryDirectory()
         save_hf(model, peer_dir.name)
+    live = reference == "live"
+    if objective == "dpo":  # the frozen reference: a copy of the initial weights, as the dpo stage keeps
+        ref_graphdef, ref_params = nnx.split(model)
+        ref_params = jax.tree.map(jnp.copy, ref_params)
+        ref_params = jax.device_put(ref_params, tree_shardings(ref_params, mesh))
+        ref_forward = jax.jit(lambda p, b: reference_logps(nnx.merge(ref_graphdef, p), b))
     cfg = base_config()
     cfg.optimizer.warmup_steps = 0
     cfg.train.batch_size, cfg.train.grad_accum_steps = batch, accum_steps
@@ -93,53 +238,105 @@ def bench_train(
     state = shard_state(state, mesh)
     model_cfg = model.cfg
     del model
-    step = build_train_step(graphdef, sft_objective(), tx, make_schedule(cfg), accum_steps=accum_steps)
-    host_batch = sft_batch(model_cfg.vocab_size, batch, seq_len)
+    objective_fn = {
+        "sft": sft_objective,
+        "dpo": lambda: dpo_objective(beta=DPO_BETA),
+        "rm": rm_objective,
+    }[objective]()
+    step = build_train_step(graphdef, objective_fn, tx, make_schedule(cfg), accum_steps=accum_steps)
+    if pairs:
+        host_batch = pair_batch(model_cfg.vocab_size, batch, prompt_len, completion_len)
+    else:
+        host_batch = sft_batch(model_cfg.vocab_size, batch, seq_len)
     device_batch = to_device(host_batch, mesh)
     rng = jax.random.key(1)
-    compiled = compile_step(step, state, device_batch, rng, mesh)
-    state, metrics = compiled(state, device_batch, rng)  # warm-up
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(repeats):
+    reference_times: dict[str, float] = {}  # dpo: the reference forward's compile and run times
+    if objective == "dpo":
         start = time.perf_counter()
-        state, metrics = compiled(state, device_batch, rng)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
+        ref_compiled = ref_forward.lower(ref_params, device_batch).compile()
+        reference_times["reference_compile_s"] = time.perf_counter() - start
+        ref_times, _, _ = _timed_steps(lambda: ref_compiled(ref_params, device_batch), repeats)
+        reference_times["reference_s"] = statistics.median(ref_times)
+        if not live:  # one pass up front: the batch carries them into every step
+            device_batch = {**device_batch, "ref_logps": ref_compiled(ref_params, device_batch)}
+    if live:
+        example = {**device_batch, "ref_logps": jax.ShapeDtypeStruct((batch, 2), jnp.float32)}
+        compiled = compile_step(step, state, example, rng, mesh)
+    else:
+        compiled = compile_step(step, state, device_batch, rng, mesh)
+
+    def run():
+        nonlocal state
+        step_batch = device_batch
+        if live:  # what the dpo stage's prepare hook does before every step
+            step_batch = {**device_batch, "ref_logps": ref_compiled(ref_params, device_batch)}
+        state, metrics = compiled(state, step_batch, rng)
+        return metrics
+
+    times, first, metrics = _timed_steps(run, repeats)
     step_s = statistics.median(times)
     devices = jax.devices()
     peak = matmul_flops_per_s(jnp.dtype(dtype)) * len(devices)
-    flops = 3 * forward_flops(model_cfg, batch, seq_len)
-    result = {
-        "objective": objective,
-        "model": spec,
-        "family": model_cfg.family,
-        "batch": batch,
-        "seq_len": seq_len,
-        "grad_accum_steps": accum_steps,
-        "remat": remat,
-        "dtype": dtype,
-        "param_dtype": param_dtype,
-        "device": devices[0].device_kind,
-        "devices": len(devices),
-        "compile_s": compiled.compile_s,
-        "step_s": step_s,
-        "tokens_per_s": batch * seq_len / step_s,
-        "flops_per_s": flops / step_s,
-        "peak_matmul_flops_per_s": peak,
-        "peak_fraction": flops / step_s / peak,
-        "temp_bytes_per_device": compiled.memory.get("temp_size_in_bytes", 0),
-        "loss": float(metrics["loss"]),
-    }
+    forward = forward_flops(model_cfg, rows, length)
+    if objective == "rm":  # a one-column score head instead of the vocabulary-wide LM head
+        forward -= 2 * rows * length * model_cfg.hidden_size * (model_cfg.vocab_size - 1)
+    flops = (4 if live else 3) * forward
+    tokens = rows * length
+    result = {"objective": objective, "model": spec, "family": model_cfg.family, "batch": batch}
+    if pairs:
+        result.update(prompt_len=prompt_len, completion_len=completion_len)
+    else:
+        result["seq_len"] = seq_len
+    if objective == "dpo":
+        result["reference"] = reference
+    result.update(
+        {
+            "grad_accum_steps": accum_steps,
+            "remat": remat,
+            "dtype": dtype,
+            "param_dtype": param_dtype,
+            "device": devices[0].device_kind,
+            "devices": len(devices),
+            "compile_s": compiled.compile_s,
+            "step_s": step_s,
+            **reference_times,
+            "tokens_per_step": tokens,
+            "tokens_per_s": tokens / step_s,
+            "flops_per_s": flops / step_s,
+            "peak_matmul_flops_per_s": peak,
+            "peak_fraction": flops / step_s / peak,
+            "temp_bytes_per_device": compiled.memory.get("temp_size_in_bytes", 0),
+            "first_loss": float(first["loss"]),
+            "loss": float(metrics["loss"]),
+        }
+    )
     if compare_trl:
-        from .peer import trl_sft
+        from . import peer as peers
 
-        del state, compiled  # our step's buffers are freed before the peer runs
+        del state, compiled, step, device_batch  # our step's buffers are freed before the peer runs
+        if objective == "dpo":
+            del ref_params, ref_compiled
         try:
-            peer = trl_sft(
-                peer_dir.name, host_batch["tokens"], dtype=dtype, param_dtype=param_dtype, repeats=repeats
-            )
+            if objective == "sft":
+                out = peers.trl_sft(
+                    peer_dir.name, host_batch["tokens"], dtype=dtype, param_dtype=param_dtype, repeats=repeats
+                )
+            elif objective == "dpo":
+                out = peers.trl_dpo(
+                    peer_dir.name,
+                    host_batch["tokens"],
+                    prompt_len,
+                    dtype=dtype,
+                    param_dtype=param_dtype,
+                    repeats=repeats,
+                    beta=DPO_BETA,
+                    reference=reference,
+                )
+            else:
+                out = peers.trl_rm(
+                    peer_dir.name, host_batch["tokens"], dtype=dtype, param_dtype=param_dtype, repeats=repeats
+                )
         finally:
             peer_dir.cleanup()
-        result.update(peer, speedup=result["tokens_per_s"] / peer["peer_tokens_per_s"])
+        result.update(out, speedup=result["tokens_per_s"] / out["peer_tokens_per_s"])
     return result
