@@ -304,11 +304,14 @@ def _pair_encode(record):
     """A picklable stand-in for PairEncoder: prompt tokens then the answer, the answer the target."""
     prompt = [1] * record["p"]
     return {
-        side: {
-            "ids": prompt + [2 + i for i in range(record[side])],
-            "loss_mask": [0] * record["p"] + [1] * record[side],
-        }
-        for side in ("chosen", "rejected")
+        "prompt_len": record["p"],
+        **{
+            side: {
+                "ids": prompt + [2 + i for i in range(record[side])],
+                "loss_mask": [0] * record["p"] + [1] * record[side],
+            }
+            for side in ("chosen", "rejected")
+        },
     }
 
 
@@ -318,21 +321,26 @@ def test_pairs_mode_keeps_each_pair_in_one_row_and_resumes_exactly():
         {"p": int(rs.randint(1, 20)), "chosen": int(rs.randint(1, 40)), "rejected": int(rs.randint(1, 100))}
         for _ in range(37)
     ]
-    kwargs = dict(batch_size=4, seq_len=128, mode="pairs", buckets=(32, 64, 128), seed=3, num_epochs=1)
+    kwargs = dict(batch_size=4, seq_len=128, mode="pairs", buckets=(32, 64, 128, 256), seed=3, num_epochs=1)
     batches = list(make_pipeline(records, _pair_encode, **kwargs))
     seen = 0
     for batch in batches:
-        b, two, t = batch["tokens"].shape
-        assert (b, two) == (4, 2) and t in (32, 64, 128)
+        b, t = batch["tokens"].shape
+        assert b == 4 and t in (32, 64, 128, 256)
         for row in range(b):
             if not batch["loss_mask"][row].any():
                 continue  # filler
             seen += 1
-            lengths = (batch["segment_ids"][row] > 0).sum(-1)
-            targets = batch["loss_mask"][row].sum(-1)
-            prompt = lengths - targets
-            assert prompt[0] == prompt[1]  # the same prompt on both sides
-            assert max(lengths) <= t and (t == 32 or max(lengths) > t // 2)  # the longer side's bucket
+            seg = batch["segment_ids"][row]
+            record = next(
+                r
+                for r in records
+                if (r["p"], r["chosen"], r["rejected"]) == tuple((seg == s).sum() for s in (1, 2, 3))
+            )
+            length = (seg > 0).sum()  # prompt once, then both answers
+            assert length == record["p"] + record["chosen"] + record["rejected"]
+            assert (batch["shared"][row] == (seg == 1)).all()
+            assert length <= t and (t == 32 or length > t // 2)  # the row's bucket
     assert seen == len(records)
     # Resume mid-stream: the rest of the batches are the same.
     it = iter(make_pipeline(records, _pair_encode, **kwargs))

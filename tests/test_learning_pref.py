@@ -93,9 +93,8 @@ def test_kto_prefers_correct_answers_on_held_out_problems(tmp_path):
     assert result["final_train"]["rewards/chosen"] > result["final_train"]["rewards/rejected"]
     held_out = arithmetic_preference_records(1000, digits=2, seed=1)[800:]
     encoder = PairEncoder(Renderer(load_tokenizer(SFT_MODEL), "chatml"))
-    rows = [pad_pair(**encoder(r), buckets=(64,)) for r in held_out]
-    keys = ("tokens", "loss_mask", "segment_ids", "positions")
-    batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in keys}
+    rows = [pad_pair(**encoder(r), buckets=(128,), max_side=64) for r in held_out]
+    batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
     policy = np.asarray(pair_logps(load_hf(tmp_path / "kto" / "final"), batch)[0])
     rewards = policy - np.asarray(pair_logps(load_hf(SFT_MODEL), batch)[0])
     accuracy = float((rewards[:, 0] > rewards[:, 1]).mean())

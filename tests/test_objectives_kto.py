@@ -51,26 +51,31 @@ def test_encoder_marks_the_completion_and_keeps_the_label(setup):
 def test_each_row_pairs_its_prompt_with_the_previous_completion_of_the_batch(setup):
     renderer, records, batch, _ = setup
     encoded = [KTOEncoder(renderer)(r) for r in records]
-    assert batch["tokens"].shape == (8, 2, 64) and batch["desirable"].tolist() == [1, 0, 1, 0, 1, 0, 0, 0]
+    assert batch["tokens"].shape[0] == 8 and batch["desirable"].tolist() == [1, 0, 1, 0, 1, 0, 0, 0]
     for i, ex in enumerate(encoded):
         n, p = len(ex["ids"]), ex["prompt_len"]
-        np.testing.assert_array_equal(batch["tokens"][i, 0, :n], ex["ids"])
         prev = encoded[i - 1]
-        mismatched = np.concatenate([ex["ids"][:p], prev["ids"][prev["prompt_len"] :]])
-        np.testing.assert_array_equal(batch["tokens"][i, 1, : len(mismatched)], mismatched)
-        assert batch["loss_mask"][i, 1].sum() == prev["loss_mask"].sum()  # the other completion's targets
-        assert (batch["segment_ids"][i, 1] > 0).sum() == len(mismatched)
+        other = prev["ids"][prev["prompt_len"] :]
+        # prompt | its completion | the previous example's completion
+        np.testing.assert_array_equal(batch["tokens"][i, :n], ex["ids"])
+        np.testing.assert_array_equal(batch["tokens"][i, n : n + len(other)], other)
+        np.testing.assert_array_equal(batch["positions"][i, n : n + len(other)], np.arange(p, p + len(other)))
+        seg = batch["segment_ids"][i]
+        assert (seg == 1).sum() == p and (seg == 2).sum() == n - p and (seg == 3).sum() == len(other)
+        assert batch["loss_mask"][i][seg == 3].sum() == prev["loss_mask"].sum()  # the other's targets
     assert not batch["loss_mask"][6:].any()  # filler rows
 
 
-def test_mismatched_rows_are_cut_to_the_bucket():
+def test_mismatched_completions_are_cut_to_the_side_limit():
     short = {"ids": np.arange(1, 5, dtype=np.int32), "loss_mask": np.array([0, 0, 1, 1], bool)}
-    long = {"ids": np.arange(1, 9, dtype=np.int32), "loss_mask": np.array([0] * 2 + [1] * 6, bool)}
-    rows = kto_rows([short, long], [2, 2], 8)
-    assert rows[0]["tokens"][1].tolist() == [1, 2, 3, 4, 5, 6, 7, 8]  # short's prompt + long's completion
-    assert rows[1]["tokens"][1].tolist() == [1, 2, 3, 4, 0, 0, 0, 0]
-    rows = kto_rows([long, long], [6, 6], 8)
-    assert rows[0]["loss_mask"][1].sum() == 2
+    long = {"ids": np.arange(11, 19, dtype=np.int32), "loss_mask": np.array([0] * 2 + [1] * 6, bool)}
+    rows = kto_rows([short, long], [2, 2], (8, 16), max_side=8)
+    assert len(rows[0]["tokens"]) == 16  # one bucket for the batch: that of its longest row
+    # short's prompt and completion, then long's completion (6 tokens fit a side of 8)
+    assert rows[0]["tokens"][:10].tolist() == [1, 2, 3, 4, 13, 14, 15, 16, 17, 18]
+    assert rows[1]["tokens"][:10].tolist() == [11, 12, 13, 14, 15, 16, 17, 18, 3, 4]
+    rows = kto_rows([long, long], [6, 6], (8, 16), max_side=8)
+    assert (rows[0]["segment_ids"] == 3).sum() == 2  # 6 prompt tokens leave room for 2
 
 
 def test_kto_mode_needs_an_encoder_with_prompt_len(setup):
@@ -99,7 +104,7 @@ def test_objective_is_trls_kto_loss_over_the_real_rows(setup, weights):
     jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
     ref = np.asarray(pair_logps(reference, jbatch)[0], np.float64)
     logps = np.asarray(pair_logps(policy, jbatch)[0], np.float64)
-    real = batch["loss_mask"][:, 0].any(-1)
+    real = (batch["loss_mask"] & (batch["segment_ids"] == 2)).any(-1)
     desirable = batch["desirable"].astype(bool)
     beta = 0.5
     objective = kto_objective(beta=beta, desirable_weight=weights[0], undesirable_weight=weights[1])

@@ -39,7 +39,9 @@ def setup(tmp_path_factory):
     records = arithmetic_preference_records(6, seed=1)
     encoder = PairEncoder(renderer)
     pairs = [encoder(r) for r in records]
-    rows = [pad_pair(p["chosen"], p["rejected"], (64,)) for p in pairs]
+    rows = [
+        pad_pair(p["chosen"], p["rejected"], (128,), prompt_len=p["prompt_len"], max_side=64) for p in pairs
+    ]
     filler = {k: np.zeros_like(v) for k, v in rows[0].items()}  # what the batcher pads a batch with
     batch = {k: np.stack([r[k] for r in [*rows, filler]]) for k in rows[0]}
     cfg = get_preset("llama-tiny", vocab_size=tok.vocab_size)
@@ -55,10 +57,15 @@ def test_pair_encoder_trains_only_on_the_answer(setup):
             assert not mask[:start].any() and mask[start:].any()
             answer = renderer.tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
             assert answer.strip() == record[side][0]["content"]  # plus the end-of-turn the template writes
-    assert batch["tokens"].shape == (7, 2, 64)
-    np.testing.assert_array_equal(
-        batch["segment_ids"][0, 0] > 0, np.arange(64) < len(pairs[0]["chosen"]["ids"])
-    )
+    assert batch["tokens"].shape == (7, 128)
+    # prompt | chosen | rejected: the prompt once, each answer positioned right after it
+    pair, p = pairs[0], pairs[0]["prompt_len"]
+    a, r = len(pair["chosen"]["ids"]) - p, len(pair["rejected"]["ids"]) - p
+    np.testing.assert_array_equal(batch["segment_ids"][0, : p + a + r], [1] * p + [2] * a + [3] * r)
+    np.testing.assert_array_equal(batch["tokens"][0, : p + a], pair["chosen"]["ids"])
+    np.testing.assert_array_equal(batch["tokens"][0, p + a : p + a + r], pair["rejected"]["ids"][p:])
+    np.testing.assert_array_equal(batch["positions"][0, p + a : p + a + r], np.arange(p, p + r))
+    assert batch["shared"][0].sum() == p and not batch["segment_ids"][0, p + a + r :].any()
 
 
 def manual_logps(model, pair):

@@ -161,21 +161,109 @@ def pad_to_bucket(example: Example, buckets: Sequence[int], *, overlong: str = "
     return row
 
 
-def pad_pair(
-    chosen: Example, rejected: Example, buckets: Sequence[int], *, overlong: str = "truncate"
-) -> Row | None:
-    """A preference pair as one row of ``[2, T]`` arrays (side 0 chosen, side 1 rejected), both padded to
-    the bucket that holds the longer side, so a batch of pairs never splits one; None when dropped."""
-    sides = [as_example(chosen), as_example(rejected)]
-    fitted = [fit_length(side, buckets[-1], overlong) for side in sides]
-    if any(f is None for f, _ in fitted):
-        return None
-    length = bucket_length(max(len(f["ids"]) for f, _ in fitted), buckets)
-    row = empty_rows(2, length)
-    for i, (side, _) in enumerate(fitted):
-        _place({k: row[k][i] for k in ROW_KEYS}, side, 0)  # views: writes land in ``row``
-    row["num_truncated"] = np.int32(sum(t for _, t in fitted))
+PAIR_KEYS = (*ROW_KEYS, "shared")
+
+
+def shared_prompt_row(prompt: np.ndarray, answers: Sequence[Example], length: int) -> Row:
+    """``prompt | answer 1 | answer 2`` as one row of ``length`` (a preference pair, or a KTO example and its
+    mismatched completion): the prompt is read once and both answers attend to it.
+
+    ``segment_ids`` are 1 on the prompt and 2, 3 on the answers; ``shared`` (bool) marks the prompt, which
+    every later segment sees (``models.attention.make_mask``); ``positions`` restart after the prompt for
+    each answer, so each answer sits exactly where it would after the prompt alone; ``loss_mask`` is the
+    answers' own. Predicting an answer's first token reads the prompt's last position (see
+    ``pair_targets``). The caller makes sure ``len(prompt) + answers`` fits ``length``.
+    """
+    row = {k: np.zeros(length, ROW_DTYPES[k]) for k in ROW_KEYS}
+    p = len(prompt)
+    row["tokens"][:p] = prompt
+    row["segment_ids"][:p] = 1
+    row["positions"][:p] = np.arange(p, dtype=np.int32)
+    start = p
+    for i, answer in enumerate(answers):
+        n = len(answer["ids"])
+        row["tokens"][start : start + n] = answer["ids"]
+        row["loss_mask"][start : start + n] = answer["loss_mask"]
+        row["segment_ids"][start : start + n] = 2 + i
+        row["positions"][start : start + n] = np.arange(p, p + n, dtype=np.int32)
+        start += n
+    row["shared"] = row["segment_ids"] == 1
     return row
+
+
+def _split(example: Example, prompt_len: int, max_side: int) -> tuple[np.ndarray, Example, bool]:
+    """``(prompt ids, answer, truncated)`` of ``prompt + answer`` cut to ``max_side`` tokens."""
+    fitted, truncated = fit_length(example, max_side, "truncate")
+    p = min(prompt_len, len(fitted["ids"]))
+    return fitted["ids"][:p], {k: v[p:] for k, v in fitted.items()}, truncated
+
+
+def pad_pair(
+    chosen: Example,
+    rejected: Example,
+    buckets: Sequence[int],
+    *,
+    prompt_len: int,
+    max_side: int | None = None,
+    overlong: str = "truncate",
+) -> Row | None:
+    """A preference pair as one ``prompt | chosen | rejected`` row (``shared_prompt_row``) padded to the
+    smallest bucket that holds it; None when it is dropped.
+
+    ``chosen`` and ``rejected`` are whole sequences (prompt + answer) that start with the same
+    ``prompt_len`` tokens. Each side longer than ``max_side`` (default: the largest bucket) is cut to it
+    (``num_truncated`` counts the sides cut) or, with ``overlong="drop"``, drops the pair.
+    """
+    check_overlong(overlong)
+    max_side = max_side or buckets[-1]
+    sides = [as_example(chosen), as_example(rejected)]
+    if overlong == "drop" and any(len(side["ids"]) > max_side for side in sides):
+        return None
+    if not np.array_equal(sides[0]["ids"][:prompt_len], sides[1]["ids"][:prompt_len]):
+        raise ValueError("the chosen and rejected sequences must start with the same prompt_len tokens")
+    (prompt, a, ta), (_, b, tb) = (_split(side, prompt_len, max_side) for side in sides)
+    total = len(prompt) + len(a["ids"]) + len(b["ids"])
+    if total > buckets[-1]:
+        raise ValueError(f"a pair of {total} tokens does not fit the largest bucket {buckets[-1]}")
+    row = shared_prompt_row(prompt, [a, b], bucket_length(total, buckets))
+    row["num_truncated"] = np.int32(ta + tb)
+    return row
+
+
+def kto_rows(
+    examples: Sequence[Example], prompt_lens: Sequence[int], buckets: Sequence[int], max_side: int
+) -> list[Row]:
+    """One batch of KTO rows ``prompt_i | completion_i | completion_{i-1}``, all of one bucket length.
+
+    Each example (prompt + its completion, already fitted to ``max_side``) is followed by the completion of
+    the batch's previous example (the last one's for the first), cut so that prompt + it fits ``max_side``:
+    the mismatched (prompt, completion) pairs whose policy/reference log-ratio estimates KTO's KL reference
+    point. Rotating the completions by one inside the batch (TRL's ``(x_1, y_n), (x_2, y_1), ...``) makes
+    them the same completions as the batch's own, paired with other prompts. A batch of one pairs its
+    example with itself.
+    """
+    parts = []
+    for i, example in enumerate(examples):
+        p = min(int(prompt_lens[i]), len(example["ids"]))
+        other, start = examples[i - 1], int(prompt_lens[i - 1])
+        own = {k: v[p:] for k, v in example.items() if k in ("ids", "loss_mask")}
+        room = max(max_side - p, 0)
+        mismatched = {k: other[k][start:][:room] for k in ("ids", "loss_mask")}
+        parts.append((example["ids"][:p], own, mismatched))
+    total = max(len(pr) + len(a["ids"]) + len(b["ids"]) for pr, a, b in parts)
+    length = bucket_length(total, buckets)
+    rows = []
+    for prompt, own, mismatched in parts:
+        row = shared_prompt_row(prompt, [own, mismatched], length)
+        row["num_truncated"] = np.int32(0)  # the caller counts its examples' truncation
+        rows.append(row)
+    return rows
+
+
+def pair_buckets(seq_len: int) -> tuple[int, ...]:
+    """Row lengths of pair batches: a side (prompt + answer) holds at most ``seq_len`` tokens, so a
+    ``prompt | chosen | rejected`` row at most ``2 * seq_len``."""
+    return default_buckets(2 * seq_len)
 
 
 def next_token_targets(tokens: Any, loss_mask: Any, segment_ids: Any) -> tuple[Any, Any]:
@@ -186,32 +274,3 @@ def next_token_targets(tokens: Any, loss_mask: Any, segment_ids: Any) -> tuple[A
     """
     same_doc = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
     return tokens[:, 1:], loss_mask[:, 1:] & same_doc
-
-
-def kto_rows(examples: Sequence[Example], prompt_lens: Sequence[int], length: int) -> list[Row]:
-    """One batch of KTO rows ``[2, length]``: side 0 an example itself (prompt + its completion), side 1
-    its prompt followed by the completion of the batch's previous example (the last one's for the first),
-    cut to ``length`` when it is longer.
-
-    The side-1 sequences are the mismatched (prompt, completion) pairs whose policy/reference log-ratio
-    estimates KTO's KL reference point; rotating the completions by one inside the batch (TRL's
-    ``(x_1, y_n), (x_2, y_1), ...``) makes them the same completions as the batch's own, paired with other
-    prompts. ``examples`` are already fitted to ``length``; ``prompt_lens[i]`` is where example ``i``'s
-    completion starts. A batch of one pairs its example with itself.
-    """
-    rows = []
-    for i, example in enumerate(examples):
-        other, start = examples[i - 1], int(prompt_lens[i - 1])
-        prompt = int(prompt_lens[i])
-        mismatched = {
-            "ids": np.concatenate([example["ids"][:prompt], other["ids"][start:]])[:length],
-            "loss_mask": np.concatenate(
-                [np.zeros(min(prompt, len(example["ids"])), np.bool_), other["loss_mask"][start:]]
-            )[:length],
-        }
-        row = empty_rows(2, length)
-        for side, ex in enumerate((example, mismatched)):
-            _place({k: row[k][side] for k in ROW_KEYS}, ex, 0)
-        row["num_truncated"] = np.int32(0)  # the caller counts its examples' truncation
-        rows.append(row)
-    return rows

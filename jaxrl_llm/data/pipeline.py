@@ -8,9 +8,9 @@
       .to_iter_dataset() [.mp_prefetch(workers)]  encode runs in worker processes when worker_count > 0
       -> pack: fit to seq_len, FirstFitPackIterDataset, batch (padded with empty rows)
       -> bucket: pad each example to its length bucket, batch examples of one bucket together
-      -> pairs: the same with a preference pair per row ([2, T]: chosen, rejected)
-      -> kto: the same with [2, T] rows built per batch: each labelled example, and its prompt followed by
-         the batch's previous completion (the mismatched pair of KTO's KL term), ``desirable`` [B_local]
+      -> pairs: the same with a preference pair per row, ``prompt | chosen | rejected`` (the prompt read once)
+      -> kto: the same with rows built per batch: ``prompt | completion | the batch's previous completion``
+         (the mismatched pair of KTO's KL term), ``desirable`` [B_local]
 
 Everything stateful (truncation, packing, bucketing) runs after ``mp_prefetch``, in the main process, as
 Grain advises: the batches are then the same for any ``worker_count``. Batches are dicts of numpy arrays
@@ -54,6 +54,7 @@ from .packing import (
     kto_rows,
     pad_pair,
     pad_to_bucket,
+    pair_buckets,
 )
 from .records import DataError
 
@@ -166,9 +167,11 @@ class _BucketBatchIterator(grain.DatasetIterator):
         batch_size: int,
         overlong: str,
         mode: str = "bucket",
+        max_side: int | None = None,
     ):
         super().__init__(parent)
         self._buckets, self._batch_size, self._overlong, self._mode = buckets, batch_size, overlong, mode
+        self._max_side = max_side or buckets[-1]
         self._reset()
 
     def _reset(self) -> None:
@@ -180,14 +183,26 @@ class _BucketBatchIterator(grain.DatasetIterator):
 
         kto examples wait unpadded (their rows depend on the batch they end up in: ``_emit``)."""
         if self._mode == "pairs":
-            row = pad_pair(example["chosen"], example["rejected"], self._buckets, overlong=self._overlong)
+            if "prompt_len" not in example:
+                raise DataError('mode="pairs" needs encode to return "prompt_len" (PairEncoder does)')
+            try:
+                row = pad_pair(
+                    example["chosen"],
+                    example["rejected"],
+                    self._buckets,
+                    prompt_len=example["prompt_len"],
+                    max_side=self._max_side,
+                    overlong=self._overlong,
+                )
+            except ValueError as err:
+                raise DataError(f"a preference pair: {err}") from err
         elif self._mode == "kto":
             if "prompt_len" not in example or "desirable" not in example:
                 raise DataError(
                     'mode="kto" needs encode to return "prompt_len" and "desirable" beside the tokens '
                     "(KTOEncoder does)"
                 )
-            fitted, truncated = fit_length(as_example(example), self._buckets[-1], self._overlong)
+            fitted, truncated = fit_length(as_example(example), self._max_side, self._overlong)
             row = None if fitted is None else {**fitted, "num_truncated": np.int32(truncated)}
         else:
             row = pad_to_bucket(example, self._buckets, overlong=self._overlong)
@@ -220,7 +235,7 @@ class _BucketBatchIterator(grain.DatasetIterator):
         waiting, self._waiting[bucket] = self._waiting[bucket], []
         rows = [w.row for w in waiting]
         if self._mode == "kto":
-            built = kto_rows(rows, [r["prompt_len"] for r in rows], bucket)
+            built = kto_rows(rows, [r["prompt_len"] for r in rows], self._buckets, self._max_side)
             keep = ("num_truncated", "desirable", "index")
             rows = [{**b, **{k: r[k] for k in keep if k in r}} for b, r in zip(built, rows, strict=True)]
         return _StackPadded(self._batch_size)(rows)
@@ -250,14 +265,26 @@ class _BucketBatchIterator(grain.DatasetIterator):
 
 class _BucketBatchIterDataset(grain.IterDataset):
     def __init__(
-        self, parent: grain.IterDataset, buckets: tuple[int, ...], batch_size: int, overlong: str, mode: str
+        self,
+        parent: grain.IterDataset,
+        buckets: tuple[int, ...],
+        batch_size: int,
+        overlong: str,
+        mode: str,
+        max_side: int | None = None,
     ):
         super().__init__(parent)
         self._buckets, self._batch_size, self._overlong, self._mode = buckets, batch_size, overlong, mode
+        self._max_side = max_side
 
     def __iter__(self) -> _BucketBatchIterator:
         return _BucketBatchIterator(
-            self._parent.__iter__(), self._buckets, self._batch_size, self._overlong, self._mode
+            self._parent.__iter__(),
+            self._buckets,
+            self._batch_size,
+            self._overlong,
+            self._mode,
+            self._max_side,
         )
 
     def __str__(self) -> str:
@@ -330,10 +357,12 @@ def make_pipeline(
       seq_len: row length when packing; the longest bucket (and the default buckets' top) when bucketing.
       mode: ``"pack"`` (several documents per row, segment ids keep them apart), ``"bucket"`` (one
         document per row, padded to the smallest of ``buckets`` that holds it) or ``"pairs"`` (``encode``
-        returns ``{"chosen", "rejected"}`` examples, e.g. ``PairEncoder``: each pair is one ``[2, T]`` row,
-        both sides padded to the bucket of the longer one; batches are ``[B, 2, T]``) or ``"kto"``
-        (``encode`` returns an example with ``prompt_len`` and ``desirable``, e.g. ``KTOEncoder``: each batch
-        of one bucket is made of ``[2, T]`` rows by ``packing.kto_rows``, with ``desirable`` [B]).
+        returns ``{"chosen", "rejected", "prompt_len"}``, e.g. ``PairEncoder``: each pair is one row
+        ``prompt | chosen | rejected``, ``packing.pad_pair``, with a ``shared`` key marking the prompt) or
+        ``"kto"`` (``encode`` returns an example with ``prompt_len`` and ``desirable``, e.g. ``KTOEncoder``:
+        rows ``prompt | completion | previous completion`` built per batch by ``packing.kto_rows``, with
+        ``desirable`` [B]). In these two modes ``seq_len`` bounds each side (prompt + answer) and the rows
+        are up to twice as long (default buckets ``packing.pair_buckets``).
       buckets: bucket lengths, each at most ``seq_len``; default powers of two from 64 up to ``seq_len``.
       seed: shuffling (records each epoch, and packed rows within a packing group).
       num_epochs: passes over the data; None repeats forever.
@@ -397,10 +426,13 @@ def make_pipeline(
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
 
     if mode != "pack":
-        buckets = buckets or default_buckets(seq_len)
-        if buckets[-1] > seq_len:
-            raise DataError(f"buckets={buckets}: every bucket must be <= seq_len={seq_len}")
-        return _BucketBatchIterDataset(it, buckets, local_batch, overlong, mode)
+        two_sided = mode in ("pairs", "kto")
+        limit = 2 * seq_len if two_sided else seq_len
+        buckets = buckets or (pair_buckets(seq_len) if two_sided else default_buckets(seq_len))
+        if buckets[-1] > limit:
+            raise DataError(f"buckets={buckets}: every bucket must be <= {limit} (seq_len={seq_len})")
+        max_side = min(seq_len, buckets[-1]) if two_sided else None
+        return _BucketBatchIterDataset(it, buckets, local_batch, overlong, mode, max_side)
 
     if overlong == "drop":
         it = it.filter(_FitsIn(seq_len))

@@ -110,17 +110,22 @@ def make_mask(
     key_valid: jax.Array,
     query_slots: jax.Array,
     segment_ids: jax.Array | None = None,
+    shared: jax.Array | None = None,
 ) -> AttentionMask:
     """positions/valid: [B, T] for the queries; key_*: [B, S]; query_slots: int32[T] slot of each query.
 
     ``segment_ids`` (int32[B, T], without a cache, so S = T) keeps packed documents apart: a query sees only
-    keys of its own segment.
+    keys of its own segment, and the keys marked ``shared`` (bool[B, T]: a prompt that every segment after
+    it continues, e.g. both answers of a preference pair laid out as ``prompt | chosen | rejected``).
     """
     key_slots = jnp.arange(key_valid.shape[1])
     causal = key_slots[None, None, :] <= query_slots[None, :, None]
     allowed = causal & key_valid[:, None, :] & valid[:, :, None]
     if segment_ids is not None:
-        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        if shared is not None:
+            same = same | shared[:, None, :].astype(bool)
+        allowed = allowed & same
     # Padding queries attend to themselves only, so their (ignored) outputs stay finite.
     allowed = allowed | (~valid[:, :, None] & (key_slots[None, None, :] == query_slots[None, :, None]))
     distance = positions[:, :, None] - key_positions[:, None, :]

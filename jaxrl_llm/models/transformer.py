@@ -137,6 +137,7 @@ class Decoder(nnx.Module):
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
         layers: tuple[nnx.State, ...] | None = None,
+        shared: jax.Array | None = None,
     ):
         """tokens: int32[B, T] -> (hidden [B, T, E], updated cache or None).
 
@@ -145,7 +146,8 @@ class Decoder(nnx.Module):
         computes for padded generation. ``layers`` (from :meth:`layer_states`) are the blocks' parameters
         already sliced per layer, for decode loops. ``segment_ids`` (int32[B, T], 0 = padding, 1.. = the document within
         a packed row) keeps packed documents from attending to each other; positions then restart at 0 in
-        every document unless given.
+        every document unless given. ``shared`` (bool[B, T], with ``segment_ids``) marks tokens that every
+        later segment of the row sees too: a prompt followed by several answers (pass their positions).
         """
         b, t = tokens.shape
         if cache is not None:
@@ -165,7 +167,7 @@ class Decoder(nnx.Module):
             positions = jnp.maximum(start[:, None] + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
         positions = positions.astype(jnp.int32)
         if cache is None:
-            mask = make_mask(positions, valid, positions, valid, jnp.arange(t), segment_ids)
+            mask = make_mask(positions, valid, positions, valid, jnp.arange(t), segment_ids, shared)
         else:
             slots = cache.index + jnp.arange(t)
             cache = cache.replace(
@@ -231,7 +233,15 @@ class CausalLM(Decoder):
         return softcap(logits.astype(jnp.float32), self.cfg.final_logit_softcap)
 
     def forward(
-        self, tokens, *, positions=None, attention_mask=None, segment_ids=None, cache=None, layers=None
+        self,
+        tokens,
+        *,
+        positions=None,
+        attention_mask=None,
+        segment_ids=None,
+        cache=None,
+        layers=None,
+        shared=None,
     ) -> ModelOutput:
         hidden, cache = self.forward_hidden(
             tokens,
@@ -240,6 +250,7 @@ class CausalLM(Decoder):
             segment_ids=segment_ids,
             cache=cache,
             layers=layers,
+            shared=shared,
         )
         scores = None if self.value_head is None else self.value_head(hidden)
         return ModelOutput(logits=self.logits(hidden), hidden=hidden, scores=scores, cache=cache)
@@ -250,10 +261,11 @@ class CausalLM(Decoder):
         positions: jax.Array | None = None,
         attention_mask: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
+        shared: jax.Array | None = None,
     ) -> jax.Array:
         """tokens: int32[B, T] -> logits: float32[B, T, V]."""
         return self.forward(
-            tokens, positions=positions, attention_mask=attention_mask, segment_ids=segment_ids
+            tokens, positions=positions, attention_mask=attention_mask, segment_ids=segment_ids, shared=shared
         ).logits
 
 
@@ -283,7 +295,15 @@ class ScoreModel(Decoder):
         self.score = ScalarHead(cfg, rngs=rngs)
 
     def forward(
-        self, tokens, *, positions=None, attention_mask=None, segment_ids=None, cache=None, layers=None
+        self,
+        tokens,
+        *,
+        positions=None,
+        attention_mask=None,
+        segment_ids=None,
+        cache=None,
+        layers=None,
+        shared=None,
     ) -> ModelOutput:
         hidden, cache = self.forward_hidden(
             tokens,
@@ -292,13 +312,16 @@ class ScoreModel(Decoder):
             segment_ids=segment_ids,
             cache=cache,
             layers=layers,
+            shared=shared,
         )
         return ModelOutput(logits=None, hidden=hidden, scores=self.score(hidden), cache=cache)
 
-    def __call__(self, tokens, positions=None, attention_mask=None, segment_ids=None) -> jax.Array:
+    def __call__(
+        self, tokens, positions=None, attention_mask=None, segment_ids=None, shared=None
+    ) -> jax.Array:
         """tokens: int32[B, T] -> per-token scores float32[B, T]."""
         return self.forward(
-            tokens, positions=positions, attention_mask=attention_mask, segment_ids=segment_ids
+            tokens, positions=positions, attention_mask=attention_mask, segment_ids=segment_ids, shared=shared
         ).scores
 
 

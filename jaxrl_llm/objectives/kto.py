@@ -1,10 +1,10 @@
 """KTO as an ``Objective``: unpaired desirable / undesirable completions with a KL reference point.
 
-A KTO batch (``data.pipeline`` ``mode="kto"``) has the pair batches' ``[B, 2, T]`` rows: side 0 is an
-example (prompt + completion, the completion's tokens targets), side 1 its prompt followed by another
-example's completion from the same batch (the mismatched pair); ``desirable`` [B] is each example's label
-and ``ref_logps`` [B, 2] the frozen reference's summed log-probs of both sides. One forward over ``2B``
-rows gives the policy's log-probs of the examples and of the mismatched pairs.
+A KTO batch (``data.pipeline`` ``mode="kto"``) has the pair batches' rows ``prompt | completion |
+mismatched completion``: the example's own completion (its tokens targets) as side 0, another example's
+completion from the same batch after the same prompt (the mismatched pair) as side 1; ``desirable`` [B] is
+each example's label and ``ref_logps`` [B, 2] the frozen reference's summed log-probs of both sides. One
+forward over ``B`` rows gives the policy's log-probs of the examples and of the mismatched pairs.
 
 The KL reference point ``z = max(0, mean(policy_kl - ref_kl))`` averages over the batch's mismatched
 pairs: the mean is over the *global* batch (the step sees the arrays of every data shard), so it is
@@ -18,13 +18,13 @@ import jax
 import jax.numpy as jnp
 
 from .base import Batch, Objective
-from .pairs import pair_logps
+from .pairs import pair_logps, side_has_targets
 from .preference import kto_loss
 
 
 def example_mask(batch: Batch) -> jax.Array:
     """float32[B]: 1 for a real example (side 0 has targets), 0 for the batcher's filler."""
-    return batch["loss_mask"][:, 0].astype(bool).any(-1).astype(jnp.float32)
+    return side_has_targets(batch)[:, 0].astype(jnp.float32)
 
 
 def example_normalizer(batch: Batch) -> jax.Array:
@@ -65,7 +65,7 @@ def kto_objective(
         logps, _, _ = pair_logps(model, batch)
         ref = batch["ref_logps"].astype(jnp.float32)
         real = example_mask(batch)
-        has_kl = batch["loss_mask"][:, 1].astype(bool).any(-1).astype(jnp.float32) * real
+        has_kl = side_has_targets(batch)[:, 1].astype(jnp.float32) * real
         kl_mean = ((logps[:, 1] - ref[:, 1]) * has_kl).sum() / jnp.maximum(has_kl.sum(), 1.0)
         # kto_loss on every example in both roles; each row keeps the one its label picks. The reference
         # point is passed as a one-element KL batch: the masked mean above (filler rows left out).

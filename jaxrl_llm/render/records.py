@@ -174,26 +174,38 @@ class SFTEncoder:
         return {"ids": rendered.ids, "loss_mask": rendered.loss_mask}
 
 
+def _check_prefix(ids: np.ndarray, prompt: np.ndarray) -> None:
+    if not np.array_equal(ids[: len(prompt)], prompt):
+        raise RenderError(
+            "the chat template renders the prompt differently alone and followed by an answer, so the answers "
+            "cannot share one rendering of the prompt (preference pairs and KTO read the prompt once)"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class PairEncoder:
-    """``preference record -> {"chosen": example, "rejected": example}`` (picklable, for Grain workers).
+    """``preference record -> {"chosen": example, "rejected": example, "prompt_len"}`` (picklable, for Grain
+    workers).
 
     Each side is ``prompt + answer`` rendered as training renders conversations; only the answer's tokens
-    are targets (a multi-turn prompt's earlier assistant turns are context, not trained on).
+    are targets (a multi-turn prompt's earlier assistant turns are context, not trained on). Both start
+    with the rendered prompt (its first ``prompt_len`` tokens), which the pair's row holds once.
     """
 
     renderer: Renderer
 
-    def __call__(self, record: dict) -> dict[str, dict[str, Any]]:
+    def __call__(self, record: dict) -> dict[str, Any]:
         if "chosen" not in record:
             raise RenderError(
                 f"preference training needs prompt/chosen/rejected records, not {sorted(record)}"
             )
         tools = record.get("tools")
-        start = len(self.renderer.render_prompt(record["prompt"], tools))
-        out = {}
+        prompt = self.renderer.render_prompt(record["prompt"], tools)
+        start = len(prompt)
+        out: dict[str, Any] = {"prompt_len": start}
         for side in ("chosen", "rejected"):
             rendered = self.renderer.render(record["prompt"] + record[side], tools)
+            _check_prefix(rendered.ids, prompt)
             mask = rendered.loss_mask & (np.arange(len(rendered.ids)) >= start)
             out[side] = {"ids": rendered.ids, "loss_mask": mask}
         return out
@@ -218,11 +230,7 @@ class KTOEncoder:
         prompt = self.renderer.render_prompt(record["prompt"], tools)
         rendered = self.renderer.render(record["prompt"] + record["completion"], tools)
         start = len(prompt)
-        if not np.array_equal(rendered.ids[:start], prompt):
-            raise RenderError(
-                "the chat template renders the prompt differently alone and followed by the completion, so a "
-                "completion cannot be paired with another prompt (KTO's KL term)"
-            )
+        _check_prefix(rendered.ids, prompt)
         mask = rendered.loss_mask & (np.arange(len(rendered.ids)) >= start)
         return {
             "ids": rendered.ids,

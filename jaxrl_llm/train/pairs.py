@@ -1,7 +1,8 @@
 """Stages ``rm``, ``dpo``, ``kto``, ``orpo`` and ``simpo``: preference pairs and KTO's labelled completions.
 
-Each pair is one ``[2, T]`` row of a ``[B, 2, T]`` batch (``data.pipeline`` ``mode="pairs"``, rows padded to
-the bucket of the longer side; ``data.packing`` does not apply), rendered with ``PairEncoder`` (only the
+Each pair is one row ``prompt | chosen | rejected`` (``data.pipeline`` ``mode="pairs"``: the prompt read
+once, both answers attending to it; rows padded to length buckets up to ``2 * train.seq_len``, each side
+at most ``train.seq_len``; ``data.packing`` does not apply), rendered with ``PairEncoder`` (only the
 answers are targets). The objectives are ``jaxrl_llm.objectives.pairs``':
 
 - ``dpo``: a frozen copy of the initial policy is the reference; its log-probs of both answers are computed
@@ -10,8 +11,7 @@ answers are targets). The objectives are ``jaxrl_llm.objectives.pairs``':
   each pair's record index; the reference's weights are then freed); ``pref.reference_free`` drops it.
   ``pref.loss_type`` picks among the 13 DPO losses.
 - ``kto``: unpaired records (prompt, completion, label) rendered with ``KTOEncoder``; the pipeline's
-  ``mode="kto"`` makes each row ``[2, T]`` of the example and of its prompt with the previous completion of
-  the same batch (the mismatched pairs of the KL reference point, ``objectives.kto``); the reference is
+  ``mode="kto"`` makes each row ``prompt | completion | the previous completion of the same batch`` (the mismatched pairs of the KL reference point, ``objectives.kto``); the reference is
   live, as for dpo.
 - ``simpo`` and ``orpo``: no reference model.
 - ``rm``: the model gets a score head (``*ForSequenceClassification``: HF's randomly initialised ``score``
@@ -63,17 +63,15 @@ def _objective(cfg: ml_collections.ConfigDict):
 
 
 def pair_spec(batch_size: int, length: int, *, reference: bool, labels: bool = False) -> dict[str, Any]:
-    """Shapes of a global pair batch: the row batch's (``loop.batch_spec``) with a pair axis, plus
-    ``ref_logps`` when there is a reference and KTO's ``desirable`` labels."""
+    """Shapes of a global pair batch: the row batch's (``loop.batch_spec``) with the ``shared`` prompt
+    mask, plus ``ref_logps`` when there is a reference and KTO's ``desirable`` labels."""
     import jax
     import jax.numpy as jnp
 
     from .loop import batch_spec
 
-    spec = {
-        k: jax.ShapeDtypeStruct((batch_size, 2, length), v.dtype) if v.ndim == 2 else v
-        for k, v in batch_spec(batch_size, length).items()
-    }
+    spec = batch_spec(batch_size, length)
+    spec["shared"] = jax.ShapeDtypeStruct((batch_size, length), jnp.bool_)
     if reference:
         spec["ref_logps"] = jax.ShapeDtypeStruct((batch_size, 2), jnp.float32)
     if labels:
@@ -119,7 +117,7 @@ def _precomputed_reference(cfg, tokenizer, mesh, record_sets, pipeline):
     offset, passes = 0, 0
     for records in record_sets:
         for host in pipeline(records, train=False):
-            real = host["loss_mask"].reshape(len(host["loss_mask"]), -1).any(-1)  # filler rows: no targets
+            real = host["loss_mask"].any(-1)  # filler rows: no targets
             values = np.asarray(jax.device_get(ref(to_device(host, mesh))))
             table[host["index"][real] + offset] = values[real]
             passes += 1
@@ -140,7 +138,7 @@ def _precomputed_reference(cfg, tokenizer, mesh, record_sets, pipeline):
 def run_pairs(cfg: ml_collections.ConfigDict) -> int:
     import jax
 
-    from jaxrl_llm.data.packing import default_buckets
+    from jaxrl_llm.data.packing import pair_buckets
     from jaxrl_llm.data.pipeline import make_pipeline
     from jaxrl_llm.render import KTOEncoder, PairEncoder
 
@@ -159,7 +157,7 @@ def run_pairs(cfg: ml_collections.ConfigDict) -> int:
     kto = cfg.stage == "kto"
     reference = kto or (cfg.stage == "dpo" and not cfg.pref.reference_free)
     precompute = reference and cfg.stage == "dpo" and cfg.pref.precompute_ref
-    buckets = default_buckets(cfg.train.seq_len)
+    buckets = pair_buckets(cfg.train.seq_len)
     encoder = KTOEncoder(run.renderer) if kto else PairEncoder(run.renderer)
 
     def pipeline(records: list[dict], *, train: bool):
