@@ -187,7 +187,7 @@ def test_bad_arguments_are_clear_errors():
     records = make_records(n=4)
     with pytest.raises(DataError, match="mode='packed'"):
         pipeline(records, mode="packed")
-    with pytest.raises(DataError, match="every bucket must be <= seq_len=32"):
+    with pytest.raises(DataError, match=r"every bucket must be <= 32 \(seq_len=32\)"):
         pipeline(records, mode="bucket", buckets=(16, 64))
     with pytest.raises(DataError, match="encode returned no tokens"):
         next(iter(make_pipeline(records, lambda r: {"ids": []}, batch_size=2, seq_len=8)))

@@ -137,7 +137,7 @@ class _StackPadded:
     def __call__(self, rows: Sequence[dict[str, np.ndarray]]) -> Batch:
         batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
         missing = self.batch_size - len(rows)
-        if missing:  # all-zero rows are empty: padding tokens, no targets, segment 0 (pairs: [2, T] each)
+        if missing:  # all-zero rows are empty: padding tokens, no targets, segment 0
             batch = {
                 k: np.concatenate([v, np.zeros((missing, *v.shape[1:]), v.dtype)]) for k, v in batch.items()
             }
