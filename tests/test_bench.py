@@ -99,16 +99,20 @@ def test_rollout_bench_writes_json(tmp_path):
 PAIR_ARGS = ["--model", "llama-tiny", "--batch", "2", "--prompt-len", "6", "--completion-len", "10"]
 
 
-def test_pair_batch_layout():
-    from jaxrl_llm.bench.train import pair_batch
+def test_pair_tokens_and_batch_layout():
+    from jaxrl_llm.bench.train import pair_batch, pair_tokens
 
-    b = pair_batch(vocab_size=256, batch=3, prompt_len=4, completion_len=5)
-    assert b["tokens"].shape == b["loss_mask"].shape == b["positions"].shape == (3, 2, 9)
-    assert (b["tokens"][:, 0, :4] == b["tokens"][:, 1, :4]).all()  # one prompt per pair
-    assert (b["tokens"][:, 0, 4:] != b["tokens"][:, 1, 4:]).any()  # a completion per side
-    assert b["tokens"].min() >= 1 and not b["loss_mask"][..., :4].any() and b["loss_mask"][..., 4:].all()
-    assert (b["positions"] == range(9)).all() and (b["segment_ids"] == 1).all()
-    assert b["num_truncated"].shape == (3,)
+    sides = pair_tokens(vocab_size=256, batch=3, prompt_len=4, completion_len=5)
+    assert sides.shape == (3, 2, 9) and sides.min() >= 1  # 0 is the TRL peer's pad id
+    assert (sides[:, 0, :4] == sides[:, 1, :4]).all()  # one prompt per pair
+    assert (sides[:, 0, 4:] != sides[:, 1, 4:]).any()  # a completion per side
+    b = pair_batch(sides, prompt_len=4)  # one row per pair: prompt | chosen | rejected
+    assert b["tokens"].shape == b["loss_mask"].shape == b["positions"].shape == (3, 4 + 5 + 5)
+    assert (b["tokens"][:, :9] == sides[:, 0]).all() and (b["tokens"][:, 9:] == sides[:, 1, 4:]).all()
+    assert not b["loss_mask"][:, :4].any() and b["loss_mask"][:, 4:].all()
+    assert (b["segment_ids"] == [1] * 4 + [2] * 5 + [3] * 5).all()
+    assert (b["positions"] == [*range(9), *range(4, 9)]).all()
+    assert b["num_truncated"].shape == (3,) and not b["num_truncated"].any()
 
 
 def test_train_bench_dpo_writes_json(tmp_path, capsys):
@@ -141,10 +145,11 @@ def test_train_bench_dpo_precomputed_and_rm():
     assert "reference" not in rm and "reference_s" not in rm
     assert rm["tokens_per_step"] == 3 * 2 * 8 and rm["tokens_per_s"] == 48 / rm["step_s"]
     assert rm["peak_fraction"] > 0 and rm["flops_per_s"] > 0 and math.isfinite(rm["loss"])
-    # A score model's FLOPs leave out the vocabulary-wide LM head that DPO's forwards pay for.
+    # FLOPs count the 3 rows of prompt | chosen | rejected (4 + 2 * 4 tokens) the model reads; a score
+    # model's leave out the vocabulary-wide LM head that DPO's forwards pay for.
     cfg = get_preset("llama-tiny")
-    head = 2 * 6 * 8 * cfg.hidden_size * (cfg.vocab_size - 1)
-    assert rm["flops_per_s"] * rm["step_s"] == pytest.approx(3 * (forward_flops(cfg, 6, 8) - head))
+    head = 2 * 3 * 12 * cfg.hidden_size * (cfg.vocab_size - 1)
+    assert rm["flops_per_s"] * rm["step_s"] == pytest.approx(3 * (forward_flops(cfg, 3, 12) - head))
 
 
 @pytest.mark.parametrize(

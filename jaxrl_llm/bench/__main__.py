@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:  # a bad --model name or path: one line, no traceback
         print(f"jaxrl_llm.bench: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except _ArgumentError as err:
-        parser.error(str(err))
+    except _ArgumentError as err:  # flags of `train` that do not go together: its usage, exit status 2
+        train.error(str(err))
     _print(result)
     if args.json:
         with open(args.json, "w") as f:

@@ -21,8 +21,10 @@ the same length, and ``pad_to_multiple_of`` is off), no truncation (``max_length
 one micro-batch per step, and AdamW with our default betas, epsilon, weight decay, clip norm and a constant
 learning rate. TRL's DPO tokenization (which appends an EOS to each completion) is bypassed so it sees
 exactly our token ids. Every peer checks, on the batch its ``compute_loss`` receives, that it processes
-as many rows and tokens as ours does. torch, trl, transformers and datasets are imported here only: they
-are test-only dependencies.
+the rows and tokens the benchmark counts: ``B`` rows for SFT, and for pairs the ``2B`` sequences prompt +
+completion (ours reads a pair as one row ``prompt | chosen | rejected``, the prompt once, but counts the
+same ``2B`` sequences). torch, trl, transformers and datasets are imported here only: they are test-only
+dependencies.
 """
 
 from __future__ import annotations
@@ -180,7 +182,7 @@ class _Recorder:
             expected["targets"] = targets
         seen = {k: (self.seen or {}).get(k) for k in expected}
         if seen != expected:
-            raise RuntimeError(f"TRL's {name} saw a batch of {seen}, expected {expected} (as ours)")
+            raise RuntimeError(f"TRL's {name} saw a batch of {seen}, expected {expected}")
 
     def result(self, name: str, tokens: int, attention: str) -> dict:
         import torch

@@ -4,9 +4,11 @@ The step is the one training runs (``jaxrl_llm.train.step``: jitted, sharded ove
 state donated, compiled ahead of time) with AdamW, on a synthetic batch of random tokens:
 
 - ``sft``: ``batch`` full rows of ``seq_len`` tokens, every token a target (``sft_batch``).
-- ``dpo`` and ``rm``: ``batch`` preference pairs (``pair_batch``): each side is the pair's ``prompt_len``
-  prompt tokens followed by its own ``completion_len`` completion tokens (the targets), a ``[B, 2, P + C]``
-  batch; tokens are counted over the prompt and the completion of both sides, ``B * 2 * (P + C)`` a step.
+- ``dpo`` and ``rm``: ``batch`` preference pairs (``pair_tokens``): each side is the pair's ``prompt_len``
+  prompt tokens followed by its own ``completion_len`` completion tokens (the targets). Training batches
+  a pair as one row ``prompt | chosen | rejected`` of ``P + 2C`` tokens (``pair_batch``), reading the
+  prompt once; tokens are still counted as the two sequences ``prompt + completion`` that a pair is (and
+  that the TRL peer reads), ``B * 2 * (P + C)`` a step, while FLOPs count the ``B`` rows actually read.
   ``dpo`` is ``dpo_objective(beta=0.1)`` (sigmoid loss). Its reference log-probs come, as in the ``dpo``
   stage, from a separate jitted forward of a frozen copy of the initial weights (``reference_logps``):
   with ``reference="live"`` (the stage's way) that forward runs before every step and its time is part
@@ -19,6 +21,8 @@ FLOPs are counted as 3 forwards (forward + backward), the standard 6N-per-token 
 live reference; the peak is this machine's matmul FLOP/s measured in the same run (times the device count).
 ``compile_s`` is the training step's compile time (``reference_compile_s`` the reference forward's);
 ``first_loss`` is the first step's loss (``log 2`` for DPO, where the policy is still the reference).
+``other_load_cores`` (and ``peer_other_load_cores``) is how many cores' worth of CPU other processes used
+while the steps ran: a comparison is only fair on an otherwise idle machine (see ``_OtherLoad``).
 
 With ``compare_trl`` the same initial weights and token ids then run through TRL's trainer for the same
 objective (``jaxrl_llm.bench.peer``: ``SFTTrainer``, ``DPOTrainer`` with its own live or precomputed
@@ -62,28 +66,39 @@ def sft_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0) -> dict[
     }
 
 
-def pair_batch(
+def pair_tokens(
     vocab_size: int, batch: int, prompt_len: int, completion_len: int, seed: int = 0
-) -> dict[str, np.ndarray]:
-    """``batch`` preference pairs ``[B, 2, P + C]``: a random prompt shared by both sides of a pair, then a
-    random completion of its own on each side (the only targets); one segment, positions from 0.
+) -> np.ndarray:
+    """int32[B, 2, P + C]: ``batch`` preference pairs, a random prompt shared by both sides of a pair, then
+    a random completion of its own on each side (what the TRL peer is given).
 
     Token ids start at 1: 0 is the TRL peer's pad id, which HF's sequence classifier would take for padding.
     """
     rs = np.random.RandomState(seed)
-    length = prompt_len + completion_len
     prompt = rs.randint(1, vocab_size, (batch, 1, prompt_len))
     completions = rs.randint(1, vocab_size, (batch, 2, completion_len))
-    tokens = np.concatenate([np.repeat(prompt, 2, axis=1), completions], axis=-1).astype(np.int32)
-    loss_mask = np.zeros((batch, 2, length), bool)
-    loss_mask[..., prompt_len:] = True
-    return {
-        "tokens": tokens,
-        "loss_mask": loss_mask,
-        "segment_ids": np.ones((batch, 2, length), np.int32),
-        "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (batch, 2, length)).copy(),
-        "num_truncated": np.zeros((batch,), np.int32),
-    }
+    return np.concatenate([np.repeat(prompt, 2, axis=1), completions], axis=-1).astype(np.int32)
+
+
+def pair_batch(tokens: np.ndarray, prompt_len: int) -> dict[str, np.ndarray]:
+    """The pairs of ``pair_tokens`` as training batches them (``data.packing.pad_pair``): one row
+    ``prompt | chosen | rejected`` of ``P + 2C`` tokens per pair, the completions the only targets."""
+    from ..data.packing import pad_pair
+
+    batch, _, length = tokens.shape
+    row_length = 2 * length - prompt_len
+    mask = np.arange(length) >= prompt_len
+    rows = [
+        pad_pair(
+            {"ids": pair[0], "loss_mask": mask},
+            {"ids": pair[1], "loss_mask": mask},
+            (row_length,),
+            prompt_len=prompt_len,
+            max_side=length,
+        )
+        for pair in tokens
+    ]
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 def _train_model(spec: str, param_dtype: str, dtype: str, remat: str = "none", head: str = "lm"):
@@ -166,6 +181,41 @@ def check_train_args(
     return seq_len, prompt_len, completion_len, reference
 
 
+class _OtherLoad:
+    """Cores' worth of CPU that other processes used between ``start()`` and ``cores()``, from Linux's
+    ``/proc/stat`` less this process's own CPU time (None where there is no ``/proc/stat``).
+
+    On a shared machine the two sides of a comparison do not suffer alike: with one core taken by another
+    process, PyTorch's OpenMP threads ran ~8x slower here and XLA's ~2x, so a speedup measured under load
+    overstates ours. The result reports it so that a reader can tell.
+    """
+
+    def start(self) -> _OtherLoad:
+        self.begin = self._sample()
+        return self
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        import os
+        import resource
+
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        return time.perf_counter(), busy, own.ru_utime + own.ru_stime
+
+    def cores(self) -> float | None:
+        end = self._sample()
+        if self.begin is None or end is None or end[0] <= self.begin[0]:
+            return None
+        wall, busy, own = (e - b for e, b in zip(end, self.begin, strict=True))
+        return round(max(busy - own, 0.0) / wall, 2)
+
+
 def _timed_steps(run, repeats: int) -> tuple[list[float], object, object]:
     """``run()`` once (warm-up) then ``repeats`` times, each to completion: (times, first, last) outputs."""
     first = jax.block_until_ready(run())
@@ -217,8 +267,9 @@ def bench_train(
         remat=remat,
     )
     pairs = objective in PAIR_OBJECTIVES
-    length = prompt_len + completion_len if pairs else seq_len
-    rows = 2 * batch if pairs else batch  # sequences of ``length`` tokens a step
+    # Rows of ``length`` tokens the model reads a step: a pair is one row prompt | chosen | rejected.
+    length = prompt_len + 2 * completion_len if pairs else seq_len
+    rows = batch
     mesh = make_mesh()
     model = _train_model(spec, param_dtype, dtype, remat, head="score" if objective == "rm" else "lm")
     if compare_trl:  # the step donates the model's arrays: export the peer's copy of the weights first
@@ -245,7 +296,8 @@ def bench_train(
     }[objective]()
     step = build_train_step(graphdef, objective_fn, tx, make_schedule(cfg), accum_steps=accum_steps)
     if pairs:
-        host_batch = pair_batch(model_cfg.vocab_size, batch, prompt_len, completion_len)
+        sides = pair_tokens(model_cfg.vocab_size, batch, prompt_len, completion_len)
+        host_batch = pair_batch(sides, prompt_len)
     else:
         host_batch = sft_batch(model_cfg.vocab_size, batch, seq_len)
     device_batch = to_device(host_batch, mesh)
@@ -273,7 +325,9 @@ def bench_train(
         state, metrics = compiled(state, step_batch, rng)
         return metrics
 
+    load = _OtherLoad().start()
     times, first, metrics = _timed_steps(run, repeats)
+    other_cores = load.cores()
     step_s = statistics.median(times)
     devices = jax.devices()
     peak = matmul_flops_per_s(jnp.dtype(dtype)) * len(devices)
@@ -281,7 +335,8 @@ def bench_train(
     if objective == "rm":  # a one-column score head instead of the vocabulary-wide LM head
         forward -= 2 * rows * length * model_cfg.hidden_size * (model_cfg.vocab_size - 1)
     flops = (4 if live else 3) * forward
-    tokens = rows * length
+    # A pair counts as its two sequences prompt + completion, as the TRL peer reads them.
+    tokens = 2 * batch * (prompt_len + completion_len) if pairs else rows * length
     result = {"objective": objective, "model": spec, "family": model_cfg.family, "batch": batch}
     if pairs:
         result.update(prompt_len=prompt_len, completion_len=completion_len)
@@ -308,6 +363,7 @@ def bench_train(
             "temp_bytes_per_device": compiled.memory.get("temp_size_in_bytes", 0),
             "first_loss": float(first["loss"]),
             "loss": float(metrics["loss"]),
+            "other_load_cores": other_cores,
         }
     )
     if compare_trl:
@@ -316,6 +372,7 @@ def bench_train(
         del state, compiled, step, device_batch  # our step's buffers are freed before the peer runs
         if objective == "dpo":
             del ref_params, ref_compiled
+        load = _OtherLoad().start()
         try:
             if objective == "sft":
                 out = peers.trl_sft(
@@ -324,7 +381,7 @@ def bench_train(
             elif objective == "dpo":
                 out = peers.trl_dpo(
                     peer_dir.name,
-                    host_batch["tokens"],
+                    sides,
                     prompt_len,
                     dtype=dtype,
                     param_dtype=param_dtype,
@@ -334,9 +391,10 @@ def bench_train(
                 )
             else:
                 out = peers.trl_rm(
-                    peer_dir.name, host_batch["tokens"], dtype=dtype, param_dtype=param_dtype, repeats=repeats
+                    peer_dir.name, sides, dtype=dtype, param_dtype=param_dtype, repeats=repeats
                 )
         finally:
             peer_dir.cleanup()
+        out["peer_other_load_cores"] = load.cores()
         result.update(out, speedup=result["tokens_per_s"] / out["peer_tokens_per_s"])
     return result
