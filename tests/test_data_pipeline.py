@@ -327,6 +327,8 @@ def test_pairs_mode_keeps_each_pair_in_one_row_and_resumes_exactly():
     for batch in batches:
         b, t = batch["tokens"].shape
         assert b == 4 and t in (32, 64, 128, 256)
+        # what the pair stages compile for (train.pairs.pair_spec): prompt_len only lays the rows out
+        assert set(batch) == {"tokens", "loss_mask", "segment_ids", "positions", "shared", "num_truncated"}
         for row in range(b):
             if not batch["loss_mask"][row].any():
                 continue  # filler

@@ -59,9 +59,10 @@ from .packing import (
 from .records import DataError
 
 MODES = ("pack", "bucket", "pairs", "kto")
-# Per-example integers an encoder (or the pipeline) may add beside the token arrays; bucketed batches carry
-# them as [B_local] arrays (0 in filler rows).
+# Per-example integers an encoder (or the pipeline) may add beside the token arrays. Bucketed batches carry
+# BATCH_SCALARS as [B_local] arrays (0 in filler rows); prompt_len only lays out pair and KTO rows.
 SCALARS = ("desirable", "prompt_len", "index")
+BATCH_SCALARS = ("desirable", "index")
 Batch = dict[str, np.ndarray]
 
 
@@ -204,11 +205,13 @@ class _BucketBatchIterator(grain.DatasetIterator):
                 )
             fitted, truncated = fit_length(as_example(example), self._max_side, self._overlong)
             row = None if fitted is None else {**fitted, "num_truncated": np.int32(truncated)}
+            if row is not None:
+                row["prompt_len"] = int(example["prompt_len"])
         else:
             row = pad_to_bucket(example, self._buckets, overlong=self._overlong)
         if row is None:
             return None
-        row.update({k: np.int32(example[k]) for k in SCALARS if k in example})
+        row.update({k: np.int32(example[k]) for k in BATCH_SCALARS if k in example})
         bucket = (
             bucket_length(len(row["ids"]), self._buckets) if self._mode == "kto" else row["tokens"].shape[-1]
         )
@@ -236,7 +239,7 @@ class _BucketBatchIterator(grain.DatasetIterator):
         rows = [w.row for w in waiting]
         if self._mode == "kto":
             built = kto_rows(rows, [r["prompt_len"] for r in rows], self._buckets, self._max_side)
-            keep = ("num_truncated", "desirable", "index")
+            keep = ("num_truncated", *BATCH_SCALARS)
             rows = [{**b, **{k: r[k] for k in keep if k in r}} for b, r in zip(built, rows, strict=True)]
         return _StackPadded(self._batch_size)(rows)
 

@@ -11,8 +11,8 @@ answers are targets). The objectives are ``jaxrl_llm.objectives.pairs``':
   each pair's record index; the reference's weights are then freed); ``pref.reference_free`` drops it.
   ``pref.loss_type`` picks among the 13 DPO losses.
 - ``kto``: unpaired records (prompt, completion, label) rendered with ``KTOEncoder``; the pipeline's
-  ``mode="kto"`` makes each row ``prompt | completion | the previous completion of the same batch`` (the mismatched pairs of the KL reference point, ``objectives.kto``); the reference is
-  live, as for dpo.
+  ``mode="kto"`` makes each row ``prompt | completion | the previous completion of the same batch`` (the
+  mismatched pairs of the KL reference point, ``objectives.kto``); the reference is live, as for dpo.
 - ``simpo`` and ``orpo``: no reference model.
 - ``rm``: the model gets a score head (``*ForSequenceClassification``: HF's randomly initialised ``score``
   on top of a causal LM checkpoint) trained with Bradley-Terry; ``final/`` is what the reward layer loads.
