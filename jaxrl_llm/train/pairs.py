@@ -79,27 +79,31 @@ def pair_spec(batch_size: int, length: int, *, reference: bool, labels: bool = F
     return spec
 
 
-def _reference_fn(cfg: ml_collections.ConfigDict, tokenizer: Any, mesh: Any):
-    """``ref(batch) -> float32[B, 2]``: a frozen copy of the initial policy's log-probs of both sides."""
+def _reference_fn(policy: Any):
+    """``ref(batch) -> float32[B, 2]``: the log-probs of both sides under a frozen copy of ``policy`` (the
+    initial model, before training updates and donates its buffers). The copy keeps each parameter's
+    sharding; copying rather than building the model again saves a second initialisation or checkpoint
+    read, and the reference is the policy's start whatever built it."""
     import jax
+    import jax.numpy as jnp
     from flax import nnx
 
     from jaxrl_llm.objectives import reference_logps
 
-    from . import setup
-
-    graphdef, params = nnx.split(setup.build_model(cfg, tokenizer, mesh))
+    graphdef, state = nnx.split(policy)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    params = jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=shardings)(state)
     logps = jax.jit(lambda p, batch: reference_logps(nnx.merge(graphdef, p), batch))
     return lambda batch: logps(params, batch)
 
 
-def _live_reference(cfg: ml_collections.ConfigDict, tokenizer: Any, mesh: Any):
+def _live_reference(policy: Any):
     """``prepare(batch) -> batch + ref_logps``, the reference run on every batch."""
-    ref = _reference_fn(cfg, tokenizer, mesh)
+    ref = _reference_fn(policy)
     return lambda batch: {**batch, "ref_logps": ref(batch)}
 
 
-def _precomputed_reference(cfg, tokenizer, mesh, record_sets, pipeline):
+def _precomputed_reference(policy, mesh, record_sets, pipeline):
     """``prepare(batch) -> batch - index + ref_logps`` from a table computed in one pass over every record
     of ``record_sets`` (training, then evaluation: indices run on from one set to the next; the batches of
     set ``k`` must carry ``index`` plus the sizes of the sets before it). The reference's weights are freed
@@ -112,7 +116,7 @@ def _precomputed_reference(cfg, tokenizer, mesh, record_sets, pipeline):
 
     from .loop import log
 
-    ref = _reference_fn(cfg, tokenizer, mesh)
+    ref = _reference_fn(policy)
     table = np.zeros((sum(len(r) for r in record_sets), 2), np.float32)
     offset, passes = 0, 0
     for records in record_sets:
@@ -177,9 +181,9 @@ def run_pairs(cfg: ml_collections.ConfigDict) -> int:
 
     prepare = None
     if precompute:
-        prepare = _precomputed_reference(cfg, tokenizer, mesh, (train_records, eval_records), pipeline)
+        prepare = _precomputed_reference(run.model, mesh, (train_records, eval_records), pipeline)
     elif reference:
-        prepare = _live_reference(cfg, tokenizer, mesh)
+        prepare = _live_reference(run.model)
 
     eval_batches = None
     if eval_records:
