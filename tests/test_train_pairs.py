@@ -46,10 +46,31 @@ def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
+# What the shared runs below add to TINY: held-out metrics before the first step too, and (dpo, kto) beta 0.5.
+SHARED_ARGS = {"dpo": ("--config.pref.beta=0.5",), "kto": ("--config.pref.beta=0.5",)}
+
+
+@pytest.fixture(scope="module")
+def stage_run(tmp_path_factory):
+    """``stage_run(stage)``: the run directory of ``stage`` trained once on the synthetic data (TINY, with
+    ``eval_at_start`` and SHARED_ARGS); the tests of this module read the same run rather than train again."""
+    root = tmp_path_factory.mktemp("stages")
+    done: dict[str, Path] = {}
+
+    def get(stage: str) -> Path:
+        if stage not in done:
+            run_dir = root / stage
+            args = ("--config.train.eval_at_start=true", *SHARED_ARGS.get(stage, ()))
+            assert train(run_dir, stage, *args) == 0
+            done[stage] = run_dir
+        return done[stage]
+
+    return get
+
+
 @pytest.mark.parametrize("stage", ["dpo", "kto", "simpo", "orpo", "rm"])
-def test_each_stage_trains_on_synthetic_pairs_and_reports_pair_metrics(tmp_path, stage):
-    run_dir = tmp_path / stage
-    assert train(run_dir, stage) == 0
+def test_each_stage_trains_on_synthetic_pairs_and_reports_pair_metrics(stage_run, stage):
+    run_dir = stage_run(stage)
     result = summary(run_dir)
     assert result["steps"] == 4
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
@@ -60,21 +81,18 @@ def test_each_stage_trains_on_synthetic_pairs_and_reports_pair_metrics(tmp_path,
     assert (run_dir / "final" / "config.json").exists()
 
 
-def test_dpo_starts_from_the_reference_and_moves_away(tmp_path):
-    run_dir = tmp_path / "dpo"
-    assert train(run_dir, "dpo", "--config.train.eval_at_start=true", "--config.pref.beta=0.5") == 0
-    result = summary(run_dir)
+def test_dpo_starts_from_the_reference_and_moves_away(stage_run):
+    result = summary(stage_run("dpo"))
     first = result["first_eval"]
     assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-5)  # policy == reference before training
     assert first["loss"] == pytest.approx(np.log(2), abs=1e-5)  # -log sigmoid(0)
     assert result["final_eval"]["rewards/chosen"] != 0.0
 
 
-def test_reward_model_export_scores_in_the_reward_layer(tmp_path):
+def test_reward_model_export_scores_in_the_reward_layer(stage_run):
     from jaxrl_llm.reward import RewardModel
 
-    run_dir = tmp_path / "rm"
-    assert train(run_dir, "rm") == 0
+    run_dir = stage_run("rm")
     config = json.loads((run_dir / "final" / "config.json").read_text())
     assert config["architectures"][0].endswith("ForSequenceClassification")
     scorer = RewardModel.load(str(run_dir), template="chatml")
@@ -123,22 +141,21 @@ def test_conversations_are_refused_with_the_stage_that_fits(tmp_path, capsys):
     assert "preference pairs train with stage=dpo" in capsys.readouterr().err
 
 
-def test_kto_starts_at_the_reference(tmp_path):
-    run_dir = tmp_path / "kto"
-    assert train(run_dir, "kto", "--config.train.eval_at_start=true", "--config.pref.beta=0.5") == 0
-    first = summary(run_dir)["first_eval"]
+def test_kto_starts_at_the_reference(stage_run):
+    first = summary(stage_run("kto"))["first_eval"]
     assert first["loss"] == pytest.approx(0.5, abs=1e-5)  # 1 - sigmoid(0): policy == reference, z = 0
     assert first["kl"] == pytest.approx(0.0, abs=1e-5)
     assert first["count/desirable"] + first["count/undesirable"] == first["examples"] == 12
 
 
-def test_precomputed_reference_log_probs_train_as_the_live_reference(tmp_path, capsys):
-    args = ("--config.train.eval_at_start=true", "--config.pref.beta=0.5")
-    assert train(tmp_path / "live", "dpo", *args) == 0
-    assert train(tmp_path / "pre", "dpo", *args, "--config.pref.precompute_ref=true") == 0
+def test_precomputed_reference_log_probs_train_as_the_live_reference(stage_run, tmp_path, capsys):
+    live = summary(stage_run("dpo"))  # eval_at_start, beta 0.5
+    capsys.readouterr()
+    args = ("--config.train.eval_at_start=true", *SHARED_ARGS["dpo"], "--config.pref.precompute_ref=true")
+    assert train(tmp_path / "pre", "dpo", *args) == 0
     out = capsys.readouterr()
     assert "reference log-probs precomputed for 120 records" in out.out + out.err
-    live, pre = summary(tmp_path / "live"), summary(tmp_path / "pre")
+    pre = summary(tmp_path / "pre")
     for part in ("first_eval", "final_eval", "final_train"):
         for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies"):
             assert pre[part][key] == pytest.approx(live[part][key], rel=1e-4, abs=1e-5), (part, key)
