@@ -46,22 +46,24 @@ def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-# What the shared runs below add to TINY: held-out metrics before the first step too, and (dpo, kto) beta 0.5.
-SHARED_ARGS = {"dpo": ("--config.pref.beta=0.5",), "kto": ("--config.pref.beta=0.5",)}
+def shared_args(stage: str) -> tuple[str, ...]:
+    """What the shared runs below add to TINY: held-out metrics before the first step too, and (dpo, kto)
+    beta 0.5. A test that compares another run with a shared one starts from the same arguments."""
+    beta = ("--config.pref.beta=0.5",) if stage in ("dpo", "kto") else ()
+    return ("--config.train.eval_at_start=true", *beta)
 
 
 @pytest.fixture(scope="module")
 def stage_run(tmp_path_factory):
     """``stage_run(stage)``: the run directory of ``stage`` trained once on the synthetic data (TINY, with
-    ``eval_at_start`` and SHARED_ARGS); the tests of this module read the same run rather than train again."""
+    ``shared_args``); the tests of this module read the same run rather than train again."""
     root = tmp_path_factory.mktemp("stages")
     done: dict[str, Path] = {}
 
     def get(stage: str) -> Path:
         if stage not in done:
             run_dir = root / stage
-            args = ("--config.train.eval_at_start=true", *SHARED_ARGS.get(stage, ()))
-            assert train(run_dir, stage, *args) == 0
+            assert train(run_dir, stage, *shared_args(stage)) == 0
             done[stage] = run_dir
         return done[stage]
 
@@ -149,10 +151,9 @@ def test_kto_starts_at_the_reference(stage_run):
 
 
 def test_precomputed_reference_log_probs_train_as_the_live_reference(stage_run, tmp_path, capsys):
-    live = summary(stage_run("dpo"))  # eval_at_start, beta 0.5
+    live = summary(stage_run("dpo"))
     capsys.readouterr()
-    args = ("--config.train.eval_at_start=true", *SHARED_ARGS["dpo"], "--config.pref.precompute_ref=true")
-    assert train(tmp_path / "pre", "dpo", *args) == 0
+    assert train(tmp_path / "pre", "dpo", *shared_args("dpo"), "--config.pref.precompute_ref=true") == 0
     out = capsys.readouterr()
     assert "reference log-probs precomputed for 120 records" in out.out + out.err
     pre = summary(tmp_path / "pre")
