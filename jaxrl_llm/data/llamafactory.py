@@ -28,8 +28,11 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from jaxrl_llm.data.messages import column, expect_list, expect_str, optional_str, parse_tools, str_column
+from jaxrl_llm.data.messages import expect_list, expect_str, kto_label, optional_str, parse_tools, str_column
+from jaxrl_llm.data.readers import load_json_file
 from jaxrl_llm.data.records import DataError, RecordError
+from jaxrl_llm.data.sharegpt import sharegpt_to_canonical
+from jaxrl_llm.data.spec import DatasetSpec
 
 FORMATTINGS = ("alpaca", "sharegpt", "openai")
 KNOWN_COLUMNS = (
@@ -62,20 +65,6 @@ OPENAI_TAGS = {
 }
 _MEDIA = ("images", "videos", "audios")
 _REMOTE = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetSpec:
-    """How to read one dataset: its file, LLaMA-Factory ``formatting``, resolved ``columns`` (role ->
-    key) and ``tags``, and the canonical ``kind`` it yields."""
-
-    name: str
-    path: str
-    formatting: str
-    kind: str
-    ranking: bool = False
-    columns: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    tags: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 def spec_kind(formatting: str, ranking: bool, columns: Mapping[str, str]) -> str:
@@ -145,8 +134,6 @@ class DatasetInfo:
             path = os.path.join(path, "dataset_info.json")
         if not os.path.isfile(path):
             raise DataError(f"{path}: no such dataset_info.json")
-        from jaxrl_llm.data.readers import load_json_file  # readers does not import this module
-
         entries = load_json_file(path)
         if not isinstance(entries, dict):
             raise DataError(f"{path}: expected an object mapping dataset names to entries")
@@ -209,8 +196,6 @@ def convert(value: Any, spec: DatasetSpec) -> dict:
         raise RecordError("", "a JSON object", value)
     if spec.formatting == "alpaca":
         return alpaca_to_canonical(value, spec)
-    from jaxrl_llm.data.sharegpt import sharegpt_to_canonical
-
     return sharegpt_to_canonical(value, spec)
 
 
@@ -258,11 +243,3 @@ def _history(value: dict, key: str | None) -> list[dict]:
         turns.append({"role": "user", "content": expect_str(pair[0], f"{key}[{i}][0]")})
         turns.append({"role": "assistant", "content": expect_str(pair[1], f"{key}[{i}][1]")})
     return turns
-
-
-def kto_label(value: dict, key: str) -> bool:
-    """The KTO label: true (desirable) or false (undesirable), as LLaMA-Factory requires a boolean."""
-    label = column(value, key, "the KTO label, true or false")
-    if not isinstance(label, bool):
-        raise RecordError(key, "the KTO label, true or false", label)
-    return label

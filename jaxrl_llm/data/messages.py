@@ -149,3 +149,11 @@ def content_parts(parts: list, field: str) -> tuple[str, str | None, list[dict]]
                 kind,
             )
     return "".join(text), ("".join(reasoning) if reasoning else None), calls
+
+
+def kto_label(value: dict, key: str) -> bool:
+    """The KTO label: true (desirable) or false (undesirable), as LLaMA-Factory requires a boolean."""
+    label = column(value, key, "the KTO label, true or false")
+    if not isinstance(label, bool):
+        raise RecordError(key, "the KTO label, true or false", label)
+    return label

@@ -13,23 +13,21 @@ of turns). KTO records: the last turn, which must be the assistant's, is the com
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from jaxrl_llm.data.llamafactory import kto_label
 from jaxrl_llm.data.messages import (
     column,
     content_parts,
     expect_dict,
     expect_list,
     expect_str,
+    kto_label,
     optional_str,
     parse_tool_calls,
     parse_tools,
 )
 from jaxrl_llm.data.records import RecordError
-
-if TYPE_CHECKING:
-    from jaxrl_llm.data.llamafactory import DatasetSpec
+from jaxrl_llm.data.spec import DatasetSpec
 
 _ROLE_OF_TAG = {
     "user_tag": "user",

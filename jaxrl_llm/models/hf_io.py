@@ -24,8 +24,8 @@ from safetensors.numpy import save_file
 from jaxrl_llm.errors import UserError
 
 from ..parallel import DEFAULT_RULES, barrier, is_main_process, state_shardings, to_host
-from .build import abstract_model
 from .config import ModelConfig, from_hf_config, to_hf_config
+from .create import abstract_model
 from .layers import INIT_STD
 
 log = logging.getLogger(__name__)
