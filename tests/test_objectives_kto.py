@@ -17,7 +17,7 @@ from jaxrl_llm.models import create_model, get_preset
 from jaxrl_llm.objectives import kto_objective, pair_logps
 from jaxrl_llm.render import KTOEncoder, Renderer, load_tokenizer
 from jaxrl_llm.train.state import TrainState
-from jaxrl_llm.train.step import build_train_step
+from jaxrl_llm.train.step import build_update
 from tests.fixtures_tokenizers import make_hf_tokenizer_dir
 
 
@@ -128,7 +128,7 @@ def test_kto_steps_raise_desirable_and_lower_undesirable_rewards(setup):
     jbatch["ref_logps"] = pair_logps(model, jbatch)[0]
     tx = optax.adam(3e-3)
     graphdef, state = TrainState.create(model, tx, jax.random.key(0))
-    step = jax.jit(build_train_step(graphdef, kto_objective(beta=0.5), tx))
+    step = jax.jit(build_update(graphdef, kto_objective(beta=0.5), tx))
     first = None
     for _ in range(15):
         state, metrics = step(state, jbatch, jax.random.key(0))

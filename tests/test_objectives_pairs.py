@@ -28,7 +28,7 @@ from jaxrl_llm.objectives import (
 )
 from jaxrl_llm.render import PairEncoder, Renderer, load_tokenizer
 from jaxrl_llm.train.state import TrainState
-from jaxrl_llm.train.step import build_train_step
+from jaxrl_llm.train.step import build_update
 from tests.fixtures_tokenizers import make_hf_tokenizer_dir
 
 
@@ -156,7 +156,7 @@ def test_accumulation_keeps_pairs_whole_and_equals_one_batch(setup):
     graphdef, state = TrainState.create(model, tx, jax.random.key(0))
     results = []
     for accum in (1, 2, 4):
-        step = jax.jit(build_train_step(graphdef, dpo_objective(beta=0.1), tx, accum_steps=accum))
+        step = jax.jit(build_update(graphdef, dpo_objective(beta=0.1), tx, accum_steps=accum))
         new_state, metrics = step(state, batch, jax.random.key(1))
         results.append((new_state.params, float(metrics["loss"])))
     for params_k, loss_k in results[1:]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxrl_llm.models import create_model, get_preset
-from jaxrl_llm.rollout.sampler import FINISH_REASONS, Sampler, _generate, prompt_bucket
+from jaxrl_llm.rollout.sampler import FINISH_REASONS, Sampler, compiled_generate, prompt_bucket
 from jaxrl_llm.rollout.sampling import SamplingParams
 from tests.simulated_devices import ROOT, run_on_cpu_devices
 
@@ -121,7 +121,7 @@ def test_a_rows_output_does_not_depend_on_the_other_rows(model):
 
 def test_one_compile_per_bucket(model):
     sampler = Sampler(model)
-    before = _generate._cache_size()
+    before = compiled_generate._cache_size()
     for length in (9, 12, 16):  # all in bucket 16
         ids, mask = prompts(6, length=length)
         sampler.sample(
@@ -132,7 +132,7 @@ def test_one_compile_per_bucket(model):
             sampling=SamplingParams(temperature=0.7, top_k=5),
         )
         sampler.sample(ids, mask, key=jax.random.key(0), max_new_tokens=4, sampling=SamplingParams(top_p=0.9))
-    assert _generate._cache_size() - before == 1
+    assert compiled_generate._cache_size() - before == 1
     assert prompt_bucket(16) == 16 and prompt_bucket(17) == 32
 
 

@@ -14,7 +14,7 @@ from flax import nnx
 
 from jaxrl_llm.models import load_hf
 from jaxrl_llm.train import __main__ as train_main
-from jaxrl_llm.train import loop
+from jaxrl_llm.train import iteration
 
 TINY = [
     "--config.stage=sft",
@@ -103,7 +103,7 @@ def test_checkpoints_are_kept_and_a_crashed_run_resumes_exactly(finished, tmp_pa
 
     run_dir = tmp_path / "crashed"
     calls = {"n": 0}
-    real = loop.to_device
+    real = iteration.to_device
 
     def crash_at_step_5(batch, mesh):
         calls["n"] += 1
@@ -111,10 +111,10 @@ def test_checkpoints_are_kept_and_a_crashed_run_resumes_exactly(finished, tmp_pa
             raise RuntimeError("simulated preemption")
         return real(batch, mesh)
 
-    monkeypatch.setattr(loop, "to_device", crash_at_step_5)
+    monkeypatch.setattr(iteration, "to_device", crash_at_step_5)
     with pytest.raises(RuntimeError, match="simulated preemption"):
         train(run_dir)
-    monkeypatch.setattr(loop, "to_device", real)
+    monkeypatch.setattr(iteration, "to_device", real)
     assert not (run_dir / "summary.json").exists()
 
     assert train(run_dir) == 0  # the same command again picks up the step-3 checkpoint

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -13,7 +14,7 @@ from flax import nnx
 
 from jaxrl_llm.config import ConfigError, base_config, validate
 from jaxrl_llm.models import create_model, get_preset
-from jaxrl_llm.train.optimizer import decay_mask, make_optimizer, make_schedule, param_path
+from jaxrl_llm.train.optimizer import OptimizerConfig, decay_mask, make_optimizer, make_schedule, param_path
 from jaxrl_llm.train.state import TrainState
 
 
@@ -23,7 +24,7 @@ def _cfg(**optimizer):
     for key, value in optimizer.items():
         cfg.optimizer[key] = value
     validate(cfg)
-    return cfg
+    return OptimizerConfig.from_config(cfg)
 
 
 def _paths(tree) -> dict[str, object]:
@@ -74,7 +75,7 @@ def test_adamw_matches_hand_written_update():
     cfg = _cfg(
         name="adamw", lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=wd, schedule="constant", warmup_steps=0
     )
-    cfg.optimizer.clip_norm = None
+    cfg = dataclasses.replace(cfg, clip_norm=None)
     params = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.array([0.3, -0.7])}
     tx = make_optimizer(cfg, params)
     opt_state = tx.init(params)
@@ -101,7 +102,7 @@ def test_adamw_matches_hand_written_update():
 
 def test_global_norm_clipping():
     cfg = _cfg(name="sgd", lr=1.0, b1=0.0, weight_decay=0.0, schedule="constant", warmup_steps=0)
-    cfg.optimizer.clip_norm = 2.0
+    cfg = dataclasses.replace(cfg, clip_norm=2.0)
     params = {"a": jnp.zeros(2), "b": jnp.zeros(())}
     grads = {"a": jnp.array([6.0, 0.0]), "b": jnp.array(8.0)}  # global norm 10
     tx = make_optimizer(cfg, params)

@@ -140,7 +140,8 @@ def test_conversations_are_refused_with_the_stage_that_fits(tmp_path, capsys):
     assert "labelled completions train with stage=kto" in capsys.readouterr().err
     code = train(tmp_path / "z", "kto", "--config.data.path=synthetic:arithmetic_pref?n=40")
     assert code != 0
-    assert "preference pairs train with stage=dpo" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "preference pairs train with stage=rm, stage=dpo, stage=orpo, stage=simpo" in err
 
 
 def test_kto_starts_at_the_reference(stage_run):

@@ -14,10 +14,10 @@ from jaxrl_llm.config import base_config
 from jaxrl_llm.data.pipeline import to_device
 from jaxrl_llm.models import create_model, get_preset
 from jaxrl_llm.objectives import sft_objective, token_logps
-from jaxrl_llm.parallel import make_mesh
-from jaxrl_llm.train.optimizer import make_optimizer, make_schedule
+from jaxrl_llm.parallel import make_mesh, tree_shardings
+from jaxrl_llm.train.optimizer import OptimizerConfig, make_optimizer, make_schedule
 from jaxrl_llm.train.state import TrainState
-from jaxrl_llm.train.step import build_train_step, compile_step, micro_batches, tree_shardings
+from jaxrl_llm.train.step import NO_FROZEN, build_update, compile_update, micro_batches
 from tests.simulated_devices import run_on_cpu_devices
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,18 +65,19 @@ def run_steps(cfg, mesh, batches, arch=ARCH):
     from flax import nnx
 
     model = create_model(arch, seed=0, mesh=mesh)
-    tx = make_optimizer(cfg, nnx.state(model, nnx.Param))
+    opt = OptimizerConfig.from_config(cfg)
+    tx = make_optimizer(opt, nnx.state(model, nnx.Param))
     graphdef, state = TrainState.create(model, tx, jax.random.key(0))
-    step = build_train_step(
-        graphdef, sft_objective(), tx, make_schedule(cfg), accum_steps=cfg.train.grad_accum_steps
+    step = build_update(
+        graphdef, sft_objective(), tx, make_schedule(opt), accum_steps=cfg.train.grad_accum_steps
     )
     rng = jax.random.key(1)
     metrics = []
     compiled = None
     for batch in batches:
         device_batch = to_device(batch, mesh)
-        compiled = compiled or compile_step(step, state, device_batch, rng, mesh)
-        state, m = compiled(state, device_batch, rng)
+        compiled = compiled or compile_update(step, state, device_batch, rng, mesh)
+        state, m = compiled(state, device_batch, rng, NO_FROZEN)
         metrics.append({k: float(v) for k, v in jax.device_get(m).items()})
     flat = {
         "/".join(map(str, p)): np.asarray(jax.device_get(v.get_value()))
@@ -178,7 +179,7 @@ def test_every_optimizer_steps_and_its_state_gets_a_sharding(name):
     assert all(np.isfinite(v).all() for v in params.values())
     assert metrics[1]["loss"] < metrics[0]["loss"] + 1.0
     model = create_model(ARCH, seed=0)
-    tx = make_optimizer(cfg, nnx.state(model, nnx.Param))
+    tx = make_optimizer(OptimizerConfig.from_config(cfg), nnx.state(model, nnx.Param))
     _, state = TrainState.create(model, tx, jax.random.key(0))
     shardings = jax.tree.leaves(tree_shardings(state, mesh))
     assert len(shardings) == len(jax.tree.leaves(state))
@@ -190,15 +191,16 @@ def test_compiled_step_reports_memory_and_donates_state():
     model = create_model(ARCH, seed=0)
     from flax import nnx
 
-    tx = make_optimizer(cfg, nnx.state(model, nnx.Param))
+    opt = OptimizerConfig.from_config(cfg)
+    tx = make_optimizer(opt, nnx.state(model, nnx.Param))
     graphdef, state = TrainState.create(model, tx, jax.random.key(0))
-    step = build_train_step(graphdef, sft_objective(), tx, make_schedule(cfg))
+    step = build_update(graphdef, sft_objective(), tx, make_schedule(opt))
     batch = to_device(make_batch(0), mesh)
-    compiled = compile_step(step, state, batch, jax.random.key(1), mesh)
+    compiled = compile_update(step, state, batch, jax.random.key(1), mesh)
     assert compiled.memory.get("temp_size_in_bytes", 0) > 0
     assert "compiled in" in compiled.describe()
     leaf = jax.tree.leaves(state.params)[0]
-    compiled(state, batch, jax.random.key(1))
+    compiled(state, batch, jax.random.key(1), NO_FROZEN)
     assert leaf.is_deleted()  # donated: the step reuses the state's buffers
 
 

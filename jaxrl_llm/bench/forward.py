@@ -16,17 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..models import ModelConfig, create_model, get_preset, load_hf, save_hf
+from ..models import create_model, get_preset, load_hf, save_hf
+from ..models.flops import forward_flops
 from .peak import matmul_flops_per_s, timed
-
-
-def forward_flops(cfg: ModelConfig, batch: int, seq_len: int) -> float:
-    """Matmul FLOPs of one forward: 2 per weight per token (LM head included), plus attention scores/values."""
-    e, h, kv, d, m = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
-    per_layer = e * d * (2 * h + 2 * kv) + 3 * e * m
-    weights = cfg.num_layers * per_layer + e * cfg.vocab_size
-    attention = 4 * cfg.num_layers * h * d * seq_len  # per token: q.k over T keys and p.v, unmasked
-    return batch * seq_len * (2 * weights + attention)
 
 
 def _model(spec: str, dtype: str):

@@ -10,10 +10,10 @@ state donated, compiled ahead of time) with AdamW, on a synthetic batch of rando
   prompt once; tokens are still counted as the two sequences ``prompt + completion`` that a pair is (and
   that the TRL peer reads), ``B * 2 * (P + C)`` a step, while FLOPs count the ``B`` rows actually read.
   ``dpo`` is ``dpo_objective(beta=0.1)`` (sigmoid loss). Its reference log-probs come, as in the ``dpo``
-  stage, from a separate jitted forward of a frozen copy of the initial weights (``reference_logps``):
-  with ``reference="live"`` (the stage's way) that forward runs before every step and its time is part
-  of the step's; with ``"precomputed"`` they are computed once up front (what one pass before training
-  buys) and only the step is timed. ``reference_s`` is that forward's own time either way. ``rm`` trains
+  stage, from a frozen copy of the initial weights: with ``reference="live"`` (the stage's way) the update
+  computes them inside its compiled program (the copy is its ``frozen`` argument), so their time is part of
+  the step's; with ``"precomputed"`` they are computed once up front (what one pass before training buys)
+  and only the step is timed. ``reference_s`` is the reference forward's own time either way. ``rm`` trains
   a score-head model (``*ForSequenceClassification``) with ``rm_objective()``; there is no reference.
 
 FLOPs are counted as 3 forwards (forward + backward), the standard 6N-per-token estimate plus attention
@@ -42,7 +42,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import base_config
 from .forward import forward_flops
 from .peak import matmul_flops_per_s
 
@@ -251,10 +250,10 @@ def bench_train(
     from ..data.pipeline import to_device
     from ..models import save_hf
     from ..objectives import dpo_objective, reference_logps, rm_objective, sft_objective
-    from ..parallel import make_mesh
-    from ..train.optimizer import make_optimizer, make_schedule
-    from ..train.state import TrainState
-    from ..train.step import build_train_step, compile_step, shard_state, tree_shardings
+    from ..parallel import frozen_copy, make_mesh, place
+    from ..train.optimizer import OptimizerConfig, make_optimizer, make_schedule
+    from ..train.state import Frozen, TrainState
+    from ..train.step import NO_FROZEN, build_update, compile_update
 
     seq_len, prompt_len, completion_len, reference = check_train_args(
         objective,
@@ -276,17 +275,16 @@ def bench_train(
         peer_dir = tempfile.TemporaryDirectory()
         save_hf(model, peer_dir.name)
     live = reference == "live"
+    reference_model = NO_FROZEN
     if objective == "dpo":  # the frozen reference: a copy of the initial weights, as the dpo stage keeps
         ref_graphdef, ref_params = nnx.split(model)
-        ref_params = jax.tree.map(jnp.copy, ref_params)
-        ref_params = jax.device_put(ref_params, tree_shardings(ref_params, mesh))
-        ref_forward = jax.jit(lambda p, b: reference_logps(nnx.merge(ref_graphdef, p), b))
-    cfg = base_config()
-    cfg.optimizer.warmup_steps = 0
-    cfg.train.batch_size, cfg.train.grad_accum_steps = batch, accum_steps
-    tx = make_optimizer(cfg, nnx.state(model, nnx.Param))
+        reference_model = Frozen(
+            {"reference": frozen_copy(place(ref_params, mesh))}, (("reference", ref_graphdef),)
+        )
+    opt = OptimizerConfig(warmup_steps=0)
+    tx = make_optimizer(opt, nnx.state(model, nnx.Param))
     graphdef, state = TrainState.create(model, tx, jax.random.key(0))
-    state = shard_state(state, mesh)
+    state = place(state, mesh)
     model_cfg = model.cfg
     del model
     objective_fn = {
@@ -294,7 +292,7 @@ def bench_train(
         "dpo": lambda: dpo_objective(beta=DPO_BETA),
         "rm": rm_objective,
     }[objective]()
-    step = build_train_step(graphdef, objective_fn, tx, make_schedule(cfg), accum_steps=accum_steps)
+    update = build_update(graphdef, objective_fn, tx, make_schedule(opt), accum_steps=accum_steps)
     if pairs:
         sides = pair_tokens(model_cfg.vocab_size, batch, prompt_len, completion_len)
         host_batch = pair_batch(sides, prompt_len)
@@ -303,26 +301,22 @@ def bench_train(
     device_batch = to_device(host_batch, mesh)
     rng = jax.random.key(1)
     reference_times: dict[str, float] = {}  # dpo: the reference forward's compile and run times
+    frozen = reference_model if live else NO_FROZEN  # live: the update computes the reference log-probs
     if objective == "dpo":
+        ref_forward = jax.jit(lambda f, b: reference_logps(f.models()["reference"], b))
         start = time.perf_counter()
-        ref_compiled = ref_forward.lower(ref_params, device_batch).compile()
+        ref_compiled = ref_forward.lower(reference_model, device_batch).compile()
         reference_times["reference_compile_s"] = time.perf_counter() - start
-        ref_times, _, _ = _timed_steps(lambda: ref_compiled(ref_params, device_batch), repeats)
+        ref_times, _, _ = _timed_steps(lambda: ref_compiled(reference_model, device_batch), repeats)
         reference_times["reference_s"] = statistics.median(ref_times)
         if not live:  # one pass up front: the batch carries them into every step
-            device_batch = {**device_batch, "ref_logps": ref_compiled(ref_params, device_batch)}
-    if live:
-        example = {**device_batch, "ref_logps": jax.ShapeDtypeStruct((batch, 2), jnp.float32)}
-        compiled = compile_step(step, state, example, rng, mesh)
-    else:
-        compiled = compile_step(step, state, device_batch, rng, mesh)
+            device_batch = {**device_batch, "ref_logps": ref_compiled(reference_model, device_batch)}
+        del ref_compiled
+    compiled = compile_update(update, state, device_batch, rng, mesh, frozen)
 
     def run():
         nonlocal state
-        step_batch = device_batch
-        if live:  # what the dpo stage's prepare hook does before every step
-            step_batch = {**device_batch, "ref_logps": ref_compiled(ref_params, device_batch)}
-        state, metrics = compiled(state, step_batch, rng)
+        state, metrics = compiled(state, device_batch, rng, frozen)
         return metrics
 
     load = _OtherLoad().start()
@@ -369,9 +363,7 @@ def bench_train(
     if compare_trl:
         from . import peer as peers
 
-        del state, compiled, step, device_batch  # our step's buffers are freed before the peer runs
-        if objective == "dpo":
-            del ref_params, ref_compiled
+        del state, compiled, update, device_batch, frozen, reference_model  # freed before the peer runs
         load = _OtherLoad().start()
         try:
             if objective == "sft":

@@ -1,5 +1,6 @@
-"""Orbax checkpoints of a run: the ``TrainState`` (params, optimizer state, step, RNG), the Grain data
-iterator's position and a small JSON of loop counters, saved together under ``<run_dir>/checkpoints/<step>``.
+"""Orbax checkpoints of a run: the training state (any pytree of arrays: params, optimizer state, step,
+RNG keys), the data iterator's position and a small JSON of loop counters, saved together under
+``<run_dir>/checkpoints/<step>``.
 
 Saves are asynchronous (the step loop continues while arrays are written; ``wait`` blocks), the manager
 keeps the last ``keep`` steps, and every process writes its own shards (and its own iterator state).
@@ -18,8 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxrl_llm.errors import UserError
-from jaxrl_llm.train.state import TrainState
-from jaxrl_llm.train.step import abstract
+from jaxrl_llm.parallel import abstract
 
 DIRNAME = "checkpoints"
 
@@ -28,15 +28,22 @@ class CheckpointMismatchError(UserError):
     """A checkpoint that does not fit the model/optimizer being resumed."""
 
 
-def _raw_rng(state: TrainState) -> TrainState:
-    """Typed PRNG keys are stored as their raw ``uint32`` data (arrays and abstract states alike)."""
-    rng = state.rng
-    if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
-        return state
-    if isinstance(rng, jax.ShapeDtypeStruct):
-        data = jax.eval_shape(jax.random.key_data, rng)
-        return state.replace(rng=jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=rng.sharding))
-    return state.replace(rng=jax.random.key_data(rng))
+def _is_key(x: Any) -> bool:
+    return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _raw_keys(tree: Any) -> Any:
+    """Typed PRNG keys are stored as their raw ``uint32`` data (arrays and abstract shapes alike)."""
+
+    def one(x: Any) -> Any:
+        if not _is_key(x):
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            data = jax.eval_shape(jax.random.key_data, x)
+            return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=x.sharding)
+        return jax.random.key_data(x)
+
+    return jax.tree.map(one, tree)
 
 
 class Checkpointer:
@@ -58,14 +65,14 @@ class Checkpointer:
     def save(
         self,
         step: int,
-        state: TrainState,
+        state: Any,
         data_iter: grain.DatasetIterator | None = None,
         meta: dict[str, Any] | None = None,
         *,
         force: bool = False,
     ) -> bool:
         """Starts saving ``step``; returns whether a save was started."""
-        items: dict[str, Any] = {"state": ocp.args.StandardSave(_raw_rng(state))}
+        items: dict[str, Any] = {"state": ocp.args.StandardSave(_raw_keys(state))}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
         items["meta"] = ocp.args.JsonSave(dict(meta or {}))
@@ -74,14 +81,13 @@ class Checkpointer:
     def restore(
         self,
         step: int,
-        state: TrainState,
+        state: Any,
         data_iter: grain.DatasetIterator | None = None,
-    ) -> tuple[TrainState, dict[str, Any]]:
+    ) -> tuple[Any, dict[str, Any]]:
         """Restores ``step`` into the shapes, dtypes and shardings of ``state`` (arrays, or better
         ``jax.ShapeDtypeStruct``s with shardings, so that no second copy is held while restoring);
         sets ``data_iter``'s position in place. Returns ``(state, meta)``."""
-        typed_key = jax.dtypes.issubdtype(state.rng.dtype, jax.dtypes.prng_key)
-        target = abstract(_raw_rng(state))
+        target = abstract(_raw_keys(state))
         items: dict[str, Any] = {"state": ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
@@ -92,9 +98,11 @@ class Checkpointer:
                 f"checkpoint {self.directory / str(step)} does not match this run's model and optimizer "
                 f"(was the config changed since it was saved?): {err}"
             ) from err
-        new_state = restored["state"]
-        if typed_key:
-            new_state = new_state.replace(rng=jax.random.wrap_key_data(new_state.rng))
+        new_state = jax.tree.map(
+            lambda want, got: jax.random.wrap_key_data(got) if _is_key(want) else got,
+            state,
+            restored["state"],
+        )
         return new_state, dict(restored["meta"] or {})
 
     def wait(self) -> None:

@@ -41,7 +41,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxrl_llm.errors import UserError
-from jaxrl_llm.parallel import DEFAULT_RULES, named_sharding
+from jaxrl_llm.parallel import DEFAULT_RULES, batch_axes, named_sharding
 
 from .packing import (
     ROW_KEYS,
@@ -456,11 +456,6 @@ class _FitsIn:
 
     def __call__(self, example: dict[str, np.ndarray]) -> bool:
         return len(example["ids"]) <= self.seq_len
-
-
-def batch_axes(ndim: int) -> tuple[str, ...]:
-    """Logical axes of a batch array: ``("batch", "seq")`` for rows, ``("batch",)`` for per-row values."""
-    return ("batch", "seq", *(None,) * (ndim - 2))[:ndim]
 
 
 def to_device(batch: Mapping[str, np.ndarray], mesh: Mesh, rules=DEFAULT_RULES) -> dict[str, jax.Array]:

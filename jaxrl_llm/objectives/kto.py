@@ -3,7 +3,8 @@
 A KTO batch (``data.pipeline`` ``mode="kto"``) has the pair batches' rows ``prompt | completion |
 mismatched completion``: the example's own completion (its tokens targets) as side 0, another example's
 completion from the same batch after the same prompt (the mismatched pair) as side 1; ``desirable`` [B] is
-each example's label and ``ref_logps`` [B, 2] the frozen reference's summed log-probs of both sides. One
+each example's label. The frozen reference's summed log-probs of both sides come from the step's
+``frozen["reference"]`` (or a precomputed ``ref_logps`` [B, 2] in the batch). One
 forward over ``B`` rows gives the policy's log-probs of the examples and of the mismatched pairs.
 
 The KL reference point ``z = max(0, mean(policy_kl - ref_kl))`` averages over the batch's mismatched
@@ -17,8 +18,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .base import Batch, Objective
-from .pairs import pair_logps, side_has_targets
+from .base import NO_MODELS, Batch, Frozen, Objective
+from .pairs import pair_logps, reference_of, side_has_targets
 from .preference import kto_loss
 
 
@@ -60,10 +61,10 @@ def kto_objective(
     (a desirable one's reward above ``beta * z``, an undesirable one's below); ``kl`` is ``z``.
     """
 
-    def loss(model, batch: Batch, rng: jax.Array):
+    def loss(model, batch: Batch, rng: jax.Array, frozen: Frozen = NO_MODELS):
         del rng
         logps, _, _ = pair_logps(model, batch)
-        ref = batch["ref_logps"].astype(jnp.float32)
+        ref = reference_of(batch, frozen)
         real = example_mask(batch)
         has_kl = side_has_targets(batch)[:, 1].astype(jnp.float32) * real
         kl_mean = ((logps[:, 1] - ref[:, 1]) * has_kl).sum() / jnp.maximum(has_kl.sum(), 1.0)

@@ -10,8 +10,9 @@ log-prob is the sum over its target tokens (``loss_mask``: the answer) of the ne
 first one read at the prompt's last position (``pair_targets``); its mean divides by their count. A pair
 with no target tokens on a side (the batcher's filler) counts for nothing.
 
-DPO needs the frozen reference model's log-probs: the batch carries them as ``ref_logps`` ``[B, 2]``
-(summed), computed in one pass before training (``reference_logps``) or by the caller each step.
+DPO needs the frozen reference model's log-probs of both answers (summed, ``[B, 2]``): the batch carries them
+as ``ref_logps`` when they were computed in one pass before training, else the loss computes them with the
+step's ``frozen["reference"]`` model (``reference_logps``, no gradient).
 The loss is the mean over the global batch's pairs; metrics follow TRL's names: ``rewards/chosen``,
 ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``.
 """
@@ -23,7 +24,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from .base import Batch, Objective
+from .base import NO_MODELS, Batch, Frozen, Objective
 from .preference import bradley_terry_loss, dpo_loss, orpo_loss, simpo_loss
 
 SIDES = (2, 3)  # the answers' segment ids
@@ -125,17 +126,17 @@ def dpo_objective(
     reference_free: bool = False,
     sft_weight: float = 0.0,
 ) -> Objective:
-    """DPO (``dpo_loss``; Rafailov et al. 2023, arXiv:2305.18290) with the batch's ``ref_logps``.
+    """DPO (``dpo_loss``; Rafailov et al. 2023, arXiv:2305.18290) against the reference (``reference_of``).
 
     ``reference_free`` uses a reference of log-prob 0 (no ``ref_logps`` needed); ``ipo`` gets length-averaged
     log-probs (policy and reference), as the IPO paper defines it; ``sft_weight`` adds that times the
     chosen answers' mean token NLL per pair (RPO, Pang et al. 2024).
     """
 
-    def loss(model, batch: Batch, rng: jax.Array):
+    def loss(model, batch: Batch, rng: jax.Array, frozen: Frozen = NO_MODELS):
         del rng
         logps, counts, _ = pair_logps(model, batch)
-        ref = jnp.zeros_like(logps) if reference_free else batch["ref_logps"].astype(jnp.float32)
+        ref = jnp.zeros_like(logps) if reference_free else reference_of(batch, frozen)
         if loss_type == "ipo":
             scale = jnp.maximum(counts, 1.0)
             policy, reference = logps / scale, ref / scale
@@ -167,7 +168,7 @@ def simpo_objective(*, beta: float = 2.0, gamma: float = 1.0, label_smoothing: f
     """SimPO (``simpo_loss``; Meng et al. 2024, arXiv:2405.14734): length-averaged log-probs, no reference.
     Rewards are ``beta`` times the mean log-probs."""
 
-    def loss(model, batch: Batch, rng: jax.Array):
+    def loss(model, batch: Batch, rng: jax.Array, frozen: Frozen = NO_MODELS):
         del rng
         logps, counts, _ = pair_logps(model, batch)
         mean = logps / jnp.maximum(counts, 1.0)
@@ -182,7 +183,7 @@ def orpo_objective(*, beta: float = 0.1) -> Objective:
     """ORPO (Hong et al. 2024, arXiv:2403.07691): the chosen answers' mean token NLL plus ``orpo_loss``'s
     odds-ratio term, per pair. Rewards are ``beta`` times the mean log-probs (TRL's convention)."""
 
-    def loss(model, batch: Batch, rng: jax.Array):
+    def loss(model, batch: Batch, rng: jax.Array, frozen: Frozen = NO_MODELS):
         del rng
         logps, counts, _ = pair_logps(model, batch)
         mean = logps / jnp.maximum(counts, 1.0)
@@ -209,7 +210,7 @@ def rm_objective(*, center_coef: float = 0.0) -> Objective:
     """Reward modelling: Bradley-Terry on a score model's last-token scores (``bradley_terry_loss``;
     ``batch["margin"]`` [B] when present). Rewards are the scores; accuracy is the pairwise accuracy."""
 
-    def loss(model, batch: Batch, rng: jax.Array):
+    def loss(model, batch: Batch, rng: jax.Array, frozen: Frozen = NO_MODELS):
         del rng
         scores = last_token_scores(model, batch)
         margin = batch.get("margin")
@@ -222,6 +223,15 @@ def rm_objective(*, center_coef: float = 0.0) -> Objective:
 
 def reference_logps(model, batch: Batch) -> jax.Array:
     """float32[B, 2]: summed completion log-probs of both sides under ``model`` (the frozen reference):
-    what ``dpo_objective`` reads as ``batch["ref_logps"]``. Jit it and run it once per batch before training."""
+    what ``dpo_objective`` and ``kto_objective`` read as ``batch["ref_logps"]`` when precomputed."""
     logps, _, _ = pair_logps(model, batch)
     return jax.lax.stop_gradient(logps)
+
+
+def reference_of(batch: Batch, frozen: Frozen) -> jax.Array:
+    """float32[B, 2]: the batch's precomputed ``ref_logps``, else ``frozen["reference"]``'s log-probs now."""
+    if "ref_logps" in batch:
+        return batch["ref_logps"].astype(jnp.float32)
+    if "reference" not in frozen:
+        raise ValueError("the objective needs ref_logps in the batch or a frozen 'reference' model")
+    return reference_logps(frozen["reference"], batch)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from jaxrl_llm.data.packing import next_token_targets
 
-from .base import Batch, Objective
+from .base import NO_MODELS, Batch, Frozen, Objective
 
 
 def token_logps(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -30,9 +30,11 @@ def _targets(batch: Batch) -> tuple[jax.Array, jax.Array]:
     return next_token_targets(batch["tokens"], batch["loss_mask"].astype(bool), batch["segment_ids"])
 
 
-def sft_loss(model, batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+def sft_loss(
+    model, batch: Batch, rng: jax.Array, frozen: Frozen = NO_MODELS
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Summed target-token NLL of a packed row batch, with the count of correctly predicted targets."""
-    del rng  # deterministic: the decoder has no dropout
+    del rng, frozen  # deterministic: the decoder has no dropout
     logits = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
     targets, weights = _targets(batch)
     logits = logits[:, :-1]

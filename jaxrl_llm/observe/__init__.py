@@ -1,5 +1,14 @@
 """Observability: TensorBoard + JSONL metric writers, the progress bar, MFU."""
 
 from .metrics import MetricWriter, Progress, mfu, peak_flops
+from .peak import matmul_flops_per_s, memory_bytes_per_s, mesh_peak_flops
 
-__all__ = ["MetricWriter", "Progress", "mfu", "peak_flops"]
+__all__ = [
+    "MetricWriter",
+    "Progress",
+    "matmul_flops_per_s",
+    "memory_bytes_per_s",
+    "mesh_peak_flops",
+    "mfu",
+    "peak_flops",
+]

@@ -46,3 +46,15 @@ def memory_bytes_per_s(megabytes: int = 256, repeats: int = 5) -> float:
 
 def machine_peaks(dtype=jnp.float32) -> dict[str, float]:
     return {"matmul_flops_per_s": matmul_flops_per_s(dtype), "memory_bytes_per_s": memory_bytes_per_s()}
+
+
+def mesh_peak_flops(per_device: float | None, dtype: str) -> float | None:
+    """Peak FLOP/s of all devices together for the MFU estimate: ``per_device`` if given, else the known
+    accelerator table, else (CPU) a matmul measured now; None when none of these knows."""
+    from .metrics import peak_flops
+
+    devices = jax.devices()
+    per_device = per_device or peak_flops(devices[0].device_kind, dtype)
+    if per_device is None and devices[0].platform == "cpu":
+        per_device = matmul_flops_per_s(jnp.dtype(dtype), repeats=3) / len(devices)
+    return None if per_device is None else per_device * len(devices)

@@ -10,3 +10,12 @@ from .rules import (
     state_shardings,
     variable_axes,
 )
+from .shardings import (
+    abstract,
+    batch_axes,
+    batch_shardings,
+    frozen_copy,
+    place,
+    rows_shardings,
+    tree_shardings,
+)

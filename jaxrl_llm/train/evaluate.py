@@ -14,15 +14,21 @@ import jax
 import numpy as np
 
 from jaxrl_llm.data.pipeline import to_device
+from jaxrl_llm.objectives.base import combine_sums
 
-from .step import build_eval_step
+from .state import Frozen
+from .step import NO_FROZEN, build_eval_step
 
 
 class LossEvaluator:
-    """Sums the objective's statistics over eval batches and summarizes them once (a global mean)."""
+    """Sums the objective's statistics over eval batches and summarizes them once (a global mean).
 
-    def __init__(self, graphdef, objective, mesh, prepare=None):
-        self.objective, self.mesh, self.prepare = objective, mesh, prepare
+    ``evaluator(params, batches, rng)``; ``frozen`` (a live reference) and ``prepare`` (a precomputed
+    reference looked up) as in training, so held-out metrics mean what the training ones do.
+    """
+
+    def __init__(self, graphdef, objective, mesh, frozen: Frozen = NO_FROZEN, prepare=None):
+        self.objective, self.mesh, self.frozen, self.prepare = objective, mesh, frozen, prepare
         self._step = jax.jit(build_eval_step(graphdef, objective))  # one compile per batch shape
 
     def __call__(self, params, batches: Iterable[dict[str, np.ndarray]], rng: jax.Array) -> dict[str, float]:
@@ -32,8 +38,8 @@ class LossEvaluator:
                 batch = to_device(batch, self.mesh)
                 if self.prepare is not None:
                     batch = self.prepare(batch)
-                sums, n = self._step(params, batch, rng)
-                total = sums if total is None else jax.tree.map(lambda a, b: a + b, total, sums)
+                sums, n = self._step(params, batch, rng, self.frozen)
+                total = sums if total is None else combine_sums(total, sums)
                 norm, count = norm + n, count + 1
         if total is None:
             return {}

@@ -1,6 +1,6 @@
-"""The optimizer from config: schedule, clipping, weight-decay mask and frozen parameters.
+"""The optimizer: schedule, clipping, weight-decay mask and frozen parameters.
 
-``make_optimizer(cfg, params)`` returns one ``optax.GradientTransformation``:
+``make_optimizer(OptimizerConfig.from_config(cfg), params)`` returns one ``optax.GradientTransformation``:
 
     multi_transform({train: chain(clip_by_global_norm, <optimizer>), frozen: set_to_zero}, labels)
 
@@ -13,11 +13,11 @@ decoder's blocks are stacked on a leading layer axis, so a norm weight is ``[L, 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
 import jax
-import ml_collections
 import optax
 
 from jaxrl_llm.config import ConfigError
@@ -64,12 +64,51 @@ def freeze_labels(params: Any, pattern: str) -> Any:
     return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
-    """Learning rate by step: linear 0 -> lr over warmup_steps, then constant, cosine or linear to 0.
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """What the optimizer and its schedule need (the ``optimizer.*`` keys, see ``python -m jaxrl_llm.config``).
 
-    The decay reaches 0 at ``train.steps``; with ``warmup_steps == 0`` step 0 already has the peak lr.
+    ``total_steps`` is the number of optimizer updates the schedule decays over: ``train.steps`` for the
+    stages that update once per step, more for RL stages that update several times per iteration.
     """
-    opt, total = cfg.optimizer, cfg.train.steps
+
+    name: str = "adamw"
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    clip_norm: float | None = 1.0
+    freeze: str = ""
+    total_steps: int = 1000
+
+    @classmethod
+    def from_config(cls, cfg: Any, *, updates_per_step: int = 1) -> OptimizerConfig:
+        """From a validated config's ``optimizer`` section and ``train.steps`` (times ``updates_per_step``)."""
+        o = cfg.optimizer
+        return cls(
+            name=o.name,
+            lr=float(o.lr),
+            weight_decay=float(o.weight_decay),
+            b1=float(o.b1),
+            b2=float(o.b2),
+            eps=float(o.eps),
+            schedule=o.schedule,
+            warmup_steps=int(o.warmup_steps),
+            clip_norm=None if o.clip_norm is None else float(o.clip_norm),
+            freeze=o.get("freeze", "") or "",
+            total_steps=int(cfg.train.steps) * updates_per_step,
+        )
+
+
+def make_schedule(opt: OptimizerConfig) -> optax.Schedule:
+    """Learning rate by update: linear 0 -> lr over warmup_steps, then constant, cosine or linear to 0.
+
+    The decay reaches 0 at ``total_steps``; with ``warmup_steps == 0`` update 0 already has the peak lr.
+    """
+    total = opt.total_steps
     lr, warmup, shape = float(opt.lr), int(opt.warmup_steps), opt.schedule
     decay_steps = max(total - warmup, 1)
     if shape == "constant":
@@ -85,10 +124,7 @@ def make_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
-def _base(
-    cfg: ml_collections.ConfigDict, schedule: optax.Schedule, mask: Any
-) -> optax.GradientTransformation:
-    opt = cfg.optimizer
+def _base(opt: OptimizerConfig, schedule: optax.Schedule, mask: Any) -> optax.GradientTransformation:
     name, wd = opt.name, float(opt.weight_decay)
     if name == "adamw":
         return optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=wd, mask=mask)
@@ -112,16 +148,16 @@ def _base(
     raise ValueError(f"optimizer.name={name!r}: expected one of {', '.join(OPTIMIZERS)}")
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, params: Any) -> optax.GradientTransformation:
-    """The optimizer ``cfg.optimizer`` describes, for a params tree shaped like ``params``.
+def make_optimizer(opt: OptimizerConfig, params: Any) -> optax.GradientTransformation:
+    """The optimizer ``opt`` describes, for a params tree shaped like ``params``.
 
     ``params`` (an ``nnx.State`` of ``nnx.Param`` or any pytree of arrays; abstract shapes suffice) fixes
     the weight-decay mask and the frozen set.
     """
-    base = _base(cfg, make_schedule(cfg), decay_mask(params))
-    if cfg.optimizer.clip_norm is not None:
-        base = optax.chain(optax.clip_by_global_norm(float(cfg.optimizer.clip_norm)), base)
-    pattern = cfg.optimizer.get("freeze", "")
+    base = _base(opt, make_schedule(opt), decay_mask(params))
+    if opt.clip_norm is not None:
+        base = optax.chain(optax.clip_by_global_norm(float(opt.clip_norm)), base)
+    pattern = opt.freeze
     if not pattern:
         return base
     labels = freeze_labels(params, pattern)

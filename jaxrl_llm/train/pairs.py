@@ -5,10 +5,11 @@ once, both answers attending to it; rows padded to length buckets up to ``2 * tr
 at most ``train.seq_len``; ``data.packing`` does not apply), rendered with ``PairEncoder`` (only the
 answers are targets). The objectives are ``jaxrl_llm.objectives.pairs``':
 
-- ``dpo``: a frozen copy of the initial policy is the reference; its log-probs of both answers are computed
-  for every batch (training and evaluation) by a separate jitted forward and passed in the batch as
-  ``ref_logps``, or with ``pref.precompute_ref`` once for every pair before training (a table looked up by
-  each pair's record index; the reference's weights are then freed); ``pref.reference_free`` drops it.
+- ``dpo``: a frozen copy of the initial policy is the reference, the update's ``frozen["reference"]``: the
+  loss computes its log-probs of both answers inside the compiled update (training and evaluation), or with
+  ``pref.precompute_ref`` they are computed once for every pair before training (a table looked up by each
+  pair's record index into the batch's ``ref_logps``; the reference's weights are then freed);
+  ``pref.reference_free`` drops it.
   ``pref.loss_type`` picks among the 13 DPO losses.
 - ``kto``: unpaired records (prompt, completion, label) rendered with ``KTOEncoder``; the pipeline's
   ``mode="kto"`` makes each row ``prompt | completion | the previous completion of the same batch`` (the
@@ -26,50 +27,27 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-import ml_collections
+import jax
+import jax.numpy as jnp
+import numpy as np
 
+from jaxrl_llm.data.packing import pair_buckets
+from jaxrl_llm.data.pipeline import make_pipeline, to_device
 from jaxrl_llm.data.records import DataError
+from jaxrl_llm.models.flops import forward_flops
+from jaxrl_llm.objectives import reference_logps
 
-PAIR_STAGES = ("rm", "dpo", "kto", "orpo", "simpo")
-
-
-def _objective(cfg: ml_collections.ConfigDict):
-    from jaxrl_llm.objectives import (
-        dpo_objective,
-        kto_objective,
-        orpo_objective,
-        rm_objective,
-        simpo_objective,
-    )
-
-    p = cfg.pref
-    if cfg.stage == "kto":
-        return kto_objective(
-            beta=p.beta, desirable_weight=p.desirable_weight, undesirable_weight=p.undesirable_weight
-        )
-    if cfg.stage == "dpo":
-        return dpo_objective(
-            beta=p.beta,
-            loss_type=p.loss_type,
-            label_smoothing=p.label_smoothing,
-            reference_free=p.reference_free,
-            sft_weight=p.sft_weight,
-        )
-    if cfg.stage == "simpo":
-        return simpo_objective(beta=p.beta, gamma=p.simpo_gamma, label_smoothing=p.label_smoothing)
-    if cfg.stage == "orpo":
-        return orpo_objective(beta=p.beta)
-    return rm_objective(center_coef=p.center_coef)
+from .evaluate import LossEvaluator
+from .iteration import BatchIteration, Plan, StageContext
+from .loop import log
+from .sft import batch_spec, run_signature
+from .state import Frozen
+from .step import NO_FROZEN, build_update
 
 
 def pair_spec(batch_size: int, length: int, *, reference: bool, labels: bool = False) -> dict[str, Any]:
-    """Shapes of a global pair batch: the row batch's (``loop.batch_spec``) with the ``shared`` prompt
-    mask, plus ``ref_logps`` when there is a reference and KTO's ``desirable`` labels."""
-    import jax
-    import jax.numpy as jnp
-
-    from .loop import batch_spec
-
+    """Shapes of a global pair batch: the row batch's (``sft.batch_spec``) with the ``shared`` prompt
+    mask, plus a precomputed reference's ``ref_logps`` and KTO's ``desirable`` labels."""
     spec = batch_spec(batch_size, length)
     spec["shared"] = jax.ShapeDtypeStruct((batch_size, length), jnp.bool_)
     if reference:
@@ -79,54 +57,20 @@ def pair_spec(batch_size: int, length: int, *, reference: bool, labels: bool = F
     return spec
 
 
-def _reference_fn(policy: Any):
-    """``ref(batch) -> float32[B, 2]``: the log-probs of both sides under a frozen copy of ``policy`` (the
-    initial model, before training updates and donates its buffers). The copy keeps each parameter's
-    sharding; copying rather than building the model again saves a second initialisation or checkpoint
-    read, and the reference is the policy's start whatever built it."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from jaxrl_llm.objectives import reference_logps
-
-    graphdef, state = nnx.split(policy)
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    params = jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=shardings)(state)
-    logps = jax.jit(lambda p, batch: reference_logps(nnx.merge(graphdef, p), batch))
-    return lambda batch: logps(params, batch)
-
-
-def _live_reference(policy: Any):
-    """``prepare(batch) -> batch + ref_logps``, the reference run on every batch."""
-    ref = _reference_fn(policy)
-    return lambda batch: {**batch, "ref_logps": ref(batch)}
-
-
-def _precomputed_reference(policy, mesh, record_sets, pipeline):
+def _precomputed_reference(frozen: Frozen, mesh, record_sets, pipeline):
     """``prepare(batch) -> batch - index + ref_logps`` from a table computed in one pass over every record
     of ``record_sets`` (training, then evaluation: indices run on from one set to the next; the batches of
-    set ``k`` must carry ``index`` plus the sizes of the sets before it). The reference's weights are freed
-    once the table is made."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from jaxrl_llm.data.pipeline import to_device
-
-    from .loop import log
-
-    ref = _reference_fn(policy)
+    set ``k`` must carry ``index`` plus the sizes of the sets before it), by ``frozen["reference"]``."""
+    ref = jax.jit(lambda f, batch: reference_logps(f.models()["reference"], batch))
     table = np.zeros((sum(len(r) for r in record_sets), 2), np.float32)
     offset, passes = 0, 0
     for records in record_sets:
         for host in pipeline(records, train=False):
             real = host["loss_mask"].any(-1)  # filler rows: no targets
-            values = np.asarray(jax.device_get(ref(to_device(host, mesh))))
+            values = np.asarray(jax.device_get(ref(frozen, to_device(host, mesh))))
             table[host["index"][real] + offset] = values[real]
             passes += 1
         offset += len(records)
-    del ref  # the reference's weights go with it
     log(f"reference log-probs precomputed for {len(table)} records ({passes} batches)")
     with jax.set_mesh(mesh):
         device_table = jnp.asarray(table)
@@ -139,35 +83,23 @@ def _precomputed_reference(policy, mesh, record_sets, pipeline):
     return prepare
 
 
-def run_pairs(cfg: ml_collections.ConfigDict) -> int:
-    import jax
-
-    from jaxrl_llm.data.packing import pair_buckets
-    from jaxrl_llm.data.pipeline import make_pipeline
-    from jaxrl_llm.render import KTOEncoder, PairEncoder
-
-    from . import setup
-    from .loop import log, run_loop
-
-    run = setup.start_stage(cfg, _check_kind, head="score" if cfg.stage == "rm" else "lm")
+def pairs_plan(ctx: StageContext) -> Plan:
+    """rm, dpo, kto, orpo, simpo: one row per pair (or KTO example), bucketed; one update per batch."""
+    cfg, run = ctx.cfg, ctx.run
     if cfg.pref.precompute_ref and cfg.stage != "dpo":
         log(f"note: pref.precompute_ref applies to stage=dpo only; stage={cfg.stage!r} ignores it")
     if jax.process_count() > 1:  # known once start_stage has joined the processes
         raise DataError(
             f"stage={cfg.stage!r} batches pairs by length bucket: single-process runs only for now"
         )
-    run_dir, mesh, tokenizer = run.run_dir, run.mesh, run.tokenizer
-    train_records, eval_records = run.train_records, run.eval_records
     kto = cfg.stage == "kto"
-    reference = kto or (cfg.stage == "dpo" and not cfg.pref.reference_free)
-    precompute = reference and cfg.stage == "dpo" and cfg.pref.precompute_ref
+    precompute = bool(ctx.frozen.names) and cfg.stage == "dpo" and cfg.pref.precompute_ref
     buckets = pair_buckets(cfg.train.seq_len)
-    encoder = KTOEncoder(run.renderer) if kto else PairEncoder(run.renderer)
 
     def pipeline(records: list[dict], *, train: bool):
         return make_pipeline(
             records,
-            encoder,
+            ctx.encoder,
             batch_size=cfg.train.batch_size,
             seq_len=cfg.train.seq_len,
             mode="kto" if kto else "pairs",
@@ -179,55 +111,51 @@ def run_pairs(cfg: ml_collections.ConfigDict) -> int:
             with_index=precompute,
         )
 
-    prepare = None
-    if precompute:
-        prepare = _precomputed_reference(run.model, mesh, (train_records, eval_records), pipeline)
-    elif reference:
-        prepare = _live_reference(run.model)
+    frozen, prepare = ctx.frozen, None
+    if precompute:  # the reference runs once here, then its weights go with the frozen copy
+        prepare = _precomputed_reference(frozen, run.mesh, (run.train_records, run.eval_records), pipeline)
+        frozen = NO_FROZEN
+    update = build_update(
+        ctx.graphdef,
+        ctx.objective,
+        ctx.tx,
+        ctx.schedule,
+        accum_steps=cfg.train.grad_accum_steps,
+        mesh=run.mesh,
+    )
+    model_cfg = run.model.cfg
+    forwards = 3 + len(frozen.names)  # forward + backward, plus a live reference's forward
 
-    eval_batches = None
-    if eval_records:
-
-        def eval_batches():
-            batches = pipeline(eval_records, train=False)
-            if precompute:  # the table holds the evaluation records after the training ones
-                batches = ({**b, "index": b["index"] + len(train_records)} for b in batches)
-            steps = cfg.train.eval_steps
-            return batches if steps is None else itertools.islice(batches, steps)
-
-    summary = run_loop(
-        cfg,
-        model=run.model,
-        objective=_objective(cfg),
-        train_data=pipeline(train_records, train=True),
-        mesh=mesh,
-        eval_batches=eval_batches,
-        export=setup.hf_export(tokenizer),
-        data_hash=run.loaded.content_hash,
-        spec=lambda b, t: pair_spec(b, t, reference=reference, labels=kto),
-        lengths=buckets,
+    iteration = BatchIteration(
+        update,
+        pipeline(run.train_records, train=True),
+        run.mesh,
+        specs=[pair_spec(cfg.train.batch_size, t, reference=precompute, labels=kto) for t in buckets],
+        flops=lambda rows, length: forwards * forward_flops(model_cfg, rows, length),
+        frozen=frozen,
         prepare=prepare,
     )
-    final = {**summary["final_train"], **{f"eval/{k}": v for k, v in summary["final_eval"].items()}}
-    shown = ", ".join(f"{k} {v:.4g}" for k, v in final.items() if k.split("/", 1)[-1] in _SHOWN)
-    log(f"done: {summary['steps']} steps; {shown}; summary in {run_dir / 'summary.json'}")
-    return 0
+    evaluators = []
+    if run.eval_records:
+        losses = LossEvaluator(ctx.graphdef, ctx.objective, run.mesh, frozen, prepare)
+
+        def held_out(state, step):
+            batches = pipeline(run.eval_records, train=False)
+            if precompute:  # the table holds the evaluation records after the training ones
+                offset = len(run.train_records)
+                batches = ({**b, "index": b["index"] + offset} for b in batches)
+            if cfg.train.eval_steps is not None:
+                batches = itertools.islice(batches, cfg.train.eval_steps)
+            return losses(state.params, batches, jax.random.key(cfg.seed))
+
+        evaluators.append(held_out)
+
+    def report(summary: dict[str, Any]) -> None:
+        final = {**summary["final_train"], **{f"eval/{k}": v for k, v in summary["final_eval"].items()}}
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in final.items() if k.split("/", 1)[-1] in _SHOWN)
+        log(f"done: {summary['steps']} steps; {shown}; summary in {run.run_dir / 'summary.json'}")
+
+    return Plan(iteration, run_signature(cfg, run.loaded.content_hash), evaluators, report)
 
 
 _SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "tokens_per_s")
-
-
-def _check_kind(stage: str, kind: str | None) -> None:
-    if stage == "kto":
-        if kind != "unpaired":
-            raise DataError(
-                f"stage='kto' trains on labelled completions (prompt, completion, label), but data.path holds "
-                f"{kind} records"
-                + ("; preference pairs train with stage=dpo" if kind == "preference" else "")
-            )
-        return
-    if kind != "preference":
-        raise DataError(
-            f"stage={stage!r} trains on preference records (prompt, chosen, rejected), but data.path holds "
-            f"{kind} records" + ("; labelled completions train with stage=kto" if kind == "unpaired" else "")
-        )

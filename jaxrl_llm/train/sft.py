@@ -1,20 +1,59 @@
 """Stages ``sft`` and ``pt``: supervised fine-tuning on conversations (assistant tokens are targets) and
-continued pre-training on raw text (every token a target), with the same loss and loop."""
+continued pre-training on raw text (every token a target), with the same loss, packed rows and iteration.
+
+Evaluation: the loss on held-out batches, and with ``train.eval_generate`` greedy exact match of the held-out
+conversations' last answers (``evaluate.exact_match``).
+"""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
-import ml_collections
+import jax
+import jax.numpy as jnp
 
-from jaxrl_llm.data.records import DataError
+from jaxrl_llm.data.pipeline import make_pipeline
+from jaxrl_llm.models.flops import train_flops
+
+from .evaluate import LossEvaluator, exact_match
+from .iteration import BatchIteration, Plan, StageContext
+from .loop import log
+from .step import build_update
 
 
-def _pipeline(cfg: ml_collections.ConfigDict, records: list[dict], encoder: Any, *, train: bool):
-    import jax
+def batch_spec(batch_size: int, length: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes of a global row batch (what the pipeline yields, on every process together)."""
+    rows = {"tokens": jnp.int32, "loss_mask": jnp.bool_, "segment_ids": jnp.int32, "positions": jnp.int32}
+    spec = {k: jax.ShapeDtypeStruct((batch_size, length), d) for k, d in rows.items()}
+    spec["num_truncated"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+    return spec
 
-    from jaxrl_llm.data.pipeline import make_pipeline
 
+def row_lengths(cfg: Any) -> tuple[int, ...]:
+    """Every row length the pipeline emits: ``seq_len`` when packing, each bucket when bucketing."""
+    if cfg.data.packing == "pack":
+        return (cfg.train.seq_len,)
+    from jaxrl_llm.data.packing import default_buckets
+
+    return tuple(default_buckets(cfg.train.seq_len))
+
+
+def run_signature(cfg: Any, data_hash: str | None) -> dict[str, Any]:
+    """What must not change for a resumed run to continue exactly where it stopped (the data order and
+    batch composition depend on all of it)."""
+    return {
+        "train.batch_size": cfg.train.batch_size,
+        "train.seq_len": cfg.train.seq_len,
+        "train.grad_accum_steps": cfg.train.grad_accum_steps,
+        "data.packing": cfg.data.packing,
+        "seed": cfg.seed,
+        "processes": jax.process_count(),
+        "training data (content hash)": data_hash,
+    }
+
+
+def _pipeline(cfg: Any, records: list[dict], encoder: Any, *, train: bool):
     return make_pipeline(
         records,
         encoder,
@@ -29,79 +68,76 @@ def _pipeline(cfg: ml_collections.ConfigDict, records: list[dict], encoder: Any,
     )
 
 
-def _check_kind(stage: str, kind: str | None) -> None:
-    allowed = {"sft": ("conversation", "text"), "pt": ("text",)}[stage]
-    if kind not in allowed:
-        raise DataError(
-            f"stage={stage!r} trains on {' or '.join(allowed)} records, but data.path holds {kind} records"
-            + ("; preference data trains with stage=dpo/orpo/simpo/rm" if kind == "preference" else "")
-        )
+def _evaluators(ctx: StageContext) -> list:
+    cfg, run = ctx.cfg, ctx.run
+    if not run.eval_records:
+        return []
+    eval_steps = cfg.train.eval_steps
+    if eval_steps is None and jax.process_count() > 1:
+        # Processes must run the same number of eval batches, so the pass is endless and cut: about one
+        # pass (a packed row holds at least one record).
+        eval_steps = max(1, len(run.eval_records) // cfg.train.batch_size)
+    losses = LossEvaluator(ctx.graphdef, ctx.objective, run.mesh)
+
+    def loss(state, step):
+        batches = _pipeline(cfg, run.eval_records, ctx.encoder, train=False)
+        if eval_steps is not None:
+            batches = itertools.islice(batches, eval_steps)
+        return losses(state.params, batches, jax.random.key(cfg.seed))
+
+    out = [loss]
+    if cfg.train.eval_generate and jax.process_count() > 1:
+        log("train.eval_generate is skipped: generation evaluation runs in single-process runs only")
+    elif cfg.train.eval_generate:
+        samples = run.eval_records[: cfg.train.eval_generate]
+
+        def generated(state, step):
+            from flax import nnx
+
+            model = nnx.merge(ctx.graphdef, state.params)
+            metrics, shown = exact_match(
+                model, run.renderer, samples, max_new_tokens=cfg.train.eval_max_new_tokens, mesh=run.mesh
+            )
+            for ex in shown:
+                log(f"  {ex['prompt']!r} -> {ex['generated']!r} (reference {ex['reference']!r})")
+            return metrics
+
+        out.append(generated)
+    return out
 
 
-def run_sft(cfg: ml_collections.ConfigDict) -> int:
-    import itertools
-
-    import jax
-
-    from jaxrl_llm.objectives import sft_objective
-    from jaxrl_llm.render.records import SFTEncoder
-
-    from . import setup
-    from .evaluate import exact_match
-    from .loop import log, run_loop
-
-    run = setup.start_stage(cfg, _check_kind)
-    run_dir, mesh, renderer = run.run_dir, run.mesh, run.renderer
-    train_records, eval_records = run.train_records, run.eval_records
-
-    encoder = SFTEncoder(renderer)
-    train_data = _pipeline(cfg, train_records, encoder, train=True)
-    eval_batches = None
-    evaluators = []
-    if eval_records:
-        eval_steps = cfg.train.eval_steps
-        if eval_steps is None and jax.process_count() > 1:
-            # Processes must run the same number of eval batches, so the pass is endless and cut: about
-            # one pass (a packed row holds at least one record).
-            eval_steps = max(1, len(eval_records) // cfg.train.batch_size)
-
-        def eval_batches():
-            batches = _pipeline(cfg, eval_records, encoder, train=False)
-            return batches if eval_steps is None else itertools.islice(batches, eval_steps)
-
-        if cfg.train.eval_generate and jax.process_count() > 1:
-            log("train.eval_generate is skipped: generation evaluation runs in single-process runs only")
-        elif cfg.train.eval_generate:
-            samples = eval_records[: cfg.train.eval_generate]
-
-            def generated(model, step):
-                metrics, shown = exact_match(
-                    model, renderer, samples, max_new_tokens=cfg.train.eval_max_new_tokens, mesh=mesh
-                )
-                for ex in shown:
-                    log(f"  {ex['prompt']!r} -> {ex['generated']!r} (reference {ex['reference']!r})")
-                return metrics
-
-            evaluators.append(generated)
-
-    summary = run_loop(
-        cfg,
-        model=run.model,
-        objective=sft_objective(),
-        train_data=train_data,
-        mesh=mesh,
-        eval_batches=eval_batches,
-        evaluators=evaluators,
-        export=setup.hf_export(run.tokenizer),
-        data_hash=run.loaded.content_hash,
+def rows_plan(ctx: StageContext) -> Plan:
+    """sft / pt: packed (or bucketed) rows of rendered records, one update per batch."""
+    cfg, run = ctx.cfg, ctx.run
+    update = build_update(
+        ctx.graphdef,
+        ctx.objective,
+        ctx.tx,
+        ctx.schedule,
+        accum_steps=cfg.train.grad_accum_steps,
+        mesh=run.mesh,
     )
-    final, first = summary["final_eval"], summary["first_eval"]
-    shown = ", ".join(f"{k} {v:.4g}" for k, v in {**summary["final_train"], **final}.items() if k in _SHOWN)
-    log(f"done: {summary['steps']} steps; {shown}; summary in {run_dir / 'summary.json'}")
-    if "exact_match" in final:
-        before = f" (first evaluation: {first['exact_match']:.1%})" if "exact_match" in first else ""
-        log(f"held-out greedy exact match: {final['exact_match']:.1%} of {final['samples']} problems{before}")
-    return 0
+    model_cfg = run.model.cfg
+    iteration = BatchIteration(
+        update,
+        _pipeline(cfg, run.train_records, ctx.encoder, train=True),
+        run.mesh,
+        specs=[batch_spec(cfg.train.batch_size, length) for length in row_lengths(cfg)],
+        flops=lambda rows, length: train_flops(model_cfg, rows, length),
+    )
+
+    def report(summary: dict[str, Any]) -> None:
+        final, first = summary["final_eval"], summary["first_eval"]
+        shown = {**summary["final_train"], **final}
+        line = ", ".join(f"{k} {v:.4g}" for k, v in shown.items() if k in _SHOWN)
+        log(f"done: {summary['steps']} steps; {line}; summary in {run.run_dir / 'summary.json'}")
+        if "exact_match" in final:
+            before = f" (first evaluation: {first['exact_match']:.1%})" if "exact_match" in first else ""
+            log(
+                f"held-out greedy exact match: {final['exact_match']:.1%} of {final['samples']} problems{before}"
+            )
+
+    return Plan(iteration, run_signature(cfg, run.loaded.content_hash), _evaluators(ctx), report)
 
 
 _SHOWN = ("loss", "token_accuracy", "tokens_per_s", "exact_match")

@@ -1,42 +1,154 @@
-"""Stage registry: ``config.stage`` -> the function that runs it.
+"""The stage table: ``config.stage`` -> what the stage trains on, with what, and how it iterates.
 
-A stage function takes the validated config and returns an exit code (None means 0). It imports its heavy
-modules (JAX, models, data) inside its body, so that ``python -m jaxrl_llm.train`` has validated and
-printed the config before any of them load.
+Every stage runs the same way (``run_stage``): ``setup.start_stage`` loads the data (refusing record kinds
+the stage does not train on), the tokenizer, the renderer and the model with the stage's head; the frozen
+models the stage names are copied from the initial policy; the optimizer and the ``TrainState`` are made;
+the stage's ``plan`` builds its iteration and evaluators; ``loop.run_loop`` runs them. A stage is one row:
+
+- ``kinds``: the canonical record kinds it trains on;
+- ``head``: the model's head (``lm``, ``score``);
+- ``encoder``: ``renderer -> encoder`` turning records into token rows (None: the plan renders itself);
+- ``objective``: ``cfg -> Objective``, the loss the updates minimise;
+- ``frozen``: ``cfg -> names`` of frozen copies of the initial policy the objective reads (``reference``);
+- ``plan``: ``StageContext -> Plan``, the iteration (``BatchIteration``, or RL's) and its evaluators;
+- ``updates_per_step``: ``cfg -> int``, optimizer updates one loop step makes (the schedule's length).
+
+Heavy imports (JAX, models, data) happen when this module is imported, which ``python -m jaxrl_llm.train``
+does only after it has validated and printed the config.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 
-from .pairs import run_pairs
-from .sft import run_sft
+from jaxrl_llm.data.records import DataError
+from jaxrl_llm.objectives import (
+    Objective,
+    dpo_objective,
+    kto_objective,
+    orpo_objective,
+    rm_objective,
+    sft_objective,
+    simpo_objective,
+)
+from jaxrl_llm.render import KTOEncoder, PairEncoder
+from jaxrl_llm.render.records import SFTEncoder
 
-StageFn = Callable[[ml_collections.ConfigDict], int | None]
+from .iteration import Plan, StageContext
+from .pairs import pairs_plan
+from .sft import rows_plan
 
 EXIT_NOT_IMPLEMENTED = 3
+Config = ml_collections.ConfigDict
+
+
+def _none(cfg: Config) -> tuple[str, ...]:
+    return ()
+
+
+def _one(cfg: Config) -> int:
+    return 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One row of the table (see the module docstring)."""
+
+    kinds: tuple[str, ...]
+    objective: Callable[[Config], Objective]
+    plan: Callable[[StageContext], Plan]
+    encoder: Callable[[Any], Any] | None = None
+    head: str = "lm"
+    frozen: Callable[[Config], tuple[str, ...]] = _none
+    updates_per_step: Callable[[Config], int] = _one
+
+
+def _dpo(cfg: Config) -> Objective:
+    p = cfg.pref
+    return dpo_objective(
+        beta=p.beta,
+        loss_type=p.loss_type,
+        label_smoothing=p.label_smoothing,
+        reference_free=p.reference_free,
+        sft_weight=p.sft_weight,
+    )
+
+
+def _kto(cfg: Config) -> Objective:
+    p = cfg.pref
+    return kto_objective(
+        beta=p.beta, desirable_weight=p.desirable_weight, undesirable_weight=p.undesirable_weight
+    )
+
+
+def _reference_unless_free(cfg: Config) -> tuple[str, ...]:
+    return () if cfg.pref.reference_free else ("reference",)
+
+
+def _reference(cfg: Config) -> tuple[str, ...]:
+    return ("reference",)
+
 
 # None = not implemented yet. The keys match jaxrl_llm.config.STAGE_NAMES (a test checks it).
-STAGES: dict[str, StageFn | None] = {
-    "sft": run_sft,
-    "pt": run_sft,  # continued pre-training: the SFT loss on raw text
-    "rm": run_pairs,  # reward model (Bradley-Terry on a score head)
-    "dpo": run_pairs,
-    "kto": run_pairs,  # KTO: unpaired desirable / undesirable completions
-    "orpo": run_pairs,
-    "simpo": run_pairs,
+STAGES: dict[str, Stage | None] = {
+    "sft": Stage(("conversation", "text"), lambda cfg: sft_objective(), rows_plan, SFTEncoder),
+    "pt": Stage(("text",), lambda cfg: sft_objective(), rows_plan, SFTEncoder),  # the SFT loss on raw text
+    "rm": Stage(
+        ("preference",),
+        lambda cfg: rm_objective(center_coef=cfg.pref.center_coef),
+        pairs_plan,
+        PairEncoder,
+        "score",
+    ),
+    "dpo": Stage(("preference",), _dpo, pairs_plan, PairEncoder, frozen=_reference_unless_free),
+    "kto": Stage(("unpaired",), _kto, pairs_plan, KTOEncoder, frozen=_reference),
+    "orpo": Stage(("preference",), lambda cfg: orpo_objective(beta=cfg.pref.beta), pairs_plan, PairEncoder),
+    "simpo": Stage(
+        ("preference",),
+        lambda cfg: simpo_objective(
+            beta=cfg.pref.beta, gamma=cfg.pref.simpo_gamma, label_smoothing=cfg.pref.label_smoothing
+        ),
+        pairs_plan,
+        PairEncoder,
+    ),
     "ppo": None,  # TODO(RL issue)
     "grpo": None,  # TODO(RL issue)
 }
 
 _ARRIVES_WITH = {name: "the RL issue" for name in ("ppo", "grpo")}
+# How an error names a record kind, and the fields that make one.
+KIND_WORDS = {
+    "conversation": ("conversation", "messages"),
+    "text": ("text", "text"),
+    "preference": ("preference pairs", "prompt, chosen, rejected"),
+    "unpaired": ("labelled completions", "prompt, completion, label"),
+    "prompt": ("RL prompts", "prompt, ground_truth"),
+}
+
+
+def check_kind(stage: str, kind: str | None) -> None:
+    """Refuses records ``stage`` does not train on, naming the stages that do train on them."""
+    allowed = STAGES[stage].kinds
+    if kind in allowed:
+        return
+    fields = " / ".join(KIND_WORDS[k][1] for k in allowed)
+    others = [name for name, row in STAGES.items() if row is not None and kind in row.kinds]
+    hint = ""
+    if others and kind in KIND_WORDS:
+        hint = f"; {KIND_WORDS[kind][0]} train with " + ", ".join(f"stage={n}" for n in others)
+    raise DataError(
+        f"stage={stage!r} trains on {' or '.join(allowed)} records ({fields}), but data.path holds {kind} "
+        f"records{hint}"
+    )
 
 
 def implemented_stages() -> tuple[str, ...]:
-    return tuple(name for name, fn in STAGES.items() if fn is not None)
+    return tuple(name for name, row in STAGES.items() if row is not None)
 
 
 def not_implemented_message(stage: str) -> str:
@@ -46,11 +158,46 @@ def not_implemented_message(stage: str) -> str:
     return f"jaxrl_llm.train: stage {stage!r} is not implemented yet{when}. Implemented stages: {done}."
 
 
-def run_stage(cfg: ml_collections.ConfigDict) -> int:
+def run_stage(cfg: Config) -> int:
     """Runs ``cfg.stage``; returns the process exit code (3 when the stage does not exist yet)."""
-    fn = STAGES.get(cfg.stage)
-    if fn is None:
+    row = STAGES.get(cfg.stage)
+    if row is None:
         print(not_implemented_message(cfg.stage), file=sys.stderr)
         return EXIT_NOT_IMPLEMENTED
-    code = fn(cfg)
-    return 0 if code is None else int(code)
+    import jax
+    from flax import nnx
+
+    from jaxrl_llm.observe import mesh_peak_flops
+    from jaxrl_llm.parallel import frozen_copy, place
+
+    from . import setup
+    from .loop import LoopConfig, run_loop
+    from .optimizer import OptimizerConfig, make_optimizer, make_schedule
+    from .state import Frozen, TrainState
+
+    run = setup.start_stage(cfg, check_kind, head=row.head)
+    graphdef0, initial = nnx.split(run.model)
+    # Copied before the first update donates the policy's buffers; each keeps its parameter's sharding.
+    frozen = Frozen(
+        states={name: frozen_copy(initial) for name in row.frozen(cfg)},
+        graphdefs=tuple((name, graphdef0) for name in row.frozen(cfg)),
+    )
+    opt = OptimizerConfig.from_config(cfg, updates_per_step=row.updates_per_step(cfg))
+    tx = make_optimizer(opt, nnx.state(run.model, nnx.Param))
+    graphdef, state = TrainState.create(run.model, tx, jax.random.key(cfg.seed))
+    state = place(state, run.mesh)
+    encoder = row.encoder(run.renderer) if row.encoder is not None else None
+    ctx = StageContext(cfg, run, encoder, row.objective(cfg), graphdef, tx, make_schedule(opt), frozen)
+    plan = row.plan(ctx)
+    summary = run_loop(
+        LoopConfig.from_config(cfg),
+        graphdef=graphdef,
+        state=state,
+        iteration=plan.iteration,
+        signature=plan.signature,
+        peak_flops=mesh_peak_flops(cfg.train.peak_flops, cfg.model.dtype),
+        evaluators=plan.evaluators,
+        export=setup.hf_export(run.tokenizer),
+    )
+    plan.report(summary)
+    return 0

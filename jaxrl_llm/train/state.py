@@ -1,7 +1,10 @@
-"""``TrainState``: the arrays one optimizer step reads and writes (step, params, optimizer state, RNG).
+"""``TrainState``: the arrays one optimizer step reads and writes (step, params, optimizer state, RNG);
+``Frozen``: the models a step reads and never trains (a reference policy, a reward model).
 
 NNX objects stay outside jit: ``TrainState.create`` splits the model and returns its ``graphdef``
-separately; inside a step, ``nnx.merge(graphdef, state.params)`` rebuilds the module.
+separately; inside a step, ``nnx.merge(graphdef, state.params)`` rebuilds the module. ``Frozen`` keeps its
+graph definitions as static (hashable) pytree metadata beside the parameter arrays, so it passes through jit
+as one argument and ``models()`` rebuilds its modules inside.
 """
 
 from __future__ import annotations
@@ -51,3 +54,34 @@ class TrainState:
         updates, opt_state = tx.update(grads, self.opt_state, self.params)
         params = optax.apply_updates(self.params, updates)
         return self.replace(step=self.step + 1, params=params, opt_state=opt_state)
+
+
+@struct.dataclass
+class Frozen:
+    """Named models a step reads but never trains: sharded like any parameters, never donated, never nested
+    inside the policy.
+
+    Attributes:
+      states: ``{name: nnx.State}`` the models' arrays (the pytree leaves).
+      graphdefs: ``((name, nnx.GraphDef), ...)``, static.
+    """
+
+    states: dict[str, nnx.State]
+    graphdefs: tuple[tuple[str, nnx.GraphDef], ...] = struct.field(pytree_node=False, default=())
+
+    @classmethod
+    def of(cls, **models: nnx.Module) -> Frozen:
+        """From modules (their arrays are shared, not copied: copy first what a donated step will consume)."""
+        split = {name: nnx.split(model) for name, model in models.items()}
+        return cls(
+            states={name: state for name, (_, state) in split.items()},
+            graphdefs=tuple((name, graphdef) for name, (graphdef, _) in split.items()),
+        )
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.graphdefs)
+
+    def models(self) -> dict[str, nnx.Module]:
+        """The modules, rebuilt from the arrays (call inside the jitted step)."""
+        return {name: nnx.merge(graphdef, self.states[name]) for name, graphdef in self.graphdefs}

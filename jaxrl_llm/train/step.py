@@ -1,14 +1,16 @@
-"""The step factory: one jitted, sharded, ahead-of-time compiled step for every objective.
+"""The step factory: one jitted, sharded, ahead-of-time compiled update for every objective.
 
-``build_train_step(graphdef, objective, tx, schedule, accum_steps)`` returns the pure function
+``build_update(graphdef, objective, tx, schedule, accum_steps)`` returns the pure function
 
-    step(state: TrainState, batch: {name: [B, ...]}, rng) -> (state, metrics)
+    update(state: TrainState, batch: {name: [B, ...]}, rng, frozen: Frozen) -> (state, metrics)
 
 that splits the batch into ``accum_steps`` micro-batches, adds their gradients under ``lax.scan`` (in
 float32, whatever the parameter dtype), divides by the objective's normalizer of the *whole* batch and
-applies one optimizer update. ``compile_step`` jits it with explicit input/output shardings (parameters
-and optimizer state by their logical axes, batch rows over the data axes), donates the state, compiles it
-for the given shapes before step 0 and reports XLA's memory analysis.
+applies one optimizer update. ``frozen`` holds the models the objective reads but never trains (a reference
+policy): a separate argument, sharded like any parameters and never donated. ``compile_update`` jits it with
+explicit input/output shardings (parameters and optimizer state by their logical axes, batch rows over the
+data axes), donates the state, compiles it for the given shapes before step 0 and reports XLA's memory
+analysis. An RL iteration calls the same pure ``update`` inside its own compiled program.
 
 Micro-batch ``a`` takes rows ``a, a + A, a + 2A, ...`` (a strided split, not contiguous blocks), so that
 with the batch sharded over devices every micro-batch is spread over all of them.
@@ -27,14 +29,14 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxrl_llm.objectives.base import Objective
-from jaxrl_llm.parallel import DEFAULT_RULES, named_sharding, variable_axes
-from jaxrl_llm.parallel.rules import constrain
+from jaxrl_llm.objectives.base import Objective, combine_sums, identity_sums
+from jaxrl_llm.parallel import batch_shardings, constrain, tree_shardings
 
-from .state import TrainState
+from .state import Frozen, TrainState
 
 Batch = Mapping[str, jax.Array]
-StepFn = Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
+UpdateFn = Callable[[TrainState, Batch, jax.Array, Frozen], tuple[TrainState, dict[str, jax.Array]]]
+NO_FROZEN = Frozen(states={})
 
 
 def micro_batches(batch: Batch, accum_steps: int) -> dict[str, jax.Array]:
@@ -48,11 +50,7 @@ def micro_batches(batch: Batch, accum_steps: int) -> dict[str, jax.Array]:
     return {k: split(v) for k, v in batch.items()}
 
 
-def _add(a: Any, b: Any) -> Any:
-    return jax.tree.map(jnp.add, a, b)
-
-
-def build_train_step(
+def build_update(
     graphdef: nnx.GraphDef,
     objective: Objective,
     tx: optax.GradientTransformation,
@@ -60,8 +58,8 @@ def build_train_step(
     *,
     accum_steps: int = 1,
     mesh: Mesh | None = None,
-) -> StepFn:
-    """The pure training step (not jitted; see :func:`compile_step`).
+) -> UpdateFn:
+    """The pure update (not jitted; see :func:`compile_update`).
 
     Metrics (all scalars): the objective's (``loss`` first), ``grad_norm`` (global norm of the gradients
     before clipping, frozen parameters' included), ``learning_rate`` (the schedule at this step),
@@ -71,12 +69,15 @@ def build_train_step(
     if accum_steps < 1:
         raise ValueError(f"accum_steps={accum_steps} must be >= 1")
 
-    def step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+    def update(
+        state: TrainState, batch: Batch, rng: jax.Array, frozen: Frozen = NO_FROZEN
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
         normalizer = objective.normalizer(batch)
+        frozen_models = frozen.models()
 
         def grads_of(mb: Batch, key: jax.Array):
             def loss_fn(params):
-                loss_sum, sums = objective.loss(nnx.merge(graphdef, params), mb, key)
+                loss_sum, sums = objective.loss(nnx.merge(graphdef, params), mb, key, frozen_models)
                 return loss_sum / normalizer, sums
 
             (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -89,7 +90,7 @@ def build_train_step(
             keys = jax.random.split(rng, accum_steps)
             first = jax.tree.map(lambda x: x[0], micro)
             shapes = jax.eval_shape(grads_of, first, keys[0])
-            zeros = jax.tree.map(jnp.zeros_like, shapes)
+            zeros = (jax.tree.map(jnp.zeros_like, shapes[0]), identity_sums(shapes[1]))
             if mesh is not None:  # an unconstrained carry may be replicated: full gradients on every device
                 zeros = (
                     jax.lax.with_sharding_constraint(zeros[0], tree_shardings(shapes[0], mesh)),
@@ -98,7 +99,8 @@ def build_train_step(
 
             def body(carry, xs):
                 mb, key = xs
-                return _add(carry, grads_of(mb, key)), None
+                grads, sums = grads_of(mb, key)
+                return (jax.tree.map(jnp.add, carry[0], grads), combine_sums(carry[1], sums)), None
 
             (grads, sums), _ = jax.lax.scan(body, zeros, (micro, keys))
         grad_norm = optax.tree.norm(grads)
@@ -113,51 +115,18 @@ def build_train_step(
             metrics["truncated"] = batch["num_truncated"].sum(dtype=jnp.float32)
         return new_state, metrics
 
-    return step
+    return update
 
 
 def build_eval_step(graphdef: nnx.GraphDef, objective: Objective) -> Callable:
-    """``eval_step(params, batch, rng) -> (sums, normalizer)``: accumulate over batches, then summarize."""
+    """``eval_step(params, batch, rng, frozen) -> (sums, normalizer)``: accumulate over batches
+    (``combine_sums``), then summarize."""
 
-    def eval_step(params: nnx.State, batch: Batch, rng: jax.Array):
-        _, sums = objective.loss(nnx.merge(graphdef, params), batch, rng)
+    def eval_step(params: nnx.State, batch: Batch, rng: jax.Array, frozen: Frozen = NO_FROZEN):
+        _, sums = objective.loss(nnx.merge(graphdef, params), batch, rng, frozen.models())
         return sums, objective.normalizer(batch)
 
     return eval_step
-
-
-# --- shardings ---------------------------------------------------------------------------------------
-
-
-def tree_shardings(tree: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
-    """A sharding for every leaf of a (possibly abstract) state: variables by their logical axes, the rest
-    replicated. Optimizer moments are ``nnx.Param`` copies of the parameters and shard like them; factored
-    statistics (adafactor) whose shape no longer matches the axes are replicated."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def one(x: Any) -> Any:
-        if isinstance(x, nnx.Variable):
-            try:
-                return x.replace(named_sharding(variable_axes(x), x.shape, mesh, rules, "state"))
-            except ValueError:
-                return x.replace(replicated)
-        return replicated
-
-    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def batch_shardings(batch: Batch, mesh: Mesh, rules=DEFAULT_RULES) -> dict[str, NamedSharding]:
-    from jaxrl_llm.data.pipeline import batch_axes
-
-    return {
-        k: named_sharding(batch_axes(len(v.shape)), v.shape, mesh, rules, f"batch[{k!r}]")
-        for k, v in batch.items()
-    }
-
-
-def shard_state(state: TrainState, mesh: Mesh) -> TrainState:
-    """``state`` placed by :func:`tree_shardings` (a no-op for arrays already there)."""
-    return jax.device_put(state, tree_shardings(state, mesh))
 
 
 # --- compilation -------------------------------------------------------------------------------------
@@ -193,43 +162,46 @@ def memory_analysis(compiled: Any) -> dict[str, int]:
     return out
 
 
-def compile_step(
-    step: StepFn, state: TrainState, batch: Batch, rng: jax.Array, mesh: Mesh, *, donate: bool = True
+def compile_program(
+    fn: Callable,
+    args: tuple[Any, ...],
+    in_shardings: tuple[Any, ...],
+    out_shardings: Any,
+    mesh: Mesh,
+    *,
+    donate_argnums: tuple[int, ...] = (),
 ) -> Compiled:
-    """Jits ``step`` with explicit shardings and donated state, and compiles it for these shapes now.
+    """Jits ``fn`` with explicit shardings and compiles it for ``args`` now (arrays or
+    ``jax.ShapeDtypeStruct``s: only shapes and dtypes count); every compiled program of a run goes
+    through here, so each reports its compile time and memory."""
+    jitted = jax.jit(
+        fn, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate_argnums
+    )
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = jitted.lower(*args).compile()
+    return Compiled(compiled, time.perf_counter() - start, memory_analysis(compiled))
 
-    ``state``/``batch``/``rng`` may be arrays or ``jax.ShapeDtypeStruct``s; only shapes and dtypes count.
-    """
+
+def compile_update(
+    update: UpdateFn,
+    state: TrainState,
+    batch: Batch,
+    rng: jax.Array,
+    mesh: Mesh,
+    frozen: Frozen = NO_FROZEN,
+    *,
+    donate: bool = True,
+) -> Compiled:
+    """Jits ``update`` with explicit shardings and donated state (never the frozen models), and compiles it
+    for these shapes now."""
     state_sh = tree_shardings(state, mesh)
-    batch_sh = batch_shardings(batch, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
-    jitted = jax.jit(
-        step,
-        in_shardings=(state_sh, batch_sh, replicated),
-        out_shardings=(state_sh, replicated),
+    return compile_program(
+        update,
+        (state, batch, rng, frozen),
+        (state_sh, batch_shardings(batch, mesh), replicated, tree_shardings(frozen, mesh)),
+        (state_sh, replicated),
+        mesh,
         donate_argnums=(0,) if donate else (),
-    )
-    start = time.perf_counter()
-    with jax.set_mesh(mesh):
-        compiled = jitted.lower(state, batch, rng).compile()
-    return Compiled(compiled, time.perf_counter() - start, memory_analysis(compiled))
-
-
-def compile_eval_step(eval_step: Callable, params: Any, batch: Batch, rng: jax.Array, mesh: Mesh) -> Compiled:
-    replicated = NamedSharding(mesh, PartitionSpec())
-    jitted = jax.jit(
-        eval_step,
-        in_shardings=(tree_shardings(params, mesh), batch_shardings(batch, mesh), replicated),
-        out_shardings=replicated,
-    )
-    start = time.perf_counter()
-    with jax.set_mesh(mesh):
-        compiled = jitted.lower(params, batch, rng).compile()
-    return Compiled(compiled, time.perf_counter() - start, memory_analysis(compiled))
-
-
-def abstract(tree: Any) -> Any:
-    """``jax.ShapeDtypeStruct`` leaves (with the arrays' shardings) for a tree of arrays (or of structs)."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
     )
