@@ -64,6 +64,17 @@ DPO_LOSS_TYPES = (
     "discopop",
 )
 RENDER_MASKS = ("all", "last")
+# Mirror jaxrl_llm.objectives (RL_ALGORITHMS, BASELINES, SCALES, POLICY_LOSSES, LOSS_AGGS, IMPORTANCE_LEVELS,
+# KL_ESTIMATORS, rl.ROLLOUT_IS; a test keeps them equal), so that reading the table never loads JAX.
+RL_ALGORITHMS = ("grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp", "cispo")
+RL_BASELINES = ("group_mean", "leave_one_out", "batch_mean", "none")
+RL_SCALES = ("group_std", "batch_std", "none")
+RL_LOSSES = ("ppo_clip", "cispo")
+RL_LOSS_AGGS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
+RL_IMPORTANCE_LEVELS = ("token", "sequence")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+ROLLOUT_IS = ("none", "token", "sequence")
+_PRESET = " None = the rl.algorithm preset's value."
 
 
 def _preset_names() -> tuple[str, ...]:
@@ -528,6 +539,173 @@ FIELDS: tuple[Field, ...] = (
         float,
         lo=0,
     ),
+    # Rollout.
+    Field(
+        "rollout.max_new_tokens",
+        256,
+        "RL stages: the most tokens a completion may have (it also ends at the end-of-turn token or a stop string).",
+        int,
+        lo=1,
+    ),
+    Field("rollout.temperature", 1.0, "Sampling temperature of the RL rollouts (0 = greedy).", float, lo=0),
+    Field(
+        "rollout.top_p", 1.0, "Nucleus sampling of the rollouts (1 = off).", float, lo=0, hi=1, lo_open=True
+    ),
+    Field("rollout.top_k", 0, "Top-k sampling of the rollouts (0 = off).", int, lo=0),
+    Field("rollout.min_p", 0.0, "Min-p sampling of the rollouts (0 = off).", float, lo=0, hi=1, hi_open=True),
+    Field(
+        "rollout.stop",
+        [],
+        "Stop strings that end a completion (left out of its text); a list, JSON on the command line.",
+        list,
+    ),
+    Field(
+        "rollout.dtype",
+        "",
+        "Compute dtype of the rollouts; empty = model.dtype. bfloat16 rollouts with float32 updates is where "
+        "rl.rollout_is (rollout correction) matters.",
+        str,
+        ("", "float32", "bfloat16"),
+    ),
+    # RL.
+    Field(
+        "rl.algorithm",
+        "grpo",
+        "The GRPO-family member whose settings the rl.* keys left None take: grpo, dr_grpo (no std scaling, "
+        "constant-length normaliser), dapo (clip-higher, token mean, dynamic sampling), gspo (sequence ratio), "
+        "rloo (leave-one-out baseline), reinforce_pp (batch-normalised), cispo (clipped IS-weight REINFORCE).",
+        str,
+        RL_ALGORITHMS,
+    ),
+    Field("rl.prompts_per_iteration", 8, "RL prompts sampled each iteration.", int, lo=1),
+    Field(
+        "rl.group_size",
+        8,
+        "Completions sampled per prompt (G); advantages compare a prompt's group.",
+        int,
+        lo=1,
+    ),
+    Field(
+        "rl.num_iterations",
+        1,
+        "Epochs (mu) of updates over each iteration's samples; above 1 the pre-update log-probs get their "
+        "own pass.",
+        int,
+        lo=1,
+    ),
+    Field(
+        "rl.minibatches",
+        1,
+        "Optimizer updates per epoch: the iteration's samples split into this many minibatches.",
+        int,
+        lo=1,
+    ),
+    Field("rl.baseline", None, "Advantage baseline." + _PRESET, str, RL_BASELINES, nullable=True),
+    Field("rl.scale", None, "Advantage scale (unbiased std)." + _PRESET, str, RL_SCALES, nullable=True),
+    Field("rl.loss", None, "Policy loss: ppo_clip or cispo." + _PRESET, str, RL_LOSSES, nullable=True),
+    Field(
+        "rl.loss_agg",
+        None,
+        "How token losses become the loss: seq_mean_token_mean (GRPO), token_mean (DAPO), "
+        "seq_mean_token_sum_norm (Dr.GRPO, divided by rollout.max_new_tokens)." + _PRESET,
+        str,
+        RL_LOSS_AGGS,
+        nullable=True,
+    ),
+    Field(
+        "rl.importance_level",
+        None,
+        "Importance ratio per token, or per sequence (GSPO)." + _PRESET,
+        str,
+        RL_IMPORTANCE_LEVELS,
+        nullable=True,
+    ),
+    Field("rl.clip_low", None, "Ratio clip below 1 (1 - clip_low)." + _PRESET, float, lo=0, nullable=True),
+    Field(
+        "rl.clip_high",
+        None,
+        "Ratio clip above 1 (1 + clip_high; DAPO's clip-higher)." + _PRESET,
+        float,
+        lo=0,
+        nullable=True,
+    ),
+    Field(
+        "rl.dual_clip",
+        None,
+        "Dual-clip PPO: caps a negative-advantage token's loss at -c * A (c > 1). None = off.",
+        float,
+        lo=1,
+        lo_open=True,
+        nullable=True,
+    ),
+    Field(
+        "rl.beta",
+        0.0,
+        "KL penalty coefficient against the reference (a frozen copy of the initial policy, not made at all "
+        "when 0).",
+        float,
+        lo=0,
+    ),
+    Field(
+        "rl.kl_estimator", "k3", "KL estimator of the penalty (Schulman's k1, k2, k3).", str, KL_ESTIMATORS
+    ),
+    Field(
+        "rl.advantage_eps",
+        1e-4,
+        "Added to the standard deviation that scales advantages.",
+        float,
+        lo=0,
+        lo_open=True,
+    ),
+    Field(
+        "rl.dynamic_sampling",
+        None,
+        "DAPO's dynamic sampling: groups whose rewards are all equal (no signal) are dropped and refilled from "
+        "up to rl.dynamic_sampling_rounds extra rollouts of new prompts." + _PRESET,
+        bool,
+        nullable=True,
+    ),
+    Field(
+        "rl.dynamic_sampling_rounds",
+        2,
+        "Extra rollouts an iteration may make to refill dropped groups (each iteration draws the prompts of "
+        "every round; groups still missing after the last are left out of the loss, and counted).",
+        int,
+        lo=1,
+    ),
+    Field(
+        "rl.mask_truncated",
+        False,
+        "Leave completions cut at rollout.max_new_tokens out of the loss and the advantages (DAPO's overlong "
+        "filtering; the overlong reward is the soft alternative).",
+        bool,
+    ),
+    Field(
+        "rl.rollout_is",
+        "none",
+        "Rollout correction: truncated importance weights min(pi_old / pi_sampler, rl.rollout_is_cap) per token "
+        "or per sequence on each token's loss. The mismatch is logged either way.",
+        str,
+        ROLLOUT_IS,
+    ),
+    Field(
+        "rl.rollout_is_cap", 2.0, "Upper bound of the rollout-correction weights.", float, lo=0, lo_open=True
+    ),
+    Field(
+        "rl.eval_prompts",
+        None,
+        "Held-out prompts answered greedily at each evaluation. None = all of them.",
+        int,
+        lo=1,
+        nullable=True,
+    ),
+    Field(
+        "rl.log_samples",
+        4,
+        "Completions written at every log step (TensorBoard text and <run_dir>/samples.jsonl).",
+        int,
+        lo=0,
+    ),
     Field(
         "reward.functions",
         [],
@@ -572,6 +750,8 @@ SECTIONS = {
     "train": "Training loop",
     "data": "Dataset, validation and quality filters (python -m jaxrl_llm.data validate checks one)",
     "pref": "Preference and reward-model stages (rm, dpo, kto, orpo, simpo)",
+    "rollout": "Sampling of the RL stages' completions (jaxrl_llm.rollout)",
+    "rl": "Online RL stages (grpo): iterations, advantages, the policy loss",
     "reward": "Rewards of the RL stages (jaxrl_llm.reward)",
 }
 

@@ -160,6 +160,7 @@ def _combinations(good: dict[str, Any]) -> list[str]:
         + _run_dir(good)
         + _freeze_pattern(good)
         + _data(good)
+        + _rl(good)
     )
     if "train.batch_size" in good and "train.grad_accum_steps" in good:
         bs, accum = good["train.batch_size"], good["train.grad_accum_steps"]
@@ -330,3 +331,54 @@ def _data(good: dict[str, Any]) -> list[str]:
     if info and not os.path.isfile(info):
         return [f"data.dataset_info={info!r}: no such file"]
     return []
+
+
+RL_STAGES = ("grpo", "ppo")
+
+
+def _rl(good: dict[str, Any]) -> list[str]:
+    """The RL stages' combinations: rewards to learn from, groups a std or a leave-one-out baseline can
+    use, and rows that split into the minibatches and micro-batches."""
+    if good.get("stage") not in RL_STAGES:
+        return []
+    problems = []
+    if good.get("reward.functions") == []:
+        problems.append(
+            f"reward.functions=[]: stage={good['stage']!r} needs at least one reward (python -m jaxrl_llm.reward "
+            'lists them), e.g. --config.reward.functions=\'[{"name": "math_verify"}]\''
+        )
+    from .schema import RL_ALGORITHMS
+
+    algorithm = good.get("rl.algorithm")
+    if algorithm in RL_ALGORITHMS and good.get("rl.group_size") is not None:
+        from jaxrl_llm.objectives.rl import RL_ALGORITHMS as PRESETS
+
+        preset = PRESETS[algorithm]
+        group = good["rl.group_size"]
+        for key, bad in (("rl.scale", "group_std"), ("rl.baseline", "leave_one_out")):
+            value = good.get(key) or preset[key.split(".")[1]]
+            if key in good and value == bad and group < 2:
+                source = (
+                    f"{key}={value!r}" if good.get(key) else f"rl.algorithm={algorithm!r} ({key} {value!r})"
+                )
+                problems.append(
+                    f"rl.group_size={group!r}, {source}: a group of one sample has "
+                    + ("no spread to scale by" if bad == "group_std" else "no other members for a baseline")
+                    + "; raise rl.group_size or choose another "
+                    + key
+                )
+    p, g, m = (good.get(k) for k in ("rl.prompts_per_iteration", "rl.group_size", "rl.minibatches"))
+    accum = good.get("train.grad_accum_steps")
+    if None not in (p, g, m, accum):
+        rows = p * g
+        if rows % m:
+            problems.append(
+                f"rl.prompts_per_iteration={p!r} x rl.group_size={g!r} = {rows} samples, rl.minibatches={m!r}: "
+                "the samples must split evenly into the minibatches"
+            )
+        elif (rows // m) % accum:
+            problems.append(
+                f"{rows // m} samples per minibatch, train.grad_accum_steps={accum!r}: each minibatch must split "
+                "evenly into the micro-batches"
+            )
+    return problems

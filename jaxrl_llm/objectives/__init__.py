@@ -32,6 +32,7 @@ from .policy import (
     value_loss,
 )
 from .preference import DPO_LOSS_TYPES, bradley_terry_loss, dpo_loss, kto_loss, orpo_loss, simpo_loss
+from .rl import RL_ALGORITHMS, ROLLOUT_IS, PolicyLossConfig, completion_logps, policy_objective
 from .sft import sft_objective, token_logps
 
 __all__ = [
@@ -42,10 +43,14 @@ __all__ = [
     "LOSS_AGGS",
     "Objective",
     "POLICY_LOSSES",
+    "PolicyLossConfig",
+    "RL_ALGORITHMS",
+    "ROLLOUT_IS",
     "SCALES",
     "adaptive_kl_coef",
     "aggregate",
     "bradley_terry_loss",
+    "completion_logps",
     "dpo_loss",
     "dpo_objective",
     "entropy_from_logits",
@@ -59,6 +64,7 @@ __all__ = [
     "orpo_objective",
     "pair_logps",
     "policy_loss",
+    "policy_objective",
     "policy_token_losses",
     "reference_logps",
     "rm_objective",

@@ -93,13 +93,14 @@ class MetricWriter:
 
         self.log_dir.mkdir(parents=True, exist_ok=True)
         purge = None if resume_step is None else int(resume_step) + 1
-        if purge is not None and self.jsonl_path.exists():
-            kept = [
-                line
-                for line in self.jsonl_path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) < purge
-            ]
-            self.jsonl_path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        for path in (self.jsonl_path, self.log_dir / "samples.jsonl"):
+            if purge is not None and path.exists():
+                kept = [
+                    line
+                    for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) < purge
+                ]
+                path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
         self._tb = SummaryWriter(logdir=str(self.log_dir / "tensorboard"), purge_step=purge)
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115
 
@@ -129,6 +130,23 @@ class MetricWriter:
         step = int(step)
         self._tb.add_text(tag, text, global_step=step)
         self._write_line({"step": step, "split": "text", "time": time.time(), "tag": tag, "text": text})
+
+    def write_samples(self, step: int, samples: list[dict[str, Any]], path: str | Path | None = None) -> None:
+        """Sampled completions at ``step``: one JSON line each in ``path`` (default ``<log_dir>/samples.jsonl``)
+        and one TensorBoard text (a Markdown list) under ``samples``."""
+        if not self.enabled or self._tb is None or not samples:
+            return
+        path = Path(path) if path is not None else self.log_dir / "samples.jsonl"
+        with open(path, "a", encoding="utf-8") as f:
+            for sample in samples:
+                f.write(json.dumps(json_safe({"step": int(step), **sample}), allow_nan=False) + "\n")
+        lines = []
+        for sample in samples:
+            fields = ", ".join(
+                f"{k}: {v}" for k, v in sample.items() if k not in ("prompt", "completion", "step")
+            )
+            lines.append(f"- **{sample.get('prompt', '')}** -> `{sample.get('completion', '')}` ({fields})")
+        self._tb.add_text("samples", "\n".join(lines), global_step=int(step))
 
     def _write_line(self, record: dict) -> None:
         self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")

@@ -4,7 +4,7 @@ inside another's), the host ``Sampler`` over it, and ``ChatSampler`` (messages i
 from .generate import FINISH_REASONS, DecodeState, Rollout, generate, stop_table
 from .sampler import Sampler, compiled_generate, left_pad, prompt_bucket
 from .sampling import SamplingParams, filtered_logits, sample
-from .text import ChatSampler, Completion, end_of_turn_ids
+from .text import ChatSampler, Completion, completion_text, conversation, end_of_turn_ids
 
 __all__ = [
     "ChatSampler",
@@ -15,6 +15,8 @@ __all__ = [
     "Sampler",
     "SamplingParams",
     "compiled_generate",
+    "completion_text",
+    "conversation",
     "end_of_turn_ids",
     "filtered_logits",
     "generate",

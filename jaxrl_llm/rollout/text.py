@@ -70,7 +70,19 @@ def end_of_turn_ids(renderer: Any) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def _conversation(item: Any, index: int) -> tuple[Sequence[Mapping[str, Any]], Any]:
+def completion_text(tokenizer: Any, ids: list[int], reason: str, stops: Sequence[Sequence[int]]) -> str:
+    """A completion's text: its ids decoded with special tokens skipped, without the stop sequence it ended
+    with (``reason == "stop"``), as OpenAI's API leaves a matched stop string out."""
+    if reason == "stop":
+        for seq in stops:
+            seq = list(seq)
+            if ids[len(ids) - len(seq) :] == seq:
+                ids = ids[: len(ids) - len(seq)]
+                break
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def conversation(item: Any, index: int) -> tuple[Sequence[Mapping[str, Any]], Any]:
     """``(messages, tools)`` from a message list or a record with ``messages``/``prompt`` (and ``tools``)."""
     if isinstance(item, Mapping):
         messages = item.get("messages", item.get("prompt"))  # a conversation, or an RL prompt record
@@ -125,7 +137,7 @@ class ChatSampler:
             if not ids:
                 raise UserError(f"stop string {text!r} encodes to no tokens")
         prompts = [
-            self.renderer.render_prompt(*_conversation(c, i)).tolist() for i, c in enumerate(conversations)
+            self.renderer.render_prompt(*conversation(c, i)).tolist() for i, c in enumerate(conversations)
         ]
         if not prompts:
             return []
@@ -153,14 +165,8 @@ class ChatSampler:
         length = int(rollout.lengths[row])
         ids = np.asarray(rollout.tokens[row][:length]).tolist()
         reason = FINISH_REASONS[int(rollout.finish_reason[row])]
-        shown = ids
-        if reason == "stop":  # drop the stop sequence the row ended with from the text
-            for seq in stops:
-                if ids[len(ids) - len(seq) :] == seq:
-                    shown = ids[: len(ids) - len(seq)]
-                    break
         return Completion(
-            text=self.renderer.tokenizer.decode(shown, skip_special_tokens=True),
+            text=completion_text(self.renderer.tokenizer, ids, reason, stops),
             token_ids=ids,
             finish_reason=reason,
             logprobs=np.asarray(rollout.logprobs[row][:length]).tolist(),

@@ -45,12 +45,14 @@ class StageContext:
 @dataclasses.dataclass
 class Plan:
     """A stage's iteration for the loop, its evaluators, what a resumed run must match (``signature``),
-    and ``report(summary)``: the stage's last words."""
+    ``report(summary)``: the stage's last words (and fields to add to ``summary.json``, or None), and
+    ``eval_at_start``: evaluate before the first step whatever ``train.eval_at_start`` says."""
 
     iteration: Iteration
     signature: dict[str, Any]
     evaluators: Sequence[Evaluator] = ()
-    report: Callable[[dict[str, Any]], None] = lambda summary: None
+    report: Callable[[dict[str, Any]], dict[str, Any] | None] = lambda summary: None
+    eval_at_start: bool = False
 
 
 class BatchIteration:

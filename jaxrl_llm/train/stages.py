@@ -32,6 +32,7 @@ from jaxrl_llm.objectives import (
     dpo_objective,
     kto_objective,
     orpo_objective,
+    policy_objective,
     rm_objective,
     sft_objective,
     simpo_objective,
@@ -39,6 +40,7 @@ from jaxrl_llm.objectives import (
 from jaxrl_llm.render import KTOEncoder, PairEncoder
 from jaxrl_llm.render.records import SFTEncoder
 
+from .grpo import grpo_plan, policy_config, reference_if_penalised, updates_per_step
 from .iteration import Plan, StageContext
 from .pairs import pairs_plan
 from .sft import rows_plan
@@ -116,11 +118,17 @@ STAGES: dict[str, Stage | None] = {
         pairs_plan,
         PairEncoder,
     ),
-    "ppo": None,  # TODO(RL issue)
-    "grpo": None,  # TODO(RL issue)
+    "ppo": None,  # TODO(#14): PPO with a critic
+    "grpo": Stage(
+        ("prompt",),
+        lambda cfg: policy_objective(policy_config(cfg)),
+        grpo_plan,
+        frozen=reference_if_penalised,
+        updates_per_step=updates_per_step,
+    ),
 }
 
-_ARRIVES_WITH = {name: "the RL issue" for name in ("ppo", "grpo")}
+_ARRIVES_WITH = {"ppo": "issue #14"}
 # How an error names a record kind, and the fields that make one.
 KIND_WORDS = {
     "conversation": ("conversation", "messages"),
@@ -189,8 +197,11 @@ def run_stage(cfg: Config) -> int:
     encoder = row.encoder(run.renderer) if row.encoder is not None else None
     ctx = StageContext(cfg, run, encoder, row.objective(cfg), graphdef, tx, make_schedule(opt), frozen)
     plan = row.plan(ctx)
+    loop = LoopConfig.from_config(cfg)
+    if plan.eval_at_start:
+        loop = dataclasses.replace(loop, eval_at_start=True)
     summary = run_loop(
-        LoopConfig.from_config(cfg),
+        loop,
         graphdef=graphdef,
         state=state,
         iteration=plan.iteration,
@@ -199,5 +210,9 @@ def run_stage(cfg: Config) -> int:
         evaluators=plan.evaluators,
         export=setup.hf_export(run.tokenizer),
     )
-    plan.report(summary)
+    extra = plan.report(summary)
+    if extra:
+        from jaxrl_llm.checkpoint import write_summary
+
+        write_summary(run.run_dir, {**summary, **extra})
     return 0
