@@ -83,4 +83,6 @@ def test_main_routes_to_a_registered_stage(monkeypatch, capsys):
     assert train_main.main(["--config", str(REPO / QUICKSTART), "--config.train.steps=80"]) == 0
     assert seen == [80]
     capsys.readouterr()
-    assert "Implemented stages: sft, pt, rm, dpo, kto, orpo, simpo, grpo." in stages.not_implemented_message("ppo")
+    assert "Implemented stages: sft, pt, rm, dpo, kto, orpo, simpo, grpo." in stages.not_implemented_message(
+        "ppo"
+    )
