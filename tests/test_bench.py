@@ -189,3 +189,25 @@ def test_train_bench_pairs_compare_trl(objective):
     # Same initial weights, same token ids, AdamW with the same settings: the losses agree step for step.
     for ours, theirs in (("first_loss", "peer_first_loss"), ("loss", "peer_loss")):
         assert abs(result[ours] - result[theirs]) < 1e-3 * result[ours], (ours, result[ours], result[theirs])
+
+
+def test_trl_grpo_peer(tmp_path):
+    import numpy as np
+
+    from jaxrl_llm.bench.peer import trl_grpo
+    from jaxrl_llm.models import create_model, save_hf
+
+    save_hf(create_model(get_preset("llama-tiny")), tmp_path)
+    prompts = np.random.RandomState(0).randint(1, 256, (2, 6)).astype(np.int32)
+    # trl_grpo itself raises unless TRL sampled 2 x 2 completions of exactly 4 tokens from these prompt ids in
+    # each of its 2 iterations, and ran 2 optimizer steps.
+    result = trl_grpo(str(tmp_path), prompts, group=2, new_tokens=4, repeats=1)
+    assert result["peer"].startswith("trl ") and "GRPOTrainer" in result["peer"]
+    assert result["peer_loss_type"] == "dapo"
+    for key in ("peer_iteration_s", "peer_rollout_s", "peer_update_s", "peer_rollout_tokens_per_s"):
+        assert result[key] > 0, key
+    assert result["peer_rollout_tokens_per_s"] == pytest.approx(2 * 2 * 4 / result["peer_rollout_s"])
+    # One iteration: the two medians are of the same iteration's parts.
+    assert result["peer_rollout_s"] + result["peer_update_s"] == pytest.approx(result["peer_iteration_s"])
+    # Ratio 1 and advantages of zero mean in each group (equal lengths): the loss is 0 up to rounding.
+    assert abs(result["peer_loss"]) < 1e-5

@@ -13,6 +13,15 @@ next batch happens before ``on_step_begin`` and is not timed, as our batch is on
   in one pass before training (``"precomputed"``, TRL's ``precompute_ref_log_probs``; not timed).
 - ``trl_rm``: ``RewardTrainer`` with ``AutoModelForSequenceClassification`` (the exported score head) on
   ``chosen_ids`` / ``rejected_ids`` (prompt + completion of each side), Bradley-Terry loss.
+- ``trl_grpo``: ``GRPOTrainer``, where a step is a whole iteration: sampling ``group`` completions per
+  prompt with the trainer's model (HF ``generate``, temperature 1, no top-k/top-p, no vLLM; timed alone as
+  the rollout), random rewards, group-standardized advantages, then one forward and backward over the
+  ``P * group`` rows and the update. Matched: one generation batch of ``P * group`` rows per optimizer step
+  (``steps_per_generation=1``; TRL's batch sizes count completions), ``num_iterations=1`` (so no old-policy
+  forward), ``beta=0`` (no reference model), prompts in order. Forced: every completion is exactly
+  ``new_tokens`` long (EOS banned by ``min_new_tokens``, cut by ``max_completion_length``), and the prompts
+  are our token ids, written as text that a tokenizer whose vocabulary is the ids reads back unchanged.
+  The loss is TRL's default (``"dapo"``).
 
 The configuration is matched to ours rather than left at TRL's defaults, which differ from transformers'
 and from ours: TRL turns gradient checkpointing on and ``bf16`` on unless told otherwise (both off here
@@ -23,8 +32,9 @@ learning rate. TRL's DPO tokenization (which appends an EOS to each completion) 
 exactly our token ids. Every peer checks, on the batch its ``compute_loss`` receives, that it processes
 the rows and tokens the benchmark counts: ``B`` rows for SFT, and for pairs the ``2B`` sequences prompt +
 completion (ours reads a pair as one row ``prompt | chosen | rejected``, the prompt once, but counts the
-same ``2B`` sequences). torch, trl, transformers and datasets are imported here only: they are test-only
-dependencies.
+same ``2B`` sequences); GRPO's also checks that each generation started from our prompt ids and returned
+``P * group`` completions of ``new_tokens`` tokens. torch, trl, transformers and datasets are imported
+here only: they are test-only dependencies.
 """
 
 from __future__ import annotations
@@ -128,16 +138,40 @@ def _matched_args(out_dir: Path, batch: int, steps: int, dtype: str) -> dict:
     )
 
 
+def _describe_rows(inputs: dict) -> dict:
+    """The shape of a batch of rows (``input_ids``, with an ``attention_mask`` and a ``completion_mask``
+    when the trainer's collator makes them)."""
+    return {
+        "input_ids": tuple(inputs["input_ids"].shape),
+        "tokens": int(inputs["attention_mask"].sum())
+        if "attention_mask" in inputs
+        else inputs["input_ids"].numel(),
+        "targets": int(inputs["completion_mask"].sum()) if "completion_mask" in inputs else None,
+    }
+
+
+def _peer_name(name: str, attention: str) -> str:
+    import torch
+    import transformers
+    import trl
+
+    return (
+        f"trl {trl.__version__} {name} (transformers {transformers.__version__}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {attention} attention)"
+    )
+
+
 class _Recorder:
     """Step times (``on_step_begin`` to ``on_step_end``), per-step losses, and the shape of the first batch
     the trainer's ``compute_loss`` saw."""
 
-    def __init__(self):
+    def __init__(self, describe=None):
         import transformers
 
         self.times: list[float] = []
         self.losses: list = []
         self.seen: dict | None = None
+        self.describe = describe or _describe_rows
         recorder = self
 
         class StepTimer(transformers.TrainerCallback):
@@ -161,15 +195,7 @@ class _Recorder:
 
             def compute_loss(self, model, inputs, *args, **kwargs):
                 if recorder.seen is None:
-                    recorder.seen = {
-                        "input_ids": tuple(inputs["input_ids"].shape),
-                        "tokens": int(inputs["attention_mask"].sum())
-                        if "attention_mask" in inputs
-                        else inputs["input_ids"].numel(),
-                        "targets": int(inputs["completion_mask"].sum())
-                        if "completion_mask" in inputs
-                        else None,
-                    }
+                    recorder.seen = recorder.describe(inputs)
                 return super().compute_loss(model, inputs, *args, **kwargs)
 
         return Trainer
@@ -185,14 +211,9 @@ class _Recorder:
             raise RuntimeError(f"TRL's {name} saw a batch of {seen}, expected {expected}")
 
     def result(self, name: str, tokens: int, attention: str) -> dict:
-        import torch
-        import transformers
-        import trl
-
         step = statistics.median(self.times[1:])
         return {
-            "peer": f"trl {trl.__version__} {name} (transformers {transformers.__version__}, "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads, {attention} attention)",
+            "peer": _peer_name(name, attention),
             "peer_step_s": step,
             "peer_tokens_per_s": tokens / step,
             "peer_first_loss": float(self.losses[0]),
@@ -381,3 +402,153 @@ def trl_rm(
         attention = hf.config._attn_implementation
     rec.check("RewardTrainer", repeats, 2 * batch, length)
     return rec.result("RewardTrainer", 2 * batch * length, attention)
+
+
+def _id_tokenizer(vocab_size: int):
+    """A tokenizer whose vocabulary is the token ids themselves: the text ``"17 4 9"`` is the ids
+    ``[17, 4, 9]`` (no special tokens added) and decodes back to it. Id 0 is the pad and the EOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, **{str(i): i for i in range(1, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<pad>")
+
+
+def _random_reward(seed: int = 0):
+    """A reward function returning a seeded standard-normal reward per completion. GRPO's advantages are
+    the rewards standardized within each group, so a constant reward would make every advantage, and the
+    policy gradient with it, zero; random ones keep the update's work real without a reward to compute."""
+    rng = np.random.default_rng(seed)
+
+    def random_reward(completions, **kwargs) -> list[float]:
+        return rng.standard_normal(len(completions)).tolist()
+
+    return random_reward
+
+
+def _describe_grpo(inputs: dict) -> dict:
+    return {
+        "prompt_ids": tuple(inputs["prompt_ids"].shape),
+        "completion_ids": tuple(inputs["completion_ids"].shape),
+        "targets": int(inputs["completion_mask"].sum()),
+    }
+
+
+def trl_grpo(
+    model_dir: str,
+    prompts: np.ndarray,
+    *,
+    group: int,
+    new_tokens: int,
+    dtype: str = "float32",
+    param_dtype: str = "float32",
+    repeats: int = 3,
+) -> dict:
+    """Median iteration time of TRL's ``GRPOTrainer`` on ``prompts`` (int32[P, Lp], ids >= 1), dropping the
+    first (warm-up) iteration: sampling ``group`` completions of exactly ``new_tokens`` tokens per prompt
+    with the trainer's model (``peer_rollout_s``), then one optimizer step on those ``P * group`` rows
+    (``peer_update_s``: the rest of the iteration: rewards, advantages and TRL's bookkeeping, a few ms, and
+    the forward, which also computes each token's entropy for TRL's metrics, backward and AdamW update).
+
+    ``model_dir`` is an HF causal-LM checkpoint (``save_hf``); ``dtype`` and ``param_dtype`` as for
+    :func:`trl_sft`. Rewards are random (:func:`_random_reward`).
+    """
+    import datasets
+    import torch
+    import transformers
+    import trl
+
+    prompts = np.asarray(prompts)
+    if prompts.ndim != 2:
+        raise ValueError(f"prompts must be [P, Lp] token ids, got shape {prompts.shape}")
+    n_prompts, prompt_len = prompts.shape
+    if prompts.min() < 1:
+        raise ValueError("prompt ids must be >= 1: id 0 is the peer's pad and EOS")
+    rows = n_prompts * group
+    expected_prompts = np.repeat(prompts, group, axis=0).tolist()  # TRL's sampler: each prompt `group` times
+    rec = _Recorder(describe=_describe_grpo)
+    rollouts: list[tuple[float, bool, list[int]]] = []  # (seconds, prompts as ours, completion lengths)
+
+    class Base(trl.GRPOTrainer):
+        def _generate_single_turn(self, prompt_ids, *args, **kwargs):
+            start = time.perf_counter()
+            completion_ids, logprobs = super()._generate_single_turn(prompt_ids, *args, **kwargs)
+            seconds = time.perf_counter() - start
+            rollouts.append((seconds, list(prompt_ids) == expected_prompts, [len(c) for c in completion_ids]))
+            return completion_ids, logprobs
+
+    # Read in order (no shuffling): every iteration samples from the same P prompts.
+    data = [{"prompt": " ".join(map(str, p))} for p in prompts.tolist()] * (1 + repeats)
+    with _quiet(), tempfile.TemporaryDirectory() as tmp:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, param_dtype))
+        config = trl.GRPOConfig(
+            # TRL's batch sizes count completions: one generation batch of P * group rows is one optimizer step.
+            **_matched_args(Path(tmp) / "out", rows, 1 + repeats, dtype),
+            steps_per_generation=1,
+            num_generations=group,
+            num_iterations=1,
+            beta=0.0,
+            max_completion_length=new_tokens,
+            # EOS (id 0) is banned until new_tokens are out, when max_new_tokens ends every completion.
+            generation_kwargs={"min_new_tokens": new_tokens},
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            use_vllm=False,
+            shuffle_dataset=False,
+            disable_dropout=True,
+            mask_truncated_completions=False,
+            log_completions=False,
+            pad_to_multiple_of=None,
+        )
+        trainer = rec.wrap(Base)(
+            model=hf,
+            reward_funcs=_random_reward(),
+            args=config,
+            train_dataset=datasets.Dataset.from_list(data),
+            processing_class=_id_tokenizer(hf.config.vocab_size),
+            callbacks=[rec.callback],
+        )
+        trainer.remove_callback(transformers.PrinterCallback)
+        trainer.train()
+        attention, loss_type = hf.config._attn_implementation, config.loss_type
+    _check_grpo(rec, rollouts, repeats, rows, prompt_len, new_tokens)
+    iteration = statistics.median(rec.times[1:])
+    rollout = statistics.median(r[0] for r in rollouts[1:])
+    return {
+        "peer": _peer_name(f"GRPOTrainer ({loss_type} loss)", attention),
+        "peer_loss_type": loss_type,
+        "peer_iteration_s": iteration,
+        "peer_rollout_s": rollout,
+        "peer_update_s": statistics.median(
+            t - r[0] for t, r in zip(rec.times[1:], rollouts[1:], strict=True)
+        ),
+        "peer_rollout_tokens_per_s": rows * new_tokens / rollout,
+        "peer_first_loss": float(rec.losses[0]),
+        "peer_loss": float(rec.losses[-1]),
+    }
+
+
+def _check_grpo(rec: _Recorder, rollouts: list, repeats: int, rows: int, prompt_len: int, new_tokens: int):
+    """TRL ran ``1 + repeats`` optimizer steps, each after one generation from exactly our prompt ids of
+    ``rows`` completions of ``new_tokens`` tokens, and its loss saw all of them."""
+    if len(rec.times) != 1 + repeats or len(rollouts) != 1 + repeats:
+        raise RuntimeError(
+            f"TRL ran {len(rec.times)} optimizer steps and {len(rollouts)} generations, expected {1 + repeats}"
+        )
+    for _, same_prompts, lengths in rollouts:
+        if not same_prompts:
+            raise RuntimeError("TRL's GRPOTrainer generated from prompt ids other than ours")
+        if lengths != [new_tokens] * rows:
+            raise RuntimeError(
+                f"TRL generated completions of lengths {lengths}, expected {rows} x {new_tokens}"
+            )
+    expected = {
+        "prompt_ids": (rows, prompt_len),
+        "completion_ids": (rows, new_tokens),
+        "targets": rows * new_tokens,
+    }
+    if rec.seen != expected:
+        raise RuntimeError(f"TRL's GRPOTrainer saw a batch of {rec.seen}, expected {expected}")

@@ -707,6 +707,49 @@ FIELDS: tuple[Field, ...] = (
         lo=0,
     ),
     Field(
+        "rl.critic_path",
+        "",
+        "stage=ppo: the critic's starting point, a reward model's HF checkpoint or stage=rm run directory (the "
+        "policy's tokenizer); empty = a copy of the policy's backbone with a zero value head.",
+        str,
+    ),
+    Field("rl.vf_coef", 0.1, "stage=ppo: weight of the value loss beside the policy loss.", float, lo=0),
+    Field(
+        "rl.value_clip",
+        0.2,
+        "stage=ppo: values move at most this far from the sampling critic's.",
+        float,
+        lo=0,
+    ),
+    Field("rl.gamma", 1.0, "stage=ppo: GAE discount.", float, lo=0, hi=1),
+    Field("rl.lam", 0.95, "stage=ppo: GAE lambda.", float, lo=0, hi=1),
+    Field(
+        "rl.kl_coef",
+        0.05,
+        "stage=ppo: coefficient of the per-token KL to the reference subtracted from the rewards (0 = no "
+        "reference model).",
+        float,
+        lo=0,
+    ),
+    Field(
+        "rl.kl_target",
+        None,
+        "stage=ppo: adapt rl.kl_coef towards this KL per sequence (Ziegler et al. 2019). None = fixed.",
+        float,
+        lo=0,
+        lo_open=True,
+        nullable=True,
+    ),
+    Field(
+        "rl.kl_horizon", 10000.0, "stage=ppo: the adaptive KL controller's horizon (samples).", float, lo=1
+    ),
+    Field(
+        "rl.whiten_advantages",
+        True,
+        "stage=ppo: normalise the advantages over each iteration's tokens.",
+        bool,
+    ),
+    Field(
         "reward.functions",
         [],
         "Reward components of the RL stages: a list of {name, weight, params, label} (label names a "
@@ -751,7 +794,7 @@ SECTIONS = {
     "data": "Dataset, validation and quality filters (python -m jaxrl_llm.data validate checks one)",
     "pref": "Preference and reward-model stages (rm, dpo, kto, orpo, simpo)",
     "rollout": "Sampling of the RL stages' completions (jaxrl_llm.rollout)",
-    "rl": "Online RL stages (grpo): iterations, advantages, the policy loss",
+    "rl": "Online RL stages (grpo, ppo): iterations, advantages, the policy loss, PPO's critic",
     "reward": "Rewards of the RL stages (jaxrl_llm.reward)",
 }
 

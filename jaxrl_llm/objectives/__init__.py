@@ -32,7 +32,16 @@ from .policy import (
     value_loss,
 )
 from .preference import DPO_LOSS_TYPES, bradley_terry_loss, dpo_loss, kto_loss, orpo_loss, simpo_loss
-from .rl import RL_ALGORITHMS, ROLLOUT_IS, PolicyLossConfig, completion_logps, policy_objective
+from .rl import (
+    PPO_DEFAULTS,
+    RL_ALGORITHMS,
+    ROLLOUT_IS,
+    PolicyLossConfig,
+    completion_logps,
+    completion_values,
+    policy_objective,
+    ppo_objective,
+)
 from .sft import sft_objective, token_logps
 
 __all__ = [
@@ -43,6 +52,7 @@ __all__ = [
     "LOSS_AGGS",
     "Objective",
     "POLICY_LOSSES",
+    "PPO_DEFAULTS",
     "PolicyLossConfig",
     "RL_ALGORITHMS",
     "ROLLOUT_IS",
@@ -51,6 +61,7 @@ __all__ = [
     "aggregate",
     "bradley_terry_loss",
     "completion_logps",
+    "completion_values",
     "dpo_loss",
     "dpo_objective",
     "entropy_from_logits",
@@ -65,6 +76,7 @@ __all__ = [
     "pair_logps",
     "policy_loss",
     "policy_objective",
+    "ppo_objective",
     "policy_token_losses",
     "reference_logps",
     "rm_objective",

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from .base import NO_MODELS, Batch, Frozen, Objective
-from .policy import aggregate, entropy_from_logits, kl_penalty, policy_token_losses
+from .policy import aggregate, entropy_from_logits, kl_penalty, policy_token_losses, value_loss
 from .sft import token_logps
 
 ROLLOUT_IS = ("none", "token", "sequence")
@@ -63,6 +63,15 @@ RL_ALGORITHMS: dict[str, dict[str, Any]] = {
     # MiniMax-M1 (arXiv:2506.13585): clipped, stop-gradient IS weight times the log-prob; no lower clip, TRL's
     # epsilon_high 5 (an upper bound of 5 on the weight).
     "cispo": {**_GRPO, "loss": "cispo", "loss_agg": "token_mean", "clip_low": 1.0, "clip_high": 4.0},
+}
+
+
+# Stage ppo's policy-loss defaults (rl.algorithm does not apply; explicit rl.* keys still do).
+PPO_DEFAULTS: dict[str, Any] = {
+    **_GRPO,
+    "loss_agg": "token_mean",
+    "baseline": "none",
+    "scale": "none",
 }
 
 
@@ -139,6 +148,43 @@ def _summarize(sums: dict[str, jax.Array], normalizer: jax.Array) -> dict[str, j
     return out
 
 
+def _policy_terms(model, batch: Batch, cfg: PolicyLossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``(per-token policy loss [R, N], summed statistics)`` of ``model`` on an RL batch."""
+    logps, entropy = completion_logps(model, batch)
+    mask = batch["completion_mask"].astype(bool)
+    old = batch["old_logps"] if "old_logps" in batch else jax.lax.stop_gradient(logps)
+    sampler = batch["sampler_logps"]
+    weights = None
+    if cfg.rollout_is != "none":
+        weights = rollout_is_weights(old, sampler, mask, cfg.rollout_is, cfg.rollout_is_cap)
+    per_token, stats = policy_token_losses(
+        logps,
+        old,
+        batch["advantages"],
+        mask,
+        clip_low=cfg.clip_low,
+        clip_high=cfg.clip_high,
+        importance_level=cfg.importance_level,
+        ref_logps=batch.get("ref_logps"),
+        beta=cfg.beta,
+        kl_estimator=cfg.kl_estimator,
+        dual_clip=cfg.dual_clip,
+        loss=cfg.loss,
+        is_weights=weights,
+    )
+    on_mask = lambda x: jnp.where(mask, jax.lax.stop_gradient(x), 0.0)
+    sums = {
+        **stats,
+        "entropy_sum": on_mask(entropy).sum(),
+        # k3 of KL(sampler || trainer), estimated on the sampler's own draws: r - 1 - log r, r = old / sampler.
+        "mismatch_kl_sum": on_mask(kl_penalty(sampler, old, "k3")).sum(),
+        "max/mismatch": jnp.abs(on_mask(old - sampler)).max(),
+    }
+    if weights is not None:
+        sums["is_weight_sum"] = weights.sum()
+    return per_token, sums
+
+
 def policy_objective(cfg: PolicyLossConfig) -> Objective:
     """The RL policy update on an RL batch (module docstring): ``policy_token_losses`` aggregated by
     ``cfg.loss_agg``, over the completion tokens the batch's ``completion_mask`` counts.
@@ -151,43 +197,61 @@ def policy_objective(cfg: PolicyLossConfig) -> Objective:
 
     def loss(model, batch: Batch, rng: jax.Array, frozen: Frozen = NO_MODELS):
         del rng, frozen  # the reference's log-probs come precomputed in the batch (one pass an iteration)
-        logps, entropy = completion_logps(model, batch)
+        per_token, sums = _policy_terms(model, batch, cfg)
         mask = batch["completion_mask"].astype(bool)
-        old = batch["old_logps"] if "old_logps" in batch else jax.lax.stop_gradient(logps)
-        sampler = batch["sampler_logps"]
-        weights = None
-        if cfg.rollout_is != "none":
-            weights = rollout_is_weights(old, sampler, mask, cfg.rollout_is, cfg.rollout_is_cap)
-        per_token, stats = policy_token_losses(
-            logps,
-            old,
-            batch["advantages"],
-            mask,
-            clip_low=cfg.clip_low,
-            clip_high=cfg.clip_high,
-            importance_level=cfg.importance_level,
-            ref_logps=batch.get("ref_logps"),
-            beta=cfg.beta,
-            kl_estimator=cfg.kl_estimator,
-            dual_clip=cfg.dual_clip,
-            loss=cfg.loss,
-            is_weights=weights,
-        )
         numerator, _ = aggregate(
             per_token, mask, cfg.loss_agg, max_completion_length=cfg.max_completion_length or mask.shape[1]
         )
-        on_mask = lambda x: jnp.where(mask, jax.lax.stop_gradient(x), 0.0)
-        gap = on_mask(old - sampler)
-        sums = {
-            "loss": numerator,
-            **stats,
-            "entropy_sum": on_mask(entropy).sum(),
-            # k3 of KL(sampler || trainer), estimated on the sampler's own draws: r - 1 - log r, r = old / sampler.
-            "mismatch_kl_sum": on_mask(kl_penalty(sampler, old, "k3")).sum(),
-            "max/mismatch": jnp.abs(gap).max(),
-        }
-        if weights is not None:
-            sums["is_weight_sum"] = weights.sum()
-        return numerator, sums
+        return numerator, {"loss": numerator, **sums}
 
     return Objective("policy", loss, _normalizer(cfg), _summarize)
+
+
+def completion_values(critic, batch: Batch) -> jax.Array:
+    """float32[R, N] the critic's value of each completion token's state: its output at the position that
+    predicts the token (the prompt's last, then the completion's own but its last), as the policy's
+    log-probs are read."""
+    width = batch["tokens"].shape[1] - batch["completion_mask"].shape[1]
+    values = critic(batch["tokens"], attention_mask=batch["attention_mask"])
+    return values[:, width - 1 : -1].astype(jnp.float32)
+
+
+def ppo_objective(cfg: PolicyLossConfig, *, vf_coef: float = 0.1, value_clip: float = 0.2) -> Objective:
+    """PPO (Schulman et al. 2017, arXiv:1707.06347) on an ``ActorCritic``: the clipped policy loss on per-token
+    advantages plus ``vf_coef`` times the clipped value loss (``value_loss``) against the batch's ``returns``
+    and ``old_values``, both means over the batch's completion tokens (TRL's ``masked_mean``; ``cfg.loss_agg``
+    applies to the policy term). Metrics: the policy objective's, plus ``policy_loss``, ``value_loss``,
+    ``value_clip_frac`` and ``value/mean``."""
+
+    def loss(model, batch: Batch, rng: jax.Array, frozen: Frozen = NO_MODELS):
+        del rng, frozen
+        per_token, sums = _policy_terms(model.policy, batch, cfg)
+        mask = batch["completion_mask"].astype(bool)
+        policy_num, _ = aggregate(per_token, mask, "token_mean")
+        values = completion_values(model.critic, batch)
+        value_tokens, value_stats = value_loss(
+            values, batch["old_values"], batch["returns"], mask, clip=value_clip
+        )
+        value_num, _ = aggregate(value_tokens, mask, "token_mean")
+        total = policy_num + vf_coef * value_num
+        return total, {
+            "loss": total,
+            **sums,
+            "policy_loss": policy_num,
+            "value_loss": value_num,
+            "value_clip": value_stats["clip_count"],
+            "value_sum": jnp.where(mask, jax.lax.stop_gradient(values), 0.0).sum(),
+        }
+
+    def summarize(sums: dict[str, jax.Array], normalizer: jax.Array) -> dict[str, jax.Array]:
+        tokens = jnp.maximum(sums["tokens"], 1.0)
+        return {
+            **_summarize(sums, normalizer),
+            "policy_loss": sums["policy_loss"] / normalizer,
+            "value_loss": sums["value_loss"] / normalizer,
+            "value_clip_frac": sums["value_clip"] / tokens,
+            "value/mean": sums["value_sum"] / tokens,
+        }
+
+    token_mean = dataclasses.replace(cfg, loss_agg="token_mean")
+    return Objective("ppo", loss, _normalizer(token_mean), summarize)

@@ -2,7 +2,7 @@
 
 Parses and validates the config before anything heavy is imported, prints the resolved config, then runs
 the stage named by ``config.stage``. Exit codes: 0 done, 2 user error (configuration, paths, checkpoints,
-data), 3 stage not implemented.
+data).
 """
 
 from __future__ import annotations

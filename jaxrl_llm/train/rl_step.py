@@ -1,12 +1,13 @@
 """One RL iteration as pure functions: sample, score, compute advantages, update (mu epochs x minibatches).
 
-    rollout(params, prompts, key, sampling)            -> Rollout          G samples per prompt (generate)
-    device_scores(prompts, rollout)                    -> Scores           device rewards, weighted
-    learn(state, frozen, prompts, rollout, scores, key) -> (state, metrics) advantages, old/ref log-probs,
-                                                                            the policy updates
-    iteration(state, frozen, prompts, key, sampling)   -> (state, metrics, IterationLog)
+    rollout(params, prompts, key, sampling)         -> Rollout            G samples per prompt (generate)
+    device_scores(prompts, rollout)                 -> Scores             device rewards, weighted
+    learn(state, frozen, sampled, key)              -> (state, metrics)   advantages, old/ref log-probs,
+                                                                          the policy updates
+    iteration(state, frozen, prompts, key, sampling) -> (state, metrics, IterationLog)
 
-``iteration`` composes the three into one compiled program (only device rewards: no host round trip).
+``iteration`` composes the three into one compiled program (only device rewards: no host round trip), with
+DAPO's dynamic sampling (``rl_groups``) as a ``while_loop`` of further rollout rounds when enabled.
 With host rewards the stage compiles ``rollout`` and ``learn`` separately and scores the decoded text on
 the host in between, one device -> host -> device trip an iteration (``grpo.RLIteration``); both paths run
 the same ``learn``.
@@ -38,6 +39,7 @@ from jaxrl_llm.reward.device import SampleArrays
 from jaxrl_llm.rollout import Rollout, SamplingParams, generate
 
 from .rl_data import Prompts
+from .rl_groups import Sampled, Scores, sample_groups
 from .state import Frozen, TrainState
 from .step import NO_FROZEN, UpdateFn, micro_batches
 
@@ -61,6 +63,13 @@ class RLConfig:
     stops: tuple[tuple[int, ...], ...] = ()
     pad_id: int = 0
     policy: PolicyLossConfig = PolicyLossConfig()
+    dynamic_sampling: bool = False
+    extra_rounds: int = 0  # with dynamic_sampling: rollouts an iteration may add to refill flat groups
+
+    @property
+    def rounds(self) -> int:
+        """Prompt batches an iteration draws (one per possible rollout round)."""
+        return 1 + self.extra_rounds if self.dynamic_sampling else 1
 
     @property
     def updates(self) -> int:
@@ -71,22 +80,6 @@ class RLConfig:
     def recompute_old(self) -> bool:
         """Whether ``old_logps`` need their own pass (more than one update an iteration)."""
         return self.updates > 1
-
-
-@struct.dataclass
-class Scores:
-    """Rewards of an iteration's ``R`` samples.
-
-    Attributes:
-      total: float32[R] the weighted sum of the components.
-      valid: bool[R] the sample counts (False: a failing host reward excluded it).
-      components: ``{key: float32[R]}`` raw values; applies: ``{key: bool[R]}`` the value is real.
-    """
-
-    total: jax.Array
-    valid: jax.Array
-    components: dict[str, jax.Array]
-    applies: dict[str, jax.Array]
 
 
 @struct.dataclass
@@ -227,17 +220,24 @@ def rl_batch(
     }
 
 
-def logps_pass(model_fn: Callable[[], Any], batch: Mapping[str, jax.Array], chunks: int) -> jax.Array:
-    """float32[R, N] completion log-probs under ``model_fn()``, no gradient, in ``chunks`` micro-batches
-    (strided, as the step factory splits, so each spreads over the devices)."""
+def no_grad_pass(
+    fn: Callable[[dict[str, jax.Array]], jax.Array], batch: Mapping[str, jax.Array], chunks: int
+):
+    """``fn(rows) -> [rows, N]`` over the batch's ``prompt | completion`` rows with no gradient, in ``chunks``
+    micro-batches (strided, as the step factory splits, so each spreads over the devices)."""
     keys = ("tokens", "attention_mask", "completion_mask")
     rows = batch["tokens"].shape[0]
     micro = micro_batches({k: batch[k] for k in keys}, chunks)
-    out = jax.lax.map(lambda mb: jax.lax.stop_gradient(completion_logps(model_fn(), mb)[0]), micro)
+    out = jax.lax.map(lambda mb: jax.lax.stop_gradient(fn(mb)), micro)
     return out.swapaxes(0, 1).reshape(rows, -1)
 
 
-def _epochs(update: UpdateFn, cfg: RLConfig, state: TrainState, batch, key) -> tuple[TrainState, dict]:
+def logps_pass(model_fn: Callable[[], Any], batch: Mapping[str, jax.Array], chunks: int) -> jax.Array:
+    """float32[R, N] completion log-probs under ``model_fn()``, no gradient, in ``chunks`` micro-batches."""
+    return no_grad_pass(lambda mb: completion_logps(model_fn(), mb)[0], batch, chunks)
+
+
+def epochs(update: UpdateFn, cfg: RLConfig, state: TrainState, batch, key) -> tuple[TrainState, dict]:
     """``num_iterations`` epochs of ``minibatches`` updates: ``lax.scan`` over the updates, each on a
     minibatch gathered by a fresh permutation of the rows every epoch."""
     if cfg.updates == 1:
@@ -267,41 +267,39 @@ def learn(
     cfg: RLConfig,
     state: TrainState,
     frozen: Frozen,
-    prompts: Prompts,
-    rollout: Rollout,
-    scores: Scores,
+    sampled: Sampled,
     key: jax.Array,
 ) -> tuple[TrainState, dict[str, jax.Array], jax.Array]:
     """Advantages, old/reference log-probs and the updates (module docstring); also returns the advantages."""
-    g = cfg.group_size
+    g, prompts, rolled, scores = cfg.group_size, sampled.prompts, sampled.rollout, sampled.scores
     valid = scores.valid
     if cfg.mask_truncated:
-        valid = valid & (rollout.finish_reason != 0)
+        valid = valid & (rolled.finish_reason != 0)
     advantages = group_advantages(
         scores.total, g, baseline=cfg.baseline, scale=cfg.scale, eps=cfg.advantage_eps, valid=valid
     )
-    batch = rl_batch(prompts, rollout, advantages, valid, g)
+    batch = rl_batch(prompts, rolled, advantages, valid, g)
     chunks = cfg.minibatches * cfg.accum_steps
     if cfg.recompute_old:
         batch["old_logps"] = logps_pass(lambda: nnx.merge(graphdef, state.params), batch, chunks)
     if cfg.policy.beta > 0:
         batch["ref_logps"] = logps_pass(lambda: frozen.models()["reference"], batch, chunks)
-    state, metrics = _epochs(update, cfg, state, batch, key)
+    state, metrics = epochs(update, cfg, state, batch, key)
     metrics = {
         **metrics,
         **reward_metrics(scores, g),
         **advantage_metrics(scores.total, advantages, valid, g),
-        **completion_metrics(rollout),
+        **completion_metrics(rolled),
         "samples/counted": valid.mean(dtype=_f32),
-        "tokens": rollout.lengths.sum(dtype=_f32),
+        "tokens": rolled.lengths.sum(dtype=_f32),
     }
     return state, metrics, advantages
 
 
 def iteration(
-    update: UpdateFn,
-    graphdef: nnx.GraphDef,
+    learn_fn: Callable[..., tuple[TrainState, dict[str, jax.Array], jax.Array]],
     rollout_graphdef: nnx.GraphDef,
+    policy_of: Callable[[Any], Any],
     cfg: RLConfig,
     components_fn: Callable[[SampleArrays], dict[str, jax.Array]],
     weights: Mapping[str, float],
@@ -311,14 +309,30 @@ def iteration(
     key: jax.Array,
     sampling: SamplingParams,
 ) -> tuple[TrainState, dict[str, jax.Array], IterationLog]:
-    """A whole iteration with device rewards only: one program, no host round trip."""
+    """A whole iteration with device rewards only: one program, no host round trip. ``prompts`` holds
+    ``cfg.rounds`` batches (dynamic sampling's refills); ``learn_fn(state, frozen, sampled, key)`` is the
+    stage's (``learn`` here, or PPO's); ``policy_of(params)`` picks the policy out of the trained parameters."""
     sample_key, learn_key = jax.random.split(key)
-    sampled = rollout(rollout_graphdef, state.params, prompts, sample_key, sampling, cfg)
-    scores = device_scores(components_fn, weights, prompts, sampled, cfg.group_size)
-    state, metrics, advantages = learn(
-        update, graphdef, cfg, state, frozen, prompts, sampled, scores, learn_key
-    )
+
+    def sample_round(round_prompts: Prompts, round_key: jax.Array) -> Sampled:
+        rolled = rollout(rollout_graphdef, policy_of(state.params), round_prompts, round_key, sampling, cfg)
+        scores = device_scores(components_fn, weights, round_prompts, rolled, cfg.group_size)
+        return Sampled(round_prompts, rolled, scores)
+
+    if cfg.dynamic_sampling:
+        sampled, extra = sample_groups(
+            sample_round, prompts, sample_key, group_size=cfg.group_size, rounds=cfg.rounds
+        )
+    else:
+        sampled, extra = sample_round(prompts, sample_key), {}
+    state, metrics, advantages = learn_fn(state, frozen, sampled, learn_key)
+    rolled = sampled.rollout
     log = IterationLog(
-        prompts.index, sampled.tokens, sampled.lengths, sampled.finish_reason, scores.total, advantages
+        sampled.prompts.index,
+        rolled.tokens,
+        rolled.lengths,
+        rolled.finish_reason,
+        sampled.scores.total,
+        advantages,
     )
-    return state, metrics, log
+    return state, {**metrics, **extra}, log

@@ -199,14 +199,17 @@ def start_stage(
     return StageRun(run_dir, mesh, tokenizer, renderer, loaded, train_records, eval_records, model)
 
 
-def hf_export(tokenizer: Any) -> Callable[[Any, Path], None]:
-    """``export(model, out)`` for ``run_loop``: the model as an HF checkpoint with its tokenizer beside it."""
+def hf_export(
+    tokenizer: Any, part: Callable[[Any], Any] = lambda model: model
+) -> Callable[[Any, Path], None]:
+    """``export(model, out)`` for ``run_loop``: ``part(model)`` (the model, or the policy of PPO's
+    actor-critic) as an HF checkpoint with its tokenizer beside it."""
 
     def export(model: Any, out: Path) -> None:
         from jaxrl_llm.models import save_hf
         from jaxrl_llm.parallel import is_main_process
 
-        save_hf(model, out)
+        save_hf(part(model), out)
         if is_main_process():
             save_tokenizer(tokenizer, out)
 

@@ -11,7 +11,10 @@ the stage's ``plan`` builds its iteration and evaluators; ``loop.run_loop`` runs
 - ``objective``: ``cfg -> Objective``, the loss the updates minimise;
 - ``frozen``: ``cfg -> names`` of frozen copies of the initial policy the objective reads (``reference``);
 - ``plan``: ``StageContext -> Plan``, the iteration (``BatchIteration``, or RL's) and its evaluators;
-- ``updates_per_step``: ``cfg -> int``, optimizer updates one loop step makes (the schedule's length).
+- ``updates_per_step``: ``cfg -> int``, optimizer updates one loop step makes (the schedule's length);
+- ``trainable``: ``(cfg, run) -> model`` what the optimizer trains, when it is more than the policy (PPO's
+  actor-critic), with ``policy(model)`` picking what is exported and ``extra(cfg)`` the state's extra
+  scalars (PPO's KL coefficient).
 
 Heavy imports (JAX, models, data) happen when this module is imported, which ``python -m jaxrl_llm.train``
 does only after it has validated and printed the config.
@@ -20,7 +23,6 @@ does only after it has validated and printed the config.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +35,7 @@ from jaxrl_llm.objectives import (
     kto_objective,
     orpo_objective,
     policy_objective,
+    ppo_objective,
     rm_objective,
     sft_objective,
     simpo_objective,
@@ -40,12 +43,13 @@ from jaxrl_llm.objectives import (
 from jaxrl_llm.render import KTOEncoder, PairEncoder
 from jaxrl_llm.render.records import SFTEncoder
 
+from . import ppo
 from .grpo import grpo_plan, policy_config, reference_if_penalised, updates_per_step
 from .iteration import Plan, StageContext
 from .pairs import pairs_plan
+from .ppo import ppo_plan
 from .sft import rows_plan
 
-EXIT_NOT_IMPLEMENTED = 3
 Config = ml_collections.ConfigDict
 
 
@@ -68,6 +72,9 @@ class Stage:
     head: str = "lm"
     frozen: Callable[[Config], tuple[str, ...]] = _none
     updates_per_step: Callable[[Config], int] = _one
+    trainable: Callable[[Config, Any], Any] | None = None
+    policy: Callable[[Any], Any] = lambda model: model
+    extra: Callable[[Config], dict[str, Any]] = lambda cfg: {}
 
 
 def _dpo(cfg: Config) -> Objective:
@@ -96,8 +103,8 @@ def _reference(cfg: Config) -> tuple[str, ...]:
     return ("reference",)
 
 
-# None = not implemented yet. The keys match jaxrl_llm.config.STAGE_NAMES (a test checks it).
-STAGES: dict[str, Stage | None] = {
+# The keys match jaxrl_llm.config.STAGE_NAMES (a test checks it).
+STAGES: dict[str, Stage] = {
     "sft": Stage(("conversation", "text"), lambda cfg: sft_objective(), rows_plan, SFTEncoder),
     "pt": Stage(("text",), lambda cfg: sft_objective(), rows_plan, SFTEncoder),  # the SFT loss on raw text
     "rm": Stage(
@@ -118,7 +125,16 @@ STAGES: dict[str, Stage | None] = {
         pairs_plan,
         PairEncoder,
     ),
-    "ppo": None,  # TODO(#14): PPO with a critic
+    "ppo": Stage(
+        ("prompt",),
+        lambda cfg: ppo_objective(policy_config(cfg), vf_coef=cfg.rl.vf_coef, value_clip=cfg.rl.value_clip),
+        ppo_plan,
+        frozen=lambda cfg: ("reference",) if cfg.rl.kl_coef > 0 or cfg.rl.kl_target is not None else (),
+        updates_per_step=updates_per_step,
+        trainable=ppo.trainable,
+        policy=lambda model: model.policy,
+        extra=ppo.initial_extra,
+    ),
     "grpo": Stage(
         ("prompt",),
         lambda cfg: policy_objective(policy_config(cfg)),
@@ -128,7 +144,6 @@ STAGES: dict[str, Stage | None] = {
     ),
 }
 
-_ARRIVES_WITH = {"ppo": "issue #14"}
 # How an error names a record kind, and the fields that make one.
 KIND_WORDS = {
     "conversation": ("conversation", "messages"),
@@ -145,7 +160,7 @@ def check_kind(stage: str, kind: str | None) -> None:
     if kind in allowed:
         return
     fields = " / ".join(KIND_WORDS[k][1] for k in allowed)
-    others = [name for name, row in STAGES.items() if row is not None and kind in row.kinds]
+    others = [name for name, row in STAGES.items() if kind in row.kinds]
     hint = ""
     if others and kind in KIND_WORDS:
         hint = f"; {KIND_WORDS[kind][0]} train with " + ", ".join(f"stage={n}" for n in others)
@@ -155,23 +170,9 @@ def check_kind(stage: str, kind: str | None) -> None:
     )
 
 
-def implemented_stages() -> tuple[str, ...]:
-    return tuple(name for name, row in STAGES.items() if row is not None)
-
-
-def not_implemented_message(stage: str) -> str:
-    arrives = _ARRIVES_WITH.get(stage)
-    when = f" (it arrives with {arrives})" if arrives else ""
-    done = ", ".join(implemented_stages()) or "none"
-    return f"jaxrl_llm.train: stage {stage!r} is not implemented yet{when}. Implemented stages: {done}."
-
-
 def run_stage(cfg: Config) -> int:
-    """Runs ``cfg.stage``; returns the process exit code (3 when the stage does not exist yet)."""
-    row = STAGES.get(cfg.stage)
-    if row is None:
-        print(not_implemented_message(cfg.stage), file=sys.stderr)
-        return EXIT_NOT_IMPLEMENTED
+    """Runs ``cfg.stage`` (validated, so it is in the table); returns the process exit code."""
+    row = STAGES[cfg.stage]
     import jax
     from flax import nnx
 
@@ -190,9 +191,10 @@ def run_stage(cfg: Config) -> int:
         states={name: frozen_copy(initial) for name in row.frozen(cfg)},
         graphdefs=tuple((name, graphdef0) for name in row.frozen(cfg)),
     )
+    model = row.trainable(cfg, run) if row.trainable is not None else run.model
     opt = OptimizerConfig.from_config(cfg, updates_per_step=row.updates_per_step(cfg))
-    tx = make_optimizer(opt, nnx.state(run.model, nnx.Param))
-    graphdef, state = TrainState.create(run.model, tx, jax.random.key(cfg.seed))
+    tx = make_optimizer(opt, nnx.state(model, nnx.Param))
+    graphdef, state = TrainState.create(model, tx, jax.random.key(cfg.seed), row.extra(cfg))
     state = place(state, run.mesh)
     encoder = row.encoder(run.renderer) if row.encoder is not None else None
     ctx = StageContext(cfg, run, encoder, row.objective(cfg), graphdef, tx, make_schedule(opt), frozen)
@@ -208,7 +210,7 @@ def run_stage(cfg: Config) -> int:
         signature=plan.signature,
         peak_flops=mesh_peak_flops(cfg.train.peak_flops, cfg.model.dtype),
         evaluators=plan.evaluators,
-        export=setup.hf_export(run.tokenizer),
+        export=setup.hf_export(run.tokenizer, row.policy),
     )
     extra = plan.report(summary)
     if extra:

@@ -9,6 +9,7 @@ as one argument and ``models()`` rebuilds its modules inside.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -26,16 +27,23 @@ class TrainState:
       params: ``nnx.State`` of the model's ``nnx.Param`` variables.
       opt_state: the optimizer's state for ``params``.
       rng: the run's PRNG key; step ``i`` uses ``fold_in(rng, i)`` (so a resumed run draws the same keys).
+      extra: scalars a stage carries from step to step and checkpoints with the rest (PPO's adaptive KL
+        coefficient); empty for most stages.
     """
 
     step: jax.Array
     params: nnx.State
     opt_state: optax.OptState
     rng: jax.Array
+    extra: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def create(
-        cls, model: nnx.Module, tx: optax.GradientTransformation, rng: jax.Array
+        cls,
+        model: nnx.Module,
+        tx: optax.GradientTransformation,
+        rng: jax.Array,
+        extra: dict[str, jax.Array] | None = None,
     ) -> tuple[nnx.GraphDef, TrainState]:
         """Splits ``model`` into ``(graphdef, TrainState)`` with step 0 and ``tx.init(params)``.
 
@@ -46,7 +54,13 @@ class TrainState:
         if jax.tree.leaves(rest):
             raise ValueError(f"model has non-Param state the TrainState would drop: {rest}")
         graphdef, params = nnx.split(model, nnx.Param)
-        state = cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
+        state = cls(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            rng=rng,
+            extra=dict(extra or {}),
+        )
         return graphdef, state
 
     def apply_gradients(self, grads: Any, tx: optax.GradientTransformation) -> TrainState:
