@@ -8,9 +8,12 @@
         [--reference live|precomputed] [--compare-trl] [--json OUT]
     python -m jaxrl_llm.bench train --objective rm --model llama-30m --batch 4 --prompt-len 64 --completion-len 64 \
         [--compare-trl] [--json OUT]
+    python -m jaxrl_llm.bench train --objective grpo --model llama-30m --prompts 4 --group 4 --prompt-len 64 \
+        --new-tokens 64 [--dtype bfloat16] [--rollout-dtype bfloat16] [--compare-trl] [--json OUT]
 
 ``--model`` is a preset name (random weights) or an HF checkpoint directory. For ``train``, ``--batch`` counts
-rows for ``sft`` and preference pairs for ``dpo`` and ``rm`` (each side prompt + completion tokens, all counted).
+rows for ``sft`` and preference pairs for ``dpo`` and ``rm`` (each side prompt + completion tokens, all counted);
+``grpo`` takes ``--prompts`` x ``--group`` completions of ``--new-tokens`` each per iteration instead.
 """
 
 from __future__ import annotations
@@ -75,6 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         help="dpo only: the frozen reference's log-probs run before every step (live, the default) "
         "or once up front (precomputed)",
     )
+    train.add_argument("--prompts", type=int, default=4, help="grpo: prompts an iteration")
+    train.add_argument("--group", type=int, default=4, help="grpo: completions per prompt")
+    train.add_argument("--new-tokens", type=int, default=64, help="grpo: tokens of every completion")
+    train.add_argument(
+        "--rollout-dtype",
+        choices=("float32", "bfloat16"),
+        help="grpo: the rollouts' compute dtype (default --dtype)",
+    )
     train.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     train.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"))
     train.add_argument("--accum", type=int, default=1, help="gradient-accumulation micro-batches")
@@ -83,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument(
         "--compare-trl",
         action="store_true",
-        help="also run TRL's trainer for the objective (SFTTrainer, DPOTrainer, RewardTrainer; PyTorch, CPU) "
+        help="also run TRL's trainer for the objective (SFTTrainer, DPOTrainer, RewardTrainer, GRPOTrainer; "
+        "PyTorch, CPU) "
         "on the same weights and token ids",
     )
     roll = sub.add_parser("rollout", help="generation tokens per second of the in-graph sampler")
@@ -154,6 +166,21 @@ def _run(args: argparse.Namespace) -> dict:
             )
         except ValueError as err:
             raise _ArgumentError(str(err)) from err
+        if args.objective == "grpo":
+            from .rl import bench_grpo
+
+            return bench_grpo(
+                args.model,
+                prompts=args.prompts,
+                group=args.group,
+                prompt_len=args.prompt_len or DEFAULT_PROMPT_LEN,
+                new_tokens=args.new_tokens,
+                dtype=args.dtype,
+                param_dtype=args.param_dtype,
+                rollout_dtype=args.rollout_dtype,
+                repeats=args.repeats,
+                compare_trl=args.compare_trl,
+            )
         return bench_train(
             args.model,
             objective=args.objective,

@@ -45,7 +45,7 @@ import numpy as np
 from .forward import forward_flops
 from .peak import matmul_flops_per_s
 
-OBJECTIVES = ("sft", "dpo", "rm")
+OBJECTIVES = ("sft", "dpo", "rm", "grpo")  # grpo: bench.rl
 PAIR_OBJECTIVES = ("dpo", "rm")
 REFERENCES = ("live", "precomputed")
 DEFAULT_SEQ_LEN = 256
@@ -133,7 +133,19 @@ def check_train_args(
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"{flag('objective')}={objective!r}: expected one of {', '.join(OBJECTIVES)}")
-    if objective == "sft":
+    if objective == "grpo":
+        given = [
+            flag(n) for n, v in (("seq_len", seq_len), ("completion_len", completion_len)) if v is not None
+        ]
+        if given:
+            raise ValueError(
+                f"{' and '.join(given)}: objective 'grpo' generates its completions; give --prompt-len and "
+                "--new-tokens (and --prompts, --group) instead"
+            )
+        prompt_len = DEFAULT_PROMPT_LEN if prompt_len is None else prompt_len
+        if prompt_len < 1:
+            raise ValueError(f"{flag('prompt_len')}={prompt_len}: must be at least 1")
+    elif objective == "sft":
         given = [
             flag(n)
             for n, v in (("prompt_len", prompt_len), ("completion_len", completion_len))
