@@ -250,8 +250,14 @@ def test_seq_len_within_max_seq_len(tmp_path):
 def test_warmup_not_longer_than_training():
     text = _problems(_overridden(optimizer__warmup_steps=20, train__steps=10))
     assert (
-        "optimizer.warmup_steps=20, train.steps=10: optimizer.warmup_steps must not exceed train.steps"
+        "optimizer.warmup_steps=20, train.steps=10: optimizer.warmup_steps (optimizer updates) must not"
         in text
+    )
+    # An RL iteration makes rl.num_iterations x rl.minibatches updates: the warmup is counted in updates.
+    rl = dict(stage="grpo", reward__functions=[{"name": "math_verify"}], train__steps=10, rl__minibatches=2)
+    validate(_overridden(optimizer__warmup_steps=20, **rl))  # 20 updates: no problem
+    assert "train.steps=10 x 2 updates an iteration" in _problems(
+        _overridden(optimizer__warmup_steps=21, **rl)
     )
 
 

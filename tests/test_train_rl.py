@@ -366,3 +366,38 @@ def test_the_sharded_iteration_on_8_devices_equals_one_device(fused_run, tmp_pat
     want, got = final_params(fused_run[0]), final_params(out)
     for name, value in want.items():
         np.testing.assert_allclose(got[name], value, atol=5e-5, err_msg=name)
+
+
+def test_the_gsm8k_recipe_runs_on_a_tiny_model_with_the_qwen_tokenizer(tmp_path):
+    """configs/gsm8k_grpo.py as written (bf16 compute and rollouts, rollout correction, remat, the tokenizer's
+    own chat template, GSM8K through the data layer, math_verify), with only its size shrunk for a CPU."""
+    run_dir = tmp_path / "gsm8k"
+    gsm8k = ROOT / "tests" / "data" / "gsm8k" / "test.jsonl"
+    code = train_main.main(
+        [
+            "--config",
+            str(ROOT / "configs" / "gsm8k_grpo.py"),
+            f"--config.run_dir={run_dir}",
+            "--config.model.path=",
+            "--config.model.preset=qwen2-tiny",
+            f"--config.tokenizer.path={ROOT / 'tests' / 'data' / 'tokenizers' / 'qwen2.5-instruct'}",
+            f"--config.data.path={gsm8k}",
+            f"--config.data.eval_path={gsm8k}",
+            "--config.rl.eval_prompts=4",
+            "--config.rl.prompts_per_iteration=2",
+            "--config.rl.group_size=2",
+            "--config.rollout.max_new_tokens=4",
+            "--config.train.grad_accum_steps=1",
+            "--config.train.steps=1",
+            "--config.optimizer.warmup_steps=0",
+            "--config.train.export_hf=false",
+        ]
+    )
+    assert code == 0
+    line = metrics(run_dir)[-1]
+    assert line["completion/tokens"] > 0 and "rollout/is_weight" in line
+    assert 0 < line["rollout/mismatch_max"]  # bf16 rollouts, fp32 trainer log-probs... in bf16 compute too
+    result = summary(run_dir)
+    assert result["first_eval"]["samples"] == 4 and "exact_match" in result["first_eval"]
+    manifest = json.loads((run_dir / "run_info.json").read_text())
+    assert "qwen2.5-instruct" in json.dumps(manifest["tokenizer"]).lower()

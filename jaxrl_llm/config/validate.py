@@ -171,10 +171,14 @@ def _combinations(good: dict[str, Any]) -> list[str]:
             )
     if "optimizer.warmup_steps" in good and "train.steps" in good:
         warmup, steps = good["optimizer.warmup_steps"], good["train.steps"]
-        if warmup > steps:
+        per_step = 1
+        if good.get("stage") in RL_STAGES:  # an RL iteration makes mu x minibatches optimizer updates
+            per_step = (good.get("rl.num_iterations") or 1) * (good.get("rl.minibatches") or 1)
+        if warmup > steps * per_step:
+            updates = "" if per_step == 1 else f" x {per_step} updates an iteration"
             problems.append(
-                f"optimizer.warmup_steps={warmup!r}, train.steps={steps!r}: "
-                "optimizer.warmup_steps must not exceed train.steps"
+                f"optimizer.warmup_steps={warmup!r}, train.steps={steps!r}{updates}: "
+                "optimizer.warmup_steps (optimizer updates) must not exceed the run's updates"
             )
     return problems
 
