@@ -96,30 +96,27 @@ class Instrumented:
         monkeypatch.setattr(rl_iteration.jax, "device_get", counted_get)
 
 
-@pytest.fixture(scope="module")
-def fused_run(tmp_path_factory):
-    """GRPO with a device reward, held-out evaluation, instrumented: ``(run_dir, programs, fetches)``."""
+def _instrumented(tmp_path_factory, name: str, rewards: str):
     mp = pytest.MonkeyPatch()
     counts = Instrumented(mp)
-    run_dir = tmp_path_factory.mktemp("rl") / "fused"
+    run_dir = tmp_path_factory.mktemp("rl") / name
     try:
-        assert train(run_dir, HELD_OUT, f"--config.reward.functions={ANSWER_MATCH}") == 0
+        assert train(run_dir, HELD_OUT, f"--config.reward.functions={rewards}") == 0
     finally:
         mp.undo()
     return run_dir, counts.programs, counts.fetches
+
+
+@pytest.fixture(scope="module")
+def fused_run(tmp_path_factory):
+    """GRPO with a device reward, held-out evaluation, instrumented: ``(run_dir, programs, fetches)``."""
+    return _instrumented(tmp_path_factory, "fused", ANSWER_MATCH)
 
 
 @pytest.fixture(scope="module")
 def host_run(tmp_path_factory):
     """The same run with a host reward (math_verify gives the same rewards here), instrumented."""
-    mp = pytest.MonkeyPatch()
-    counts = Instrumented(mp)
-    run_dir = tmp_path_factory.mktemp("rl") / "host"
-    try:
-        assert train(run_dir, HELD_OUT, f"--config.reward.functions={MATH_VERIFY}") == 0
-    finally:
-        mp.undo()
-    return run_dir, counts.programs, counts.fetches
+    return _instrumented(tmp_path_factory, "host", MATH_VERIFY)
 
 
 def test_a_grpo_run_logs_rewards_advantages_samples_and_evaluates_before_and_after(fused_run):

@@ -35,7 +35,6 @@ from .loop import log
 from .rl_data import PromptTable
 from .rl_iteration import PolicyAccess, RLIteration, RLParts, data_split, evaluator
 from .rl_step import RLConfig, learn
-from .step import build_update
 
 
 def resolved(cfg: Any, key: str) -> Any:
@@ -218,9 +217,7 @@ def grpo_plan(ctx: StageContext) -> Plan:
     run = ctx.run
 
     def parts(cfg: RLConfig, rewards: RewardSet, table: PromptTable) -> RLParts:
-        update = build_update(
-            ctx.graphdef, ctx.objective, ctx.tx, ctx.schedule, accum_steps=cfg.accum_steps, mesh=run.mesh
-        )
+        update = ctx.update(cfg.accum_steps)
         passes = 3 * cfg.num_iterations + cfg.recompute_old + (cfg.policy.beta > 0)
         return RLParts(
             cfg=cfg,

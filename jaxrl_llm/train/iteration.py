@@ -21,7 +21,7 @@ from jaxrl_llm.objectives.base import Objective
 
 from .loop import Evaluator, Iteration, log
 from .state import Frozen, TrainState
-from .step import NO_FROZEN, Compiled, UpdateFn, compile_update
+from .step import NO_FROZEN, Compiled, UpdateFn, build_update, compile_update
 
 BatchSpec = dict[str, jax.ShapeDtypeStruct]
 
@@ -40,6 +40,12 @@ class StageContext:
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     frozen: Frozen
+
+    def update(self, accum_steps: int) -> UpdateFn:
+        """The stage's pure ``update(state, batch, rng, frozen)`` (``step.build_update``)."""
+        return build_update(
+            self.graphdef, self.objective, self.tx, self.schedule, accum_steps=accum_steps, mesh=self.run.mesh
+        )
 
 
 @dataclasses.dataclass

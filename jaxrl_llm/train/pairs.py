@@ -42,7 +42,7 @@ from .iteration import BatchIteration, Plan, StageContext
 from .loop import log
 from .sft import batch_spec, run_signature
 from .state import Frozen
-from .step import NO_FROZEN, build_update
+from .step import NO_FROZEN
 
 
 def pair_spec(batch_size: int, length: int, *, reference: bool, labels: bool = False) -> dict[str, Any]:
@@ -115,14 +115,7 @@ def pairs_plan(ctx: StageContext) -> Plan:
     if precompute:  # the reference runs once here, then its weights go with the frozen copy
         prepare = _precomputed_reference(frozen, run.mesh, (run.train_records, run.eval_records), pipeline)
         frozen = NO_FROZEN
-    update = build_update(
-        ctx.graphdef,
-        ctx.objective,
-        ctx.tx,
-        ctx.schedule,
-        accum_steps=cfg.train.grad_accum_steps,
-        mesh=run.mesh,
-    )
+    update = ctx.update(cfg.train.grad_accum_steps)
     model_cfg = run.model.cfg
     forwards = 3 + len(frozen.names)  # forward + backward, plus a live reference's forward
 

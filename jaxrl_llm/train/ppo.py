@@ -38,18 +38,9 @@ from .loop import log
 from .rl_data import PromptTable
 from .rl_groups import Sampled
 from .rl_iteration import PolicyAccess, RLParts
-from .rl_step import (
-    RLConfig,
-    advantage_metrics,
-    completion_metrics,
-    epochs,
-    logps_pass,
-    no_grad_pass,
-    reward_metrics,
-    rl_batch,
-)
+from .rl_step import RLConfig, counted, epochs, logps_pass, no_grad_pass, rl_batch, sample_metrics
 from .state import Frozen, TrainState
-from .step import UpdateFn, build_update
+from .step import UpdateFn
 
 _f32 = jnp.float32
 
@@ -113,7 +104,7 @@ def ppo_learn(
 ) -> tuple[TrainState, dict[str, jax.Array], jax.Array]:
     """One PPO iteration's learning (module docstring, steps 2-5); returns the per-row mean advantage."""
     g, prompts, rolled, scores = cfg.group_size, sampled.prompts, sampled.rollout, sampled.scores
-    valid = scores.valid & ((rolled.finish_reason != 0) if cfg.mask_truncated else True)
+    valid = counted(sampled, cfg)
     batch = rl_batch(prompts, rolled, jnp.zeros_like(scores.total), valid, g)
     mask = batch["completion_mask"]
     chunks = cfg.minibatches * cfg.accum_steps
@@ -137,16 +128,7 @@ def ppo_learn(
         new_coef = adaptive_kl_coef(coef, kl, valid.shape[0], target=ppo.kl_target, horizon=ppo.kl_horizon)
         state = state.replace(extra={**state.extra, "kl_coef": new_coef})
     per_row = jnp.where(mask, advantages, 0.0).sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1)
-    metrics = {
-        **metrics,
-        **reward_metrics(scores, g),
-        **advantage_metrics(scores.total, per_row, valid, g),
-        **completion_metrics(rolled),
-        "kl_coef": coef,
-        "kl/sequence": kl,
-        "samples/counted": valid.mean(dtype=_f32),
-        "tokens": rolled.lengths.sum(dtype=_f32),
-    }
+    metrics = {**metrics, **sample_metrics(sampled, per_row, valid, g), "kl_coef": coef, "kl/sequence": kl}
     return state, metrics, per_row
 
 
@@ -163,9 +145,7 @@ def ppo_plan(ctx: StageContext) -> Plan:
     policy_graphdef = nnx.split(run.model, nnx.Param)[0]  # the policy alone (ctx.graphdef: the actor-critic)
 
     def parts(cfg: RLConfig, rewards: Any, table: PromptTable) -> RLParts:
-        update = build_update(
-            ctx.graphdef, ctx.objective, ctx.tx, ctx.schedule, accum_steps=cfg.accum_steps, mesh=run.mesh
-        )
+        update = ctx.update(cfg.accum_steps)
         passes = 3 * cfg.num_iterations + 2 + bool(ctx.frozen.names)  # + old log-probs and values, reference
         return RLParts(
             cfg=cfg,

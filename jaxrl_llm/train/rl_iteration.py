@@ -194,15 +194,7 @@ class RLIteration:
         state, metrics, advantages = self._programs["learn"](state, self.frozen, sampled, learn_key)
         jax.block_until_ready(advantages)
         host_metrics["time/update_s"] = time.perf_counter() - start
-        rolled = sampled.rollout
-        self._last = IterationLog(
-            sampled.prompts.index,
-            rolled.tokens,
-            rolled.lengths,
-            rolled.finish_reason,
-            sampled.scores.total,
-            advantages,
-        )
+        self._last = IterationLog.of(sampled, advantages)
         return state, {**metrics, **host_metrics, "flops": self.flops}
 
     def _sample(self, state, index: np.ndarray, key: jax.Array) -> tuple[Sampled, dict[str, float]]:

@@ -93,6 +93,18 @@ class IterationLog:
     rewards: jax.Array  # float32[R]
     advantages: jax.Array  # float32[R]
 
+    @classmethod
+    def of(cls, sampled: Sampled, advantages: jax.Array) -> IterationLog:
+        rolled = sampled.rollout
+        return cls(
+            sampled.prompts.index,
+            rolled.tokens,
+            rolled.lengths,
+            rolled.finish_reason,
+            sampled.scores.total,
+            advantages,
+        )
+
 
 def repeat_rows(x: jax.Array, n: int) -> jax.Array:
     """Each row ``n`` times (row ``i`` -> rows ``i*n .. i*n+n-1``), kept split over the data axes."""
@@ -261,6 +273,23 @@ def epochs(update: UpdateFn, cfg: RLConfig, state: TrainState, batch, key) -> tu
     return state, metrics
 
 
+def counted(sampled: Sampled, cfg: RLConfig) -> jax.Array:
+    """bool[R]: the samples the loss counts (valid rewards; with ``mask_truncated``, not cut at the budget)."""
+    valid = sampled.scores.valid
+    return valid & (sampled.rollout.finish_reason != 0) if cfg.mask_truncated else valid
+
+
+def sample_metrics(sampled: Sampled, advantages, valid, group_size: int) -> dict[str, jax.Array]:
+    """Rewards, advantages (per row) and completions of an iteration, and how many samples counted."""
+    return {
+        **reward_metrics(sampled.scores, group_size),
+        **advantage_metrics(sampled.scores.total, advantages, valid, group_size),
+        **completion_metrics(sampled.rollout),
+        "samples/counted": valid.mean(dtype=_f32),
+        "tokens": sampled.rollout.lengths.sum(dtype=_f32),
+    }
+
+
 def learn(
     update: UpdateFn,
     graphdef: nnx.GraphDef,
@@ -272,9 +301,7 @@ def learn(
 ) -> tuple[TrainState, dict[str, jax.Array], jax.Array]:
     """Advantages, old/reference log-probs and the updates (module docstring); also returns the advantages."""
     g, prompts, rolled, scores = cfg.group_size, sampled.prompts, sampled.rollout, sampled.scores
-    valid = scores.valid
-    if cfg.mask_truncated:
-        valid = valid & (rolled.finish_reason != 0)
+    valid = counted(sampled, cfg)
     advantages = group_advantages(
         scores.total, g, baseline=cfg.baseline, scale=cfg.scale, eps=cfg.advantage_eps, valid=valid
     )
@@ -285,15 +312,7 @@ def learn(
     if cfg.policy.beta > 0:
         batch["ref_logps"] = logps_pass(lambda: frozen.models()["reference"], batch, chunks)
     state, metrics = epochs(update, cfg, state, batch, key)
-    metrics = {
-        **metrics,
-        **reward_metrics(scores, g),
-        **advantage_metrics(scores.total, advantages, valid, g),
-        **completion_metrics(rolled),
-        "samples/counted": valid.mean(dtype=_f32),
-        "tokens": rolled.lengths.sum(dtype=_f32),
-    }
-    return state, metrics, advantages
+    return state, {**metrics, **sample_metrics(sampled, advantages, valid, g)}, advantages
 
 
 def iteration(
@@ -326,13 +345,4 @@ def iteration(
     else:
         sampled, extra = sample_round(prompts, sample_key), {}
     state, metrics, advantages = learn_fn(state, frozen, sampled, learn_key)
-    rolled = sampled.rollout
-    log = IterationLog(
-        sampled.prompts.index,
-        rolled.tokens,
-        rolled.lengths,
-        rolled.finish_reason,
-        sampled.scores.total,
-        advantages,
-    )
-    return state, {**metrics, **extra}, log
+    return state, {**metrics, **extra}, IterationLog.of(sampled, advantages)

@@ -19,7 +19,6 @@ from jaxrl_llm.models.flops import train_flops
 from .evaluate import LossEvaluator, exact_match
 from .iteration import BatchIteration, Plan, StageContext
 from .loop import log
-from .step import build_update
 
 
 def batch_spec(batch_size: int, length: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -109,14 +108,7 @@ def _evaluators(ctx: StageContext) -> list:
 def rows_plan(ctx: StageContext) -> Plan:
     """sft / pt: packed (or bucketed) rows of rendered records, one update per batch."""
     cfg, run = ctx.cfg, ctx.run
-    update = build_update(
-        ctx.graphdef,
-        ctx.objective,
-        ctx.tx,
-        ctx.schedule,
-        accum_steps=cfg.train.grad_accum_steps,
-        mesh=run.mesh,
-    )
+    update = ctx.update(cfg.train.grad_accum_steps)
     model_cfg = run.model.cfg
     iteration = BatchIteration(
         update,
