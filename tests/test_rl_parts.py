@@ -37,7 +37,7 @@ def _prompts(p: int, width: int = 6, seed: int = 0) -> Prompts:
     )
 
 
-def _rollout(model, prompts: Prompts, n: int, new: int = 5) -> Rollout:
+def _rollout(model, prompts: Prompts, n: int, new: int = 5, temperature: float = 1.0) -> Rollout:
     from flax import nnx
 
     graphdef, params = nnx.split(model)
@@ -47,7 +47,7 @@ def _rollout(model, prompts: Prompts, n: int, new: int = 5) -> Rollout:
         jnp.asarray(prompts.ids),
         jnp.asarray(prompts.mask),
         jax.random.key(0),
-        SamplingParams().as_arrays(),
+        SamplingParams(temperature=temperature).as_arrays(),
         n=n,
         max_new_tokens=new,
         eos_ids=(3,),
@@ -89,12 +89,17 @@ def test_prompt_batches_are_permutations_that_resume_exactly():
 def test_the_update_reads_the_log_probs_the_sampler_drew_with():
     model = create_model(ARCH, seed=1)
     prompts = _prompts(3)
-    rolled = _rollout(model, prompts, n=2)
+    rolled = _rollout(model, prompts, n=2, temperature=1.7)
     batch = rl_batch(prompts, rolled, jnp.zeros(6), jnp.ones(6, bool), 2)
-    logps, entropy = completion_logps(model, batch)
     mask = np.asarray(rolled.completion_mask)
-    np.testing.assert_allclose(np.asarray(logps)[mask], np.asarray(rolled.model_logprobs)[mask], atol=2e-5)
+    # At the rollout temperature the trainer's policy is the distribution the tokens were drawn from ...
+    tempered, entropy = completion_logps(model, batch, temperature=1.7)
+    np.testing.assert_allclose(np.asarray(tempered)[mask], np.asarray(rolled.logprobs)[mask], atol=2e-5)
+    np.testing.assert_allclose(np.asarray(batch["sampler_logps"]), np.asarray(rolled.logprobs))
     assert np.all(np.asarray(entropy) > 0)
+    # ... and at temperature 1 the plain model's.
+    logps, _ = completion_logps(model, batch)
+    np.testing.assert_allclose(np.asarray(logps)[mask], np.asarray(rolled.model_logprobs)[mask], atol=2e-5)
     # Row by row, without padding: the same log-probs from a plain forward over prompt + completion.
     for r in range(6):
         prompt = prompts.ids[r // 2][prompts.mask[r // 2] > 0]

@@ -8,13 +8,16 @@ An RL batch holds ``R`` sampled completions, each a row ``prompt | completion`` 
 - ``completion_mask`` bool[R, N]: the completion tokens the loss counts (generated, and of a sample that
   counts: a sample whose reward failed or, optionally, a truncated one, has none);
 - ``advantages`` float32[R] (GRPO family) or [R, N] (PPO);
-- ``sampler_logps`` float32[R, N]: the sampler's log-probs of the tokens under the plain model distribution
-  (``Rollout.model_logprobs``);
+- ``sampler_logps`` float32[R, N]: the sampler's log-probs of the tokens under the distribution they were
+  drawn from (``Rollout.logprobs``: the logits over the rollout temperature, top-k/top-p/min-p applied);
 - ``old_logps`` float32[R, N], optional: the policy's log-probs before this iteration's updates. Absent when
   there is one update per iteration (``mu = 1``, one minibatch): the policy *is* the old policy then, and
   the loss uses ``stop_gradient(logps)``, which gives the same value and gradient without a second forward;
 - ``ref_logps`` float32[R, N], optional: the frozen reference's, for the KL penalty (``beta > 0``).
 
+The policy the loss trains is the one the rollouts sampled from: its logits are divided by the rollout
+temperature (``PolicyLossConfig.temperature``) before the log-softmax, for the current, old and reference
+log-probs alike, as TRL and verl do; otherwise a temperature above 1 would make every update off-policy.
 The loss (``policy_token_losses`` + ``aggregate``) sees only arrays, never text. Rollout correction
 (``rollout_is``): the sampler's and the trainer's log-probs of the same tokens differ (bf16 rollouts and fp32
 updates, other devices, a lagging sampler); truncated importance sampling weights each token's loss by
@@ -90,19 +93,22 @@ class PolicyLossConfig:
     rollout_is: str = "none"
     rollout_is_cap: float = 2.0
     max_completion_length: int | None = None
+    temperature: float = 1.0  # the rollouts' (greedy rollouts count as 1)
 
     def __post_init__(self):
         if self.rollout_is not in ROLLOUT_IS:
             raise ValueError(f"rollout_is={self.rollout_is!r}; valid: {', '.join(ROLLOUT_IS)}")
 
 
-def completion_logps(model, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """``(logps, entropy)`` float32[R, N] of each completion token under ``model``: one forward over the
-    ``prompt | completion`` rows, the LM head applied only at the ``N`` positions that predict a completion
-    token (the last prompt position and the completion's own, but its last)."""
+def completion_logps(model, batch: Batch, temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """``(logps, entropy)`` float32[R, N] of each completion token under ``model`` at ``temperature``: one
+    forward over the ``prompt | completion`` rows, the LM head applied only at the ``N`` positions that
+    predict a completion token (the last prompt position and the completion's own, but its last)."""
     width = batch["tokens"].shape[1] - batch["completion_mask"].shape[1]
     hidden, _ = model.forward_hidden(batch["tokens"], attention_mask=batch["attention_mask"])
     logits = model.logits(hidden[:, width - 1 : -1])
+    if temperature != 1.0:
+        logits = logits / temperature
     return token_logps(logits, batch["tokens"][:, width:]), entropy_from_logits(logits)
 
 
@@ -150,7 +156,7 @@ def _summarize(sums: dict[str, jax.Array], normalizer: jax.Array) -> dict[str, j
 
 def _policy_terms(model, batch: Batch, cfg: PolicyLossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``(per-token policy loss [R, N], summed statistics)`` of ``model`` on an RL batch."""
-    logps, entropy = completion_logps(model, batch)
+    logps, entropy = completion_logps(model, batch, cfg.temperature)
     mask = batch["completion_mask"].astype(bool)
     old = batch["old_logps"] if "old_logps" in batch else jax.lax.stop_gradient(logps)
     sampler = batch["sampler_logps"]

@@ -59,6 +59,7 @@ def policy_config(cfg: Any) -> PolicyLossConfig:
         rollout_is=cfg.rl.rollout_is,
         rollout_is_cap=float(cfg.rl.rollout_is_cap),
         max_completion_length=int(cfg.rollout.max_new_tokens),
+        temperature=float(cfg.rollout.temperature) or 1.0,
     )
 
 

@@ -109,11 +109,12 @@ def ppo_learn(
     mask = batch["completion_mask"]
     chunks = cfg.minibatches * cfg.accum_steps
     model = lambda: nnx.merge(graphdef, state.params)
-    old_logps = logps_pass(lambda: model().policy, batch, chunks)
+    temperature = cfg.policy.temperature
+    old_logps = logps_pass(lambda: model().policy, batch, chunks, temperature)
     values = _values_pass(lambda: model().critic, batch, chunks)
     coef = state.extra["kl_coef"]
     if "reference" in frozen.names:
-        ref_logps = logps_pass(lambda: frozen.models()["reference"], batch, chunks)
+        ref_logps = logps_pass(lambda: frozen.models()["reference"], batch, chunks, temperature)
     else:
         ref_logps = old_logps
     rewards = kl_shaped_rewards(jnp.where(valid, scores.total, 0.0), old_logps, ref_logps, mask, kl_coef=coef)

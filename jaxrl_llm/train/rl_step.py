@@ -228,7 +228,7 @@ def rl_batch(
         "attention_mask": jnp.concatenate([mask.astype(bool), rollout.completion_mask], axis=1),
         "completion_mask": rollout.completion_mask & loss_rows[:, None],
         "advantages": advantages,
-        "sampler_logps": rollout.model_logprobs,
+        "sampler_logps": rollout.logprobs,
     }
 
 
@@ -244,9 +244,12 @@ def no_grad_pass(
     return out.swapaxes(0, 1).reshape(rows, -1)
 
 
-def logps_pass(model_fn: Callable[[], Any], batch: Mapping[str, jax.Array], chunks: int) -> jax.Array:
-    """float32[R, N] completion log-probs under ``model_fn()``, no gradient, in ``chunks`` micro-batches."""
-    return no_grad_pass(lambda mb: completion_logps(model_fn(), mb)[0], batch, chunks)
+def logps_pass(
+    model_fn: Callable[[], Any], batch: Mapping[str, jax.Array], chunks: int, temperature: float = 1.0
+) -> jax.Array:
+    """float32[R, N] completion log-probs under ``model_fn()`` at ``temperature``, no gradient, in ``chunks``
+    micro-batches."""
+    return no_grad_pass(lambda mb: completion_logps(model_fn(), mb, temperature)[0], batch, chunks)
 
 
 def epochs(update: UpdateFn, cfg: RLConfig, state: TrainState, batch, key) -> tuple[TrainState, dict]:
@@ -306,11 +309,11 @@ def learn(
         scores.total, g, baseline=cfg.baseline, scale=cfg.scale, eps=cfg.advantage_eps, valid=valid
     )
     batch = rl_batch(prompts, rolled, advantages, valid, g)
-    chunks = cfg.minibatches * cfg.accum_steps
+    chunks, temperature = cfg.minibatches * cfg.accum_steps, cfg.policy.temperature
     if cfg.recompute_old:
-        batch["old_logps"] = logps_pass(lambda: nnx.merge(graphdef, state.params), batch, chunks)
+        batch["old_logps"] = logps_pass(lambda: nnx.merge(graphdef, state.params), batch, chunks, temperature)
     if cfg.policy.beta > 0:
-        batch["ref_logps"] = logps_pass(lambda: frozen.models()["reference"], batch, chunks)
+        batch["ref_logps"] = logps_pass(lambda: frozen.models()["reference"], batch, chunks, temperature)
     state, metrics = epochs(update, cfg, state, batch, key)
     return state, {**metrics, **sample_metrics(sampled, advantages, valid, g)}, advantages
 
