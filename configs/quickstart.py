@@ -5,9 +5,9 @@
 Everything is made in-process: 8,000 problems ("What is 47 + 38?" -> "85", all distinct) from the synthetic
 source, a 128-token byte-level BPE tokenizer with a ChatML template trained on them (digits one per token),
 and a 0.8M-parameter Llama (4 layers, width 128). 200 problems are held out; the run evaluates them before
-training and every 200 steps, generating each answer greedily and counting exact matches. About 3 minutes on
-2 CPU cores, from 0% to above 90% held-out exact match. The result (``runs/quickstart/final``) is an HF
-checkpoint with its tokenizer, the base model of the RL quickstart.
+training and every 200 steps, generating each answer greedily and counting exact matches. About 2 minutes on
+2 CPU cores (600 steps), from 0% to above 90% held-out exact match. The result (``runs/quickstart/final``) is
+an HF checkpoint with its tokenizer, the base model of the RL quickstart (``configs/quickstart_grpo.py``).
 
 Per-key docs: jaxrl_llm/config/schema.py (or ``python -m jaxrl_llm.config``).
 """
@@ -39,13 +39,13 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.optimizer.warmup_steps = 50
     cfg.optimizer.weight_decay = 0.0
 
-    cfg.train.steps = 800
+    cfg.train.steps = 600
     cfg.train.batch_size = 16
     cfg.train.seq_len = 128  # about five problems packed per row
     cfg.train.log_every = 50
     cfg.train.eval_every = 200
     cfg.train.eval_at_start = True
-    cfg.train.save_every = 400
+    cfg.train.save_every = 300
     cfg.train.eval_generate = 200
     cfg.train.eval_max_new_tokens = 8
     return cfg

@@ -1,13 +1,14 @@
 """Learning: GRPO and PPO, from a tiny SFT'd model, answer held-out problems it could not answer before.
 
-The start is ``tests/data/models/arith-sft`` (the quickstart's 0.85M-parameter Llama after 600 SFT steps
-on two-digit additions; see its PROVENANCE.md). It answers single-digit sums (``What is 3 + 4?``) right
-only about half the time: they are rare in its training data (1% of two-digit problems), so its greedy
-answers get 49% of the 45 held-out ones, and its samples at temperature 1 about 55% of those it trains on.
-Each stage runs 40 iterations on the other 55 sums through ``python -m jaxrl_llm.train``, rewarded by the
-exact answer (``answer_match``, a device reward: every iteration one compiled program), and must raise the
-held-out greedy exact match by 15 points (measured: GRPO 0.49 -> 0.87-0.93, PPO 0.49 -> 0.80) and its own
-sampled accuracy. Learning rate 1e-4: at 3e-4 the tiny model's samples first improve, then degrade.
+This is the RL quickstart shortened: ``configs/quickstart_grpo.py`` as ``make quickstart-rl`` runs it, from
+``tests/data/models/arith-sft`` (the SFT quickstart's model, vendored: the 0.85M-parameter Llama after its
+600 steps on two-digit additions; see its PROVENANCE.md) instead of ``runs/quickstart``, evaluating only at
+the start and the end. The model answers single-digit sums (``What is 3 + 4?``) right only about half the time:
+they are rare in its training data (1% of two-digit problems), so its greedy answers get 49% of the 45
+held-out ones, and its samples at temperature 1 about 55% of those it trains on. Rewarded by the exact
+answer (``answer_match``, a device reward: every iteration one compiled program), each stage must raise
+the held-out greedy exact match by 15 points (measured: GRPO 0.49 -> 0.87-0.93, PPO 0.49 -> 0.80) and its
+own sampled accuracy.
 """
 
 from __future__ import annotations
@@ -23,19 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SFT_MODEL = ROOT / "tests" / "data" / "models" / "arith-sft"
 COMMON = [
     "--config",
-    str(ROOT / "configs" / "base.py"),
+    str(ROOT / "configs" / "quickstart_grpo.py"),
     f"--config.model.path={SFT_MODEL}",
-    "--config.data.path=synthetic:arithmetic_rl?n=100&digits=1&seed=1",
-    "--config.data.eval_split=0.45",
-    "--config.render.template=chatml",
-    '--config.reward.functions=[{"name": "answer_match", "params": {"ignore_ids": ["<|im_end|>"]}}]',
-    "--config.rollout.max_new_tokens=6",
-    "--config.rl.prompts_per_iteration=16",
-    "--config.optimizer.lr=1e-4",
-    "--config.optimizer.warmup_steps=0",
-    "--config.optimizer.schedule=constant",
     "--config.train.steps=40",
-    "--config.train.log_every=10",
     "--config.train.eval_every=40",
     "--config.train.save_every=40",
 ]

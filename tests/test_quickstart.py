@@ -31,7 +31,7 @@ def test_quickstart_learns_addition(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "held-out greedy exact match:" in proc.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == 800
+    assert summary["steps"] == 600
     assert summary["first_eval"]["exact_match"] < 0.05
     assert summary["final_eval"]["exact_match"] >= 0.6, summary["final_eval"]
     assert summary["final_eval"]["samples"] == 200
