@@ -129,6 +129,7 @@ def test_train_bench_dpo_writes_json(tmp_path, capsys):
     assert "reference_s" in printed and "peak_fraction" in printed
 
 
+@pytest.mark.slow
 def test_train_bench_dpo_precomputed_and_rm():
     pre = bench_train(
         "llama-tiny",
@@ -170,6 +171,7 @@ def test_train_bench_argument_errors(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["dpo", "rm"])
 def test_train_bench_pairs_compare_trl(objective):
     result = bench_train(

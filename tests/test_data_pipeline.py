@@ -230,6 +230,7 @@ def test_wrong_argument_types_are_clear_errors():
         pipeline(records, batch_size="4")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["pack", "bucket"])
 def test_worker_processes_give_the_same_batches_and_resume(mode):
     records = make_records(n=24)

@@ -48,6 +48,7 @@ def _run(run_dir: Path, stage: str, steps: int, *args: str) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "stage, steps, args, accuracy",
     [
@@ -77,6 +78,7 @@ def test_pair_stages_prefer_correct_answers_on_held_out_problems(tmp_path, stage
         assert final["loss"] < first["loss"]
 
 
+@pytest.mark.slow
 def test_kto_prefers_correct_answers_on_held_out_problems(tmp_path):
     from jaxrl_llm.data.packing import pad_pair
     from jaxrl_llm.data.synthetic import arithmetic_preference_records

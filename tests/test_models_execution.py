@@ -23,6 +23,7 @@ def _loss_and_grad(cfg):
     return loss, state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "options",
     [dict(remat="full"), dict(remat="dots"), dict(scan_layers=True), dict(scan_layers=True, remat="full")],

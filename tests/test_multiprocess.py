@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.simulated_devices import cpu_devices_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,6 +20,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_mesh(tmp_path):
     port = _free_port()
     env = cpu_devices_env(2)

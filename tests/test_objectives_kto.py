@@ -97,6 +97,7 @@ def _by_hand(logps, ref, desirable, real, beta, wd, wu):
     return (losses * real).sum() / real.sum(), z, beta * ratio
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weights", [(1.0, 1.0), (1.5, 0.7)])
 def test_objective_is_trls_kto_loss_over_the_real_rows(setup, weights):
     _, _, batch, cfg = setup
@@ -121,6 +122,7 @@ def test_objective_is_trls_kto_loss_over_the_real_rows(setup, weights):
     assert float(metrics["count/desirable"]) == 3 and float(metrics["count/undesirable"]) == 3
 
 
+@pytest.mark.slow
 def test_kto_steps_raise_desirable_and_lower_undesirable_rewards(setup):
     _, _, batch, cfg = setup
     model = create_model(cfg, seed=0)

@@ -79,6 +79,7 @@ def manual_logps(model, pair):
     return out
 
 
+@pytest.mark.slow
 def test_pair_logps_equal_per_sequence_forwards(setup):
     _, _, pairs, batch, cfg = setup
     model = create_model(cfg, seed=0)
@@ -96,6 +97,7 @@ def run_loss(objective, model, batch):
     return float(loss_sum / pairs), objective.summarize(sums, pairs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
 def test_dpo_objective_is_dpo_loss_on_the_pairs(setup, loss_type):
     _, _, pairs, batch, cfg = setup
@@ -145,6 +147,7 @@ def test_simpo_orpo_and_rm_objectives(setup):
     assert float(metrics["rewards/accuracies"]) == pytest.approx(float((scores[:, 0] > scores[:, 1]).mean()))
 
 
+@pytest.mark.slow
 def test_accumulation_keeps_pairs_whole_and_equals_one_batch(setup):
     _, _, _, batch, cfg = setup
     model = create_model(cfg, seed=0)

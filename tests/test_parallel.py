@@ -50,5 +50,6 @@ def test_one_device_mesh_runs_the_model():
     assert model(jax.numpy.zeros((1, 4), jax.numpy.int32)).shape == (1, 4, 256)
 
 
+@pytest.mark.slow
 def test_parameters_are_sharded_as_the_rules_say_on_8_devices():
     run_on_cpu_devices([str(ROOT / "tests" / "sharding_8dev.py")], 8, "8-device sharding checks passed")

@@ -358,6 +358,7 @@ def test_device_rewards_need_arrays_and_arrays_for_encodes_answers():
     np.testing.assert_array_equal(rewards(["a", "b"], [{}, {}], arrays).components["answer_match"], [1, 0])
 
 
+@pytest.mark.slow
 def test_reward_model_scores_on_device_and_combines(tmp_path):
     from jaxrl_llm.models import create_model, get_preset, save_hf
     from jaxrl_llm.models.transformer import sequence_scores

@@ -86,6 +86,7 @@ def test_prompt_batches_are_permutations_that_resume_exactly():
     assert [next(resumed).tolist() for _ in range(3)] == want
 
 
+@pytest.mark.slow
 def test_the_update_reads_the_log_probs_the_sampler_drew_with():
     model = create_model(ARCH, seed=1)
     prompts = _prompts(3)
@@ -173,6 +174,7 @@ def _policy_batch(rows: int = 4, width: int = 3, new: int = 4, seed: int = 0):
     }
 
 
+@pytest.mark.slow
 def test_one_update_an_iteration_is_reinforce_with_a_baseline():
     """mu = 1: the clipped loss's gradient is -sum_t A * grad log p / normaliser (the ratio is 1)."""
     from flax import nnx

@@ -44,6 +44,7 @@ def full_logprobs(model, prompt_ids, prompt_mask, rollout):
     return out
 
 
+@pytest.mark.slow
 def test_greedy_is_the_full_forwards_argmax(model):
     ids, mask = prompts()
     rollout = Sampler(model).sample(
@@ -166,6 +167,7 @@ def test_greedy_equals_hf_generate(tmp_path, family):
     np.testing.assert_array_equal(np.asarray(got.tokens), want)
 
 
+@pytest.mark.slow
 def test_sharded_under_a_mesh_equals_one_device():
     """Rows over data x fsdp, KV heads over tensor: the same completions as one device (8 simulated CPUs)."""
     run_on_cpu_devices([str(ROOT / "tests" / "rollout_8dev.py")], 8, "8-device rollout checks passed")

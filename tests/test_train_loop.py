@@ -98,6 +98,7 @@ def test_metrics_reach_tensorboard_and_the_jsonl_mirror(finished):
     assert [x["step"] for x in lines if x["split"] == "eval"] == [3, 6]
 
 
+@pytest.mark.slow
 def test_checkpoints_are_kept_and_a_crashed_run_resumes_exactly(finished, tmp_path, monkeypatch):
     assert sorted(int(p.name) for p in (finished / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
 

@@ -70,6 +70,7 @@ def stage_run(tmp_path_factory):
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["dpo", "kto", "simpo", "orpo", "rm"])
 def test_each_stage_trains_on_synthetic_pairs_and_reports_pair_metrics(stage_run, stage):
     run_dir = stage_run(stage)
@@ -83,6 +84,7 @@ def test_each_stage_trains_on_synthetic_pairs_and_reports_pair_metrics(stage_run
     assert (run_dir / "final" / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_dpo_starts_from_the_reference_and_moves_away(stage_run):
     result = summary(stage_run("dpo"))
     first = result["first_eval"]
@@ -91,6 +93,7 @@ def test_dpo_starts_from_the_reference_and_moves_away(stage_run):
     assert result["final_eval"]["rewards/chosen"] != 0.0
 
 
+@pytest.mark.slow
 def test_reward_model_export_scores_in_the_reward_layer(stage_run):
     from jaxrl_llm.reward import RewardModel
 
@@ -104,6 +107,7 @@ def test_reward_model_export_scores_in_the_reward_layer(stage_run):
     assert scores.shape == (2,) and np.isfinite(scores).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["dpo", "kto", "orpo", "simpo", "rm"])
 def test_two_steps_on_the_llamafactory_demo_files(tmp_path, stage):
     data = (
@@ -144,6 +148,7 @@ def test_conversations_are_refused_with_the_stage_that_fits(tmp_path, capsys):
     assert "preference pairs train with stage=rm, stage=dpo, stage=orpo, stage=simpo" in err
 
 
+@pytest.mark.slow
 def test_kto_starts_at_the_reference(stage_run):
     first = summary(stage_run("kto"))["first_eval"]
     assert first["loss"] == pytest.approx(0.5, abs=1e-5)  # 1 - sigmoid(0): policy == reference, z = 0
@@ -151,6 +156,7 @@ def test_kto_starts_at_the_reference(stage_run):
     assert first["count/desirable"] + first["count/undesirable"] == first["examples"] == 12
 
 
+@pytest.mark.slow
 def test_precomputed_reference_log_probs_train_as_the_live_reference(stage_run, tmp_path, capsys):
     live = summary(stage_run("dpo"))
     capsys.readouterr()

@@ -186,6 +186,7 @@ def test_host_and_device_rewards_train_the_same_model(fused_run, host_run):
     assert summary(host_run[0])["eval/exact_match"] == summary(fused_run[0])["eval/exact_match"]
 
 
+@pytest.mark.slow
 def test_a_crashed_run_resumes_exactly(fused_run, tmp_path, monkeypatch):
     real = rl_iteration.RLIteration.__call__
 
@@ -207,6 +208,7 @@ def test_a_crashed_run_resumes_exactly(fused_run, tmp_path, monkeypatch):
     assert [r["step"] for r in metrics(run_dir)] == [2, 4]  # step 4's line written once, by the resumed run
 
 
+@pytest.mark.slow
 def test_dynamic_sampling_refills_flat_groups_the_same_on_both_paths(tmp_path):
     args = ("--config.rl.algorithm=dapo", "--config.train.steps=2", "--config.rl.dynamic_sampling_rounds=2")
     assert train(tmp_path / "fused", *args, f"--config.reward.functions={ANSWER_MATCH}") == 0
@@ -232,6 +234,7 @@ def flaky(completion: str, record, **_) -> float | None:
     return float(completion.strip() == str(record["ground_truth"]))
 
 
+@pytest.mark.slow
 def test_a_reward_that_raises_or_returns_nan_is_counted_and_excluded(tmp_path):
     assert "flaky_test_reward" in REGISTRY
     code = train(
@@ -296,6 +299,7 @@ def test_more_prompts_an_iteration_than_the_data_holds_is_a_clear_error(tmp_path
     assert "rl.prompts_per_iteration=4 exceeds the 3 training prompts" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ppo_trains_a_policy_and_critic_and_exports_the_policy(tmp_path):
     from jaxrl_llm.models import load_hf
 
@@ -323,6 +327,7 @@ def test_ppo_trains_a_policy_and_critic_and_exports_the_policy(tmp_path):
     assert config["architectures"][0].endswith("ForCausalLM")
 
 
+@pytest.mark.slow
 def test_the_critic_starts_as_the_policys_backbone_or_a_reward_model(tmp_path):
     from flax import nnx
 
@@ -357,6 +362,7 @@ def test_the_critic_starts_as_the_policys_backbone_or_a_reward_model(tmp_path):
     assert values != 0.0  # the reward model's head, not a zero one
 
 
+@pytest.mark.slow
 def test_the_sharded_iteration_on_8_devices_equals_one_device(fused_run, tmp_path):
     out = tmp_path / "sharded"
     run_on_cpu_devices(["-m", "tests.rl_8dev", str(out)], 8, "8-device RL run finished")
@@ -365,6 +371,7 @@ def test_the_sharded_iteration_on_8_devices_equals_one_device(fused_run, tmp_pat
         np.testing.assert_allclose(got[name], value, atol=5e-5, err_msg=name)
 
 
+@pytest.mark.slow
 def test_the_gsm8k_recipe_runs_on_a_tiny_model_with_the_qwen_tokenizer(tmp_path):
     """configs/gsm8k_grpo.py as written (bf16 compute and rollouts, rollout correction, remat, the tokenizer's
     own chat template, GSM8K through the data layer, math_verify), with only its size shrunk for a CPU."""

@@ -110,6 +110,7 @@ def reference_loss(params_model, batch) -> float:
     return total / count
 
 
+@pytest.mark.slow
 def test_loss_is_the_global_mean_over_target_tokens():
     cfg = make_config()
     mesh = make_mesh(devices=jax.devices()[:1])
@@ -131,6 +132,7 @@ def test_loss_is_the_global_mean_over_target_tokens():
     assert metrics[0]["grad_norm"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accum", [2, 4, 8])
 def test_accumulation_equals_one_large_batch(accum):
     mesh = make_mesh(devices=jax.devices()[:1])
@@ -152,6 +154,7 @@ def test_micro_batches_are_strided_row_splits():
     assert split[:, :, 0].tolist() == [[0, 4], [1, 5], [2, 6], [3, 7]]
 
 
+@pytest.mark.slow
 def test_bf16_compute_keeps_fp32_params_and_a_close_loss():
     mesh = make_mesh(devices=jax.devices()[:1])
     batch = make_batch(0)
@@ -169,6 +172,7 @@ def test_token_logps_is_float32_log_softmax():
     np.testing.assert_allclose(np.asarray(got), [[want, np.log(1 / 3)]], rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["adamw", "adafactor", "lion", "sgd"])
 def test_every_optimizer_steps_and_its_state_gets_a_sharding(name):
     from flax import nnx
@@ -204,5 +208,6 @@ def test_compiled_step_reports_memory_and_donates_state():
     assert leaf.is_deleted()  # donated: the step reuses the state's buffers
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_one_device_on_8_devices():
     run_on_cpu_devices(["-m", "tests.train_8dev"], 8, "8-device train step checks passed")
