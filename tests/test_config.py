@@ -129,7 +129,9 @@ def test_string_where_number_expected():
     "key, value, allowed",
     [
         ("optimizer.lr", -1.0, "float > 0"),
-        ("optimizer.lr", float("nan"), "float > 0"),
+        ("optimizer.lr", float("nan"), "a finite float > 0"),
+        ("optimizer.lr", float("inf"), "a finite float > 0"),  # would train to NaN and export it
+        ("train.seq_len", 1, "int >= 2"),  # no next-token target in a 1-token row
         ("optimizer.b2", 1.0, "float in [0, 1)"),
         ("train.steps", 0, "int >= 1"),
         ("parallel.tensor", 0, "int >= 1 or -1"),
@@ -140,6 +142,15 @@ def test_string_where_number_expected():
 def test_out_of_range(key, value, allowed):
     cfg = apply_overrides(base_config(), [(key, value)])
     assert f"{key}={value!r}: must be {allowed}" in _problems(cfg)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_no_float_key_takes_a_non_finite_number(value):
+    floats = [f for f in FIELDS if f.type is float]
+    cfg = apply_overrides(base_config(), [(f.key, value) for f in floats])
+    problems = _problems(cfg)
+    for f in floats:
+        assert f"{f.key}={value!r}: must be a finite " in problems
 
 
 def test_bad_choice_lists_the_allowed_values():

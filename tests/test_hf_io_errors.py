@@ -109,3 +109,29 @@ def test_missing_config_field(checkpoint, tmp_path):
     path = _copy(checkpoint, tmp_path, config=lambda hf: {k: v for k, v in hf.items() if k != "hidden_size"})
     with pytest.raises(ModelConfigError, match="missing required field 'hidden_size'"):
         load_hf(path)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda data: data[: len(data) // 2],  # a copy cut short
+        lambda data: b"",  # an empty file
+        lambda data: b"<html>not found</html>" * 50,  # an error page saved under the name
+    ],
+    ids=["truncated", "empty", "garbage"],
+)
+def test_a_damaged_safetensors_file_is_named(checkpoint, tmp_path, damage):
+    path = _copy(checkpoint, tmp_path)
+    weights = path / "model.safetensors"
+    weights.write_bytes(damage(weights.read_bytes()))
+    with pytest.raises(
+        CheckpointError, match=f"{weights}: not a readable safetensors file .*truncated or corrupt"
+    ):
+        load_hf(path)
+
+
+def test_a_damaged_safetensors_index_is_named(checkpoint, tmp_path):
+    path = _copy(checkpoint, tmp_path)
+    (path / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: not a safetensors index"):
+        load_hf(path)

@@ -8,6 +8,7 @@ once rather than again as every combination it touches.
 from __future__ import annotations
 
 import difflib
+import math
 import numbers
 import os
 import re
@@ -118,6 +119,8 @@ def check_field(field: Field, value: Any) -> str | None:
         return f"{field.key}={value!r}: expected {field.allowed()}, got {got}"
     if value is None:
         return None
+    if field.type is float and not math.isfinite(value) and value not in field.special:
+        return f"{field.key}={value!r}: must be a finite {field.allowed()}"
     choices = field.allowed_choices()
     if choices is not None and value not in choices:
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxrl_llm.errors import UserError
@@ -114,7 +114,12 @@ class _SafetensorsReader:
         index = path / "model.safetensors.index.json"
         single = path / "model.safetensors"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(
+                    f"{index}: not a safetensors index (a JSON object with 'weight_map'): {e}"
+                ) from None
         elif single.exists():
             weight_map = None
         else:
@@ -139,7 +144,13 @@ class _SafetensorsReader:
         if file.name not in self._handles:
             if not file.exists():
                 raise CheckpointError(f"{file}: listed in the safetensors index but missing")
-            self._handles[file.name] = safe_open(str(file), framework="numpy")
+            try:
+                self._handles[file.name] = safe_open(str(file), framework="numpy")
+            except (SafetensorError, OSError) as e:  # truncated, empty or not safetensors at all
+                raise CheckpointError(
+                    f"{file}: not a readable safetensors file ({e}); the file is truncated or corrupt: "
+                    "export or copy the checkpoint again"
+                ) from None
         return self._handles[file.name]
 
     def __contains__(self, key: str) -> bool:
