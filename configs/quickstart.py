@@ -5,8 +5,8 @@
 Everything is made in-process: 8,000 problems ("What is 47 + 38?" -> "85", all distinct) from the synthetic
 source, a 128-token byte-level BPE tokenizer with a ChatML template trained on them (digits one per token),
 and a 0.8M-parameter Llama (4 layers, width 128). 200 problems are held out; the run evaluates them before
-training and every 200 steps, generating each answer greedily and counting exact matches. About 2 minutes on
-2 CPU cores (600 steps), from 0% to above 90% held-out exact match. The result (``runs/quickstart/final``) is
+training and every 200 steps, generating each answer greedily and counting exact matches. About 2.5 minutes
+on 2 CPU cores (600 steps), from 0% to above 90% held-out exact match. The result (``runs/quickstart/final``) is
 an HF checkpoint with its tokenizer, the base model of the RL quickstart (``configs/quickstart_grpo.py``).
 
 Per-key docs: jaxrl_llm/config/schema.py (or ``python -m jaxrl_llm.config``).

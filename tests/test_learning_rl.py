@@ -1,9 +1,9 @@
 """Learning: GRPO and PPO, from a tiny SFT'd model, answer held-out problems it could not answer before.
 
-This is the RL quickstart shortened: ``configs/quickstart_grpo.py`` as ``make quickstart-rl`` runs it, from
-``tests/data/models/arith-sft`` (the SFT quickstart's model, vendored: the 0.85M-parameter Llama after its
-600 steps on two-digit additions; see its PROVENANCE.md) instead of ``runs/quickstart``, evaluating only at
-the start and the end. The model answers single-digit sums (``What is 3 + 4?``) right only about half the time:
+This is the RL quickstart itself: ``configs/quickstart_grpo.py`` as ``make quickstart-rl`` runs it (its 40
+iterations pinned here), from ``tests/data/models/arith-sft`` (the SFT quickstart's model, vendored: the
+0.85M-parameter Llama after its 600 steps on two-digit additions; see its PROVENANCE.md) instead of
+``runs/quickstart``, evaluating only at the start and the end. The model answers single-digit sums (``What is 3 + 4?``) right only about half the time:
 they are rare in its training data (1% of two-digit problems), so its greedy answers get 49% of the 45
 held-out ones, and its samples at temperature 1 about 55% of those it trains on. Rewarded by the exact
 answer (``answer_match``, a device reward: every iteration one compiled program), each stage must raise
