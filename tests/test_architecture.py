@@ -22,6 +22,7 @@ LAYERS = (
     "checkpoint",
     "config",
     "train",
+    "report",
     "bench",
 )
 
