@@ -157,7 +157,10 @@ def test_user_errors_are_one_line_messages(tmp_path, capsys, monkeypatch):
     info = REPO / "tests" / "data" / "llamafactory" / "dataset_info.json"
     code, out, err = run(capsys, info)
     assert code == 2 and err.count("\n") == 1
-    assert "this is a LLaMA-Factory dataset_info.json: pass --name NAME" in err and "alpaca_en_demo" in err
+    assert (
+        "this is a LLaMA-Factory dataset_info.json: pick a dataset with --name" in err
+        and "alpaca_en_demo" in err
+    )
 
 
 def test_bad_load_dataset_arguments_name_the_argument(tmp_path):

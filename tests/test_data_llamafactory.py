@@ -305,9 +305,13 @@ def test_registry_errors():
         DataError, match=r"dataset 'alpaca_zh_demo': its file .*alpaca_zh_demo\.json does not exist"
     ):
         open_source(None, dataset_info=INFO, name="alpaca_zh_demo")
-    with pytest.raises(DataError, match="format='alpaca', but .* says dataset 'dpo_en_demo' is sharegpt"):
+    with pytest.raises(
+        DataError, match="the format asked for is 'alpaca', but .* says dataset 'dpo_en_demo' is sharegpt"
+    ):
         open_source(None, dataset_info=INFO, name="dpo_en_demo", format="alpaca")
-    with pytest.raises(DataError, match="this is a LLaMA-Factory dataset directory: pass --name NAME"):
+    with pytest.raises(
+        DataError, match="this is a LLaMA-Factory dataset directory: pick a dataset with --name"
+    ):
         open_source(LF)
     assert open_source(LF, name="identity").kind == "conversation"
 

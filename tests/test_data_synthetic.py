@@ -110,9 +110,9 @@ def test_open_source_arguments():
     source = open_source("synthetic:arithmetic?n=3", format="canonical")
     assert isinstance(source, SyntheticSource)
     assert (source.format, source.kind, source.reader) == ("canonical", "conversation", "synthetic")
-    with pytest.raises(DataError, match="format must be auto or canonical"):
+    with pytest.raises(DataError, match="--format .data.format in a training config. to auto or canonical"):
         open_source("synthetic:arithmetic", format="jsonl")
-    with pytest.raises(DataError, match="takes no name="):
+    with pytest.raises(DataError, match="takes no --name"):
         open_source("synthetic:arithmetic", name="x")
     with pytest.raises(DataError, match="holds conversation records"):
         load_dataset("synthetic:arithmetic?n=3", kind="prompt")

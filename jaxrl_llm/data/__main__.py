@@ -11,8 +11,8 @@ template cannot render is rejected with its error), and the train/inference pari
 failures (record, turn, first differing token).
 
 Exit codes: 0 every record was accepted or filtered (and the parity sample passed), 1 some were rejected
-or the parity check failed, 2 the source, tokenizer or template cannot be used (or the command line is
-wrong).
+or the parity check failed, 2 the source is empty or cannot be used, the tokenizer or template cannot be
+used, or the command line is wrong.
 """
 
 from __future__ import annotations
@@ -176,7 +176,8 @@ def _renderer(args: argparse.Namespace) -> Any:
 
 def _validate(args: argparse.Namespace) -> int:
     from jaxrl_llm.data.filters import FilterConfig
-    from jaxrl_llm.data.load import load_dataset
+    from jaxrl_llm.data.load import load_dataset, no_records_reason
+    from jaxrl_llm.data.records import DataError
 
     renderer = _renderer(args)  # a bad tokenizer or template name fails before any record is read
     filters = FilterConfig(
@@ -196,6 +197,8 @@ def _validate(args: argparse.Namespace) -> int:
         filters=filters,
         renderer=renderer,
     )
+    if loaded.counts.read == 0:  # nothing to validate is not a valid dataset
+        raise DataError(no_records_reason(loaded))
     parity = None
     if renderer is not None:
         from jaxrl_llm.render import parity_report
@@ -223,7 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
     try:
         return _validate(args)
-    except UserError as err:  # the source, tokenizer or template cannot be used: one line, no traceback
+    # The source, tokenizer or template cannot be used, or a file cannot be read: one line, no traceback.
+    except (UserError, OSError) as err:
         print(f"{PROG} {args.command}: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
 

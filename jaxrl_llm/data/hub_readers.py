@@ -50,14 +50,39 @@ def read_hf_disk(source: str, *, split: str | None = None) -> Iterator[RawRecord
         raise DataError(
             f"{source}: is a single Dataset (split {loaded.split}), not a DatasetDict with {split!r}"
         )
+    try:  # the Arrow files are memory-mapped unchecked: corrupt offsets would crash the reader, not raise
+        loaded.data.table.validate(full=True)
+    except Exception as err:  # ArrowInvalid
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{name}: a corrupt `save_to_disk` dataset ({first})") from None
     return _hf_rows(name, loaded)
+
+
+def library_batches(source: str, batches: Iterator[Any], what: str) -> Iterator[list[Any]]:
+    """Each batch of ``batches`` (Arrow record batches or tables) as a list of rows; a library error while
+    reading (corrupt or cut-off data past the header) is a DataError naming ``source`` and the row reached."""
+    done = 0
+    while True:
+        try:
+            batch = next(batches, None)
+            rows = None if batch is None else batch.to_pylist()
+        except Exception as err:  # pyarrow raises OSError, ArrowInvalid, ... depending on the damage
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise DataError(
+                f"{source}: a corrupt {what}: reading failed after row {done} ({first})"
+            ) from None
+        if rows is None:
+            return
+        yield rows
+        done += len(rows)
 
 
 def _hf_rows(name: str, dataset: Any) -> Iterator[RawRecord]:
     index = 0
     # Arrow batches, not row dicts: `datasets` would otherwise decode features (images, audio) per row.
-    for table in dataset.with_format("arrow").iter(batch_size=_BATCH_ROWS):
-        for row in table.to_pylist():
+    tables = iter(dataset.with_format("arrow").iter(batch_size=_BATCH_ROWS))
+    for rows in library_batches(name, tables, "`save_to_disk` dataset"):
+        for row in rows:
             yield plain_record(row, Location(name, index))
             index += 1
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from jaxrl_llm.data.messages import expect_list, expect_str, kto_label, optional_str, parse_tools, str_column
 from jaxrl_llm.data.readers import load_json_file
-from jaxrl_llm.data.records import DataError, RecordError
+from jaxrl_llm.data.records import DataError, RecordError, listed
 from jaxrl_llm.data.sharegpt import sharegpt_to_canonical
 from jaxrl_llm.data.spec import DatasetSpec
 
@@ -147,7 +147,8 @@ class DatasetInfo:
         if name not in self.entries:
             close = difflib.get_close_matches(name, self.names(), n=3)
             hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise DataError(f"{self.path}: no dataset named {name!r}{hint}")
+            known = f"datasets: {listed(self.names())}" if self.entries else "it lists none"
+            raise DataError(f"{self.path}: no dataset named {name!r}{hint} ({known})")
         raw = self.entries[name]
         where = f"{self.path}: dataset {name!r}"
         if not isinstance(raw, dict):

@@ -6,9 +6,10 @@ Every record read ends in exactly one of three places, and the counts always sat
 - rejected: the reader could not parse it, or it does not convert to / validate as the dataset's kind.
   With ``on_error="raise"`` the first one raises its ``RecordError`` (file, line or index, field path);
   with ``"skip"`` it is counted and, when ``rejects_path`` is given, written there as one JSON line
-  ``{"location", "reason", "field", "raw"}``. The rejects file is written (truncated) even when nothing is
-  rejected, so a run's artifacts never hold a stale one from an earlier run; in raise mode it is not
-  written at all.
+  ``{"location", "reason", "field", "raw"}``, ``raw`` being the record as read (JSON), or the line's text
+  (a string, cut at 500 characters) when it was not JSON at all. The rejects file is written (truncated)
+  even when nothing is rejected, so a run's artifacts never hold a stale one from an earlier run; in raise
+  mode it is not written at all, and the error ends with how to skip bad records or list them all.
 - filtered: valid but dropped by a quality filter, counted by reason (see ``filters``).
 - accepted: kept, in source order.
 
@@ -26,6 +27,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shlex
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -38,7 +40,6 @@ from .schema import KIND_KEYS, detect_kind, validate_record
 ON_ERROR = ("raise", "skip")
 REJECTS_NAME = "rejects.jsonl"
 MAX_ERRORS = 10  # error messages kept in LoadedDataset.errors; the rest are only counted (and in rejects)
-_RAW_LIMIT = 500
 
 
 class SourceLike(Protocol):
@@ -104,6 +105,45 @@ class LoadedDataset:
         return self.manifest["content_hash"]
 
 
+def no_records_reason(
+    loaded: LoadedDataset, rejects_path: str | os.PathLike | None = None, option: str = ""
+) -> str | None:
+    """Why ``loaded`` holds no records, naming its source (as ``option=PATH`` when the config ``option``
+    named it); None when it holds some.
+
+    An empty source, every record rejected (with the first error, and ``rejects_path`` when the rejected
+    records were written there), or every record dropped by a filter (counted by reason).
+    """
+    if loaded.records:
+        return None
+    path = loaded.manifest["sources"][0]["path"]
+    named = f"{option}={path}" if option else path
+    c = loaded.counts
+    if c.read == 0:
+        what = "the file is empty" if os.path.isfile(path) else "the dataset is empty"
+        return f"{named}: {what}: there are no records in it"
+    filtered = sum(c.filtered.values())
+    if c.rejected == c.read:
+        where = f"; they are written to {os.fspath(rejects_path)}" if rejects_path is not None else ""
+        first = f"; the first: {loaded.errors[0]}" if loaded.errors else ""
+        return f"{named}: all {c.read} records were rejected{where}{first}"
+    reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(c.filtered.items()))
+    rejected = f"{c.rejected} rejected, " if c.rejected else ""
+    return (
+        f"{named}: no record was accepted: of {c.read} read, {rejected}{filtered} were dropped by the "
+        f"quality filters ({reasons})"
+    )
+
+
+def require_records(
+    loaded: LoadedDataset, rejects_path: str | os.PathLike | None = None, option: str = ""
+) -> None:
+    """Raises DataError with ``no_records_reason`` when ``loaded`` holds no records."""
+    reason = no_records_reason(loaded, rejects_path, option)
+    if reason is not None:
+        raise DataError(reason)
+
+
 def open_source(source: str | os.PathLike | None, **kwargs: Any) -> SourceLike:
     """``jaxrl_llm.data.sources.open_source``, imported on use (the readers live there)."""
     from jaxrl_llm.data.sources import open_source as _open
@@ -115,10 +155,16 @@ class _Loader:
     """The per-record bookkeeping of one ``load_dataset`` call."""
 
     def __init__(
-        self, source: SourceLike, kind: str | None, on_error: str, filters: Filters, rejects: IO | None
+        self,
+        source: SourceLike,
+        kind: str | None,
+        on_error: str,
+        filters: Filters,
+        rejects: IO | None,
+        hint: str = "",
     ):
         self.source, self.kind, self.on_error = source, kind, on_error
-        self.filters, self.rejects = filters, rejects
+        self.filters, self.rejects, self.hint = filters, rejects, hint
         self.counts = Counts()
         self.records: list[dict] = []
         self.locations: list[Location] = []
@@ -159,6 +205,7 @@ class _Loader:
 
     def _reject(self, raw: RawRecord, err: RecordError) -> None:
         if self.on_error == "raise":
+            err.args = (f"{err}; {self.hint}",) if self.hint else err.args
             raise err
         self.counts.rejected += 1
         if len(self.errors) < MAX_ERRORS:
@@ -168,14 +215,16 @@ class _Loader:
                 "location": str(raw.location),
                 "reason": str(err).removeprefix(f"{raw.location}: "),
                 "field": err.field,
-                "raw": None if raw.error is not None else _truncated(raw.value),
+                "raw": raw.text if raw.error is not None else raw.value,
             }
-            self.rejects.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            self.rejects.write(_json_line(entry) + "\n")
 
 
-def _truncated(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= _RAW_LIMIT else text[: _RAW_LIMIT - 3] + "..."
+def _json_line(entry: dict[str, Any]) -> str:
+    try:  # default=str: a reader's value is plain JSON-like, but a custom source's may not be
+        return json.dumps(entry, ensure_ascii=False, default=str)
+    except (RecursionError, ValueError):  # nested too deeply to serialise, or a circular reference
+        return json.dumps({**entry, "raw": None}, ensure_ascii=False)
 
 
 def _check_arguments(kind: str, on_error: str, filters: Any, renderer: Any) -> None:
@@ -240,7 +289,8 @@ def load_dataset(
         except OSError as err:  # a directory, no permission, ...
             raise DataError(f"{rejects_path}: cannot write the rejects file here ({err.strerror})") from None
     with out as rejects:
-        loader = _Loader(opened, opened.kind if kind == "auto" else kind, on_error, checks, rejects)
+        hint = _raise_hint(source, opened, format, kind, dataset_info, name)
+        loader = _Loader(opened, opened.kind if kind == "auto" else kind, on_error, checks, rejects, hint)
         for raw in opened.records():
             loader.take(raw)
     loader.counts.check()
@@ -268,9 +318,26 @@ def _opened(source: Any, *, format: str, kind: str, dataset_info: Any, name: str
         opened = source
     if kind != "auto" and opened.kind and kind != opened.kind:
         raise DataError(
-            f"{opened.path}: kind={kind!r}, but this {opened.format} source holds {opened.kind} records"
+            f"{opened.path}: the kind asked for is {kind!r}, but this {opened.format} source holds "
+            f"{opened.kind} records"
         )
     return opened
+
+
+def _raise_hint(source: Any, opened: SourceLike, format: str, kind: str, dataset_info: Any, name: Any) -> str:
+    """What ends an ``on_error="raise"`` error: how to skip bad records, and the ``validate`` command that
+    lists them all (for the same source, registry entry, format and kind)."""
+    given = os.fspath(source) if isinstance(source, str | os.PathLike) and source else None
+    args = [given] if given else ([] if dataset_info is not None else [opened.path])
+    for flag, value in (("--dataset-info", dataset_info), ("--name", name)):
+        args += [flag, os.fspath(value)] if value is not None else []
+    for flag, value in (("--format", format), ("--kind", kind)):
+        args += [flag, value] if value != "auto" else []
+    command = " ".join(["python -m jaxrl_llm.data validate", *map(shlex.quote, args)])
+    return (
+        "to skip bad records and count them, set data.on_error=skip (on_error='skip' in Python); "
+        f"to list every bad record, run: {command}"
+    )
 
 
 def _registry_entry(dataset_info: str | os.PathLike | None, name: str | None) -> dict[str, Any] | None:
@@ -281,8 +348,9 @@ def _registry_entry(dataset_info: str | os.PathLike | None, name: str | None) ->
 
 def load_from_config(cfg: Any, renderer: Any = None, *, write: bool = True) -> LoadedDataset:
     """Loads ``cfg.data`` as a run does: rejects to ``<run_dir>/rejects.jsonl`` with ``on_error="skip"``,
-    and the manifest to ``<run_dir>/data_manifest.json``; with ``write=False`` (processes other than the
-    first of a multi-process run, which read the same data) neither file is written.
+    and the manifest to ``<run_dir>/data_manifest.json``; DataError saying why when no record is accepted
+    (``no_records_reason``). With ``write=False`` (processes other than the first of a multi-process run,
+    which read the same data) neither file is written.
 
     With a ``renderer`` (``jaxrl_llm.render.Renderer.from_config``), ``data.min_tokens``/``max_tokens``
     filter by rendered length and the parity check runs on ``render.parity_sample`` accepted records
@@ -292,6 +360,7 @@ def load_from_config(cfg: Any, renderer: Any = None, *, write: bool = True) -> L
     if not data.path and not data.dataset_info:
         raise DataError("data.path is empty: set it to the dataset file or directory")
     run_dir = Path(cfg.run_dir)
+    rejects = run_dir / REJECTS_NAME if data.on_error == "skip" and write else None
     loaded = load_dataset(
         data.path,
         format=data.format,
@@ -299,12 +368,13 @@ def load_from_config(cfg: Any, renderer: Any = None, *, write: bool = True) -> L
         dataset_info=data.dataset_info or None,
         name=data.name or None,
         on_error=data.on_error,
-        rejects_path=run_dir / REJECTS_NAME if data.on_error == "skip" and write else None,
+        rejects_path=rejects,
         filters=FilterConfig.from_config(cfg),
         renderer=renderer,
     )
     if write:
         write_manifest(loaded.manifest, run_dir)
+    require_records(loaded, rejects, "data.path" if data.path else "")
     if renderer is not None and cfg.render.parity_sample > 0:
         from jaxrl_llm.render.records import check_parity_sample
 

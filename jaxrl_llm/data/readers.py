@@ -18,13 +18,14 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from jaxrl_llm.data.hub_readers import _BATCH_ROWS, read_hf_disk, read_tfds
+from jaxrl_llm.data.hub_readers import _BATCH_ROWS, library_batches, read_hf_disk, read_tfds
 from jaxrl_llm.data.plain import object_record, plain_record
-from jaxrl_llm.data.records import TOO_DEEP, DataError, Location, RawRecord
+from jaxrl_llm.data.records import TOO_DEEP, DataError, Location, RawRecord, option
 
 READER_FORMATS = ("auto", "jsonl", "json", "parquet", "text", "hf_disk", "tfds")
 _BY_SUFFIX = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 _UTF8_BOM = b"\xef\xbb\xbf"
+_TEXT_LIMIT = 500  # characters of an unparseable line kept for rejects.jsonl
 
 
 def read_records(
@@ -81,7 +82,7 @@ def resolve_reader_format(source: str, format: str) -> str:
     suffix = os.path.splitext(source)[1].lower()
     if suffix not in _BY_SUFFIX:
         raise DataError(
-            f"{source}: cannot tell the format from the extension {suffix!r}; pass a format, one of "
+            f"{source}: cannot tell the format from the extension {suffix!r}; set {option('format')} to one of "
             f"{', '.join(READER_FORMATS[1:])}"
         )
     if _BY_SUFFIX[suffix] == "json" and _first_line_is_object(source):
@@ -134,14 +135,40 @@ def _parse_line(raw: bytes, location: Location) -> RawRecord:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         bad = raw[err.start : err.start + 1]
-        return RawRecord(location, error=f"line is not valid UTF-8 (byte {err.start} is {bad!r})")
+        shown = _shown(raw.decode("utf-8", errors="backslashreplace").rstrip("\r\n"))
+        reason = f"line is not valid UTF-8 (byte {err.start} is {bad!r}){_encoding_hint(raw)}"
+        return RawRecord(location, error=reason, text=shown)
+    text = text.rstrip("\r\n")  # a column past the line's end would otherwise read as column 1
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        return RawRecord(location, error=f"invalid JSON: {err.msg} at column {err.colno}")
+        cut = " (the line ends before the record does: cut off?)" if _at_end(err, text) else ""
+        reason = f"invalid JSON: {_json_message(err)} at column {err.colno}{cut}"
+        return RawRecord(location, error=reason, text=_shown(text))
     except RecursionError:
-        return RawRecord(location, error=TOO_DEEP)
+        return RawRecord(location, error=TOO_DEEP, text=_shown(text))
     return object_record(value, location)
+
+
+def _json_message(err: json.JSONDecodeError) -> str:
+    # "Unterminated string starting at" ends in "at" already; the caller adds "at line/column ...".
+    return err.msg.removesuffix(" at")
+
+
+def _at_end(err: json.JSONDecodeError, text: str) -> bool:
+    """Whether the JSON text ran out before its value ended (a truncated file or line)."""
+    return err.pos >= len(text.rstrip()) or err.msg.startswith("Unterminated string")
+
+
+def _encoding_hint(data: bytes) -> str:
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "; the file looks like UTF-16: save it as UTF-8"
+    return ""
+
+
+def _shown(text: str) -> str:
+    """The text of a record that is not JSON, as rejects.jsonl keeps it (a binary line can be huge)."""
+    return text if len(text) <= _TEXT_LIMIT else text[: _TEXT_LIMIT - 3] + "..."
 
 
 def load_json_file(source: str) -> Any:
@@ -151,14 +178,15 @@ def load_json_file(source: str) -> Any:
     try:
         text = data.removeprefix(_UTF8_BOM).decode("utf-8")
     except UnicodeDecodeError as err:
-        raise DataError(f"{source}: not valid UTF-8 (byte {err.start})") from None
+        raise DataError(f"{source}: not valid UTF-8 (byte {err.start}){_encoding_hint(data)}") from None
     if not text.strip():
         return None
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
+        cut = " (the file ends before the JSON does: cut off?)" if _at_end(err, text) else ""
         raise DataError(
-            f"{source}: not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
+            f"{source}: not valid JSON: {_json_message(err)} at line {err.lineno} column {err.colno}{cut}"
         ) from None
     except RecursionError:
         raise DataError(f"{source}: {TOO_DEEP}") from None
@@ -181,7 +209,9 @@ def _read_text(source: str) -> Iterator[RawRecord]:
         try:
             yield RawRecord(location, value={"text": raw.decode("utf-8").rstrip("\r\n")})
         except UnicodeDecodeError as err:
-            yield RawRecord(location, error=f"line is not valid UTF-8 (byte {err.start})")
+            reason = f"line is not valid UTF-8 (byte {err.start}){_encoding_hint(raw)}"
+            text = raw.decode("utf-8", "backslashreplace").rstrip("\r\n")
+            yield RawRecord(location, error=reason, text=_shown(text))
 
 
 def _read_parquet(source: str) -> Iterator[RawRecord]:
@@ -196,7 +226,7 @@ def _read_parquet(source: str) -> Iterator[RawRecord]:
 
 def _parquet_rows(source: str, parquet: Any) -> Iterator[RawRecord]:
     index = 0
-    for batch in parquet.iter_batches(batch_size=_BATCH_ROWS):
-        for row in batch.to_pylist():
+    for rows in library_batches(source, parquet.iter_batches(batch_size=_BATCH_ROWS), "Parquet file"):
+        for row in rows:
             yield plain_record(row, Location(source, index))
             index += 1

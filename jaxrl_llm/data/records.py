@@ -52,6 +52,19 @@ class RawRecord:
     location: Location
     value: Any = None
     error: str | None = None
+    text: str | None = None  # with ``error``: the record's own text when it is not JSON (for rejects.jsonl)
+
+
+def option(name: str) -> str:
+    """How a user sets the data option ``name``, said to both entry points that reach the data layer:
+    ``--format (data.format in a training config)``."""
+    return f"--{name.replace('_', '-')} (data.{name} in a training config)"
+
+
+def listed(names: list[str], limit: int = 10) -> str:
+    """``names`` joined for a message: the first ``limit``, then how many more there are."""
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
 
 
 class DataError(UserError):

@@ -27,12 +27,12 @@ from jaxrl_llm.data.formats import (
 )
 from jaxrl_llm.data.llamafactory import DatasetInfo, DatasetSpec
 from jaxrl_llm.data.readers import READER_FORMATS, detect_directory, read_records, resolve_reader_format
-from jaxrl_llm.data.records import DataError, Location, RawRecord
+from jaxrl_llm.data.records import DataError, Location, RawRecord, listed, option
 from jaxrl_llm.data.synthetic import SYNTHETIC, is_synthetic, parse_synthetic, synthetic_records
 
 FORMATS = READER_FORMATS + RECORD_FORMATS
-# Said to both users: the command line's flag and the Python argument.
-NAME_HINT = "pass --name NAME (name= in Python) to pick a dataset"
+# Said to both users: the command line's flag and the training config's key.
+NAME_HINT = f"pick a dataset with {option('name')}"
 _SNIFF_LIMIT = 1000  # records looked at for the first readable one before giving up on detection
 
 
@@ -137,7 +137,7 @@ def _open(
         raise DataError("no source given: pass a file or directory, or dataset_info and name")
     registry_dir = os.path.isdir(path) and detect_directory(path) is None
     if (registry_dir or os.path.isfile(path)) and _holds_registry(path):
-        names = _some(DatasetInfo.load(path).names())
+        names = listed(DatasetInfo.load(path).names())
         what = "dataset directory" if registry_dir else "dataset_info.json"
         raise DataError(f"{path}: this is a LLaMA-Factory {what}: {NAME_HINT} (datasets: {names})")
     reader = resolve_reader_format(path, format if format in READER_FORMATS else "auto")
@@ -149,11 +149,14 @@ def _open(
 
 
 def _open_synthetic(path: str, format: str, **unused: Any) -> SyntheticSource:
-    given = ", ".join(f"{key}=" for key, value in unused.items() if value)
+    flags = {"dataset_info": option("dataset_info"), "name": option("name")}
+    given = " or ".join(flags.get(key, f"{key}=") for key, value in unused.items() if value)
     if given:
-        raise DataError(f"{path}: a synthetic dataset takes no {given}")
+        raise DataError(f"{path}: a synthetic dataset takes no {given}; its parameters are in the path")
     if format not in ("auto", "canonical"):
-        raise DataError(f"{path}: a synthetic dataset is canonical records; format must be auto or canonical")
+        raise DataError(
+            f"{path}: a synthetic dataset is canonical records; set {option('format')} to auto or canonical"
+        )
     name, _ = parse_synthetic(path)  # a bad name or parameter fails now, not on the first read
     return SyntheticSource(path, SYNTHETIC[name].kind)
 
@@ -172,8 +175,8 @@ def _detect(path: str, first: Any) -> str:
     if found is None:
         keys = ", ".join(sorted(map(str, first))[:12])
         raise DataError(
-            f"{path}: cannot tell the record format from the first record (keys: {keys}); pass format=, one "
-            f"of {', '.join(RECORD_FORMATS)}"
+            f"{path}: cannot tell the record format from the first record (keys: {keys}); set "
+            f"{option('format')} to one of {', '.join(RECORD_FORMATS)}"
         )
     return found
 
@@ -188,13 +191,18 @@ def _open_registry(
 ) -> Source:
     registry = dataset_info if dataset_info is not None else path
     if registry is None:
-        raise DataError(f"name={name!r} needs a dataset_info.json (dataset_info=, or as the source)")
+        raise DataError(
+            f"dataset name {name!r} needs a dataset_info.json: set {option('dataset_info')}, or give it as "
+            "the source"
+        )
     info = DatasetInfo.load(registry)
     if name is None:
-        raise DataError(f"{info.path}: {NAME_HINT} (datasets: {_some(info.names())})")
+        raise DataError(f"{info.path}: {NAME_HINT} (datasets: {listed(info.names())})")
     spec = info.entry(name)
     if format in RECORD_FORMATS and format != spec.formatting:
-        raise DataError(f"format={format!r}, but {info.path} says dataset {name!r} is {spec.formatting}")
+        raise DataError(
+            f"the format asked for is {format!r}, but {info.path} says dataset {name!r} is {spec.formatting}"
+        )
     data = spec.path
     if dataset_info is not None and path and not _holds_registry(path):
         data, spec = path, dataclasses.replace(spec, path=path)
@@ -213,7 +221,3 @@ def _holds_registry(path: str) -> bool:
     return os.path.basename(path) == "dataset_info.json" or os.path.isfile(
         os.path.join(path, "dataset_info.json")
     )
-
-
-def _some(names: list[str], limit: int = 8) -> str:
-    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")

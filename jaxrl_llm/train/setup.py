@@ -92,9 +92,17 @@ def _read(cfg: ml_collections.ConfigDict, path: str, renderer: Any, rejects: str
 def raw_records(cfg: ml_collections.ConfigDict):
     """The training data (``LoadedDataset``) without token-length filters, for training a tokenizer before
     anything can be rendered."""
+    from jaxrl_llm.data.load import REJECTS_NAME, require_records
+    from jaxrl_llm.parallel import is_main_process
+
     if not cfg.data.path and not cfg.data.dataset_info:
         raise DataError("data.path is empty: set it to the dataset file or directory")
-    return _read(cfg, cfg.data.path, None, None)
+    # Rejects are written here too (load_datasets rewrites them): when none is accepted, the error names them.
+    skip = cfg.data.on_error == "skip" and is_main_process()
+    rejects = str(Path(cfg.run_dir) / REJECTS_NAME) if skip else None
+    loaded = _read(cfg, cfg.data.path, None, rejects)
+    require_records(loaded, rejects, "data.path" if cfg.data.path else "")
+    return loaded
 
 
 def split_eval(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -115,19 +123,16 @@ def load_datasets(cfg: ml_collections.ConfigDict, renderer: Any) -> tuple[Any, l
     """``(loaded, train_records, eval_records)``: the training data through the data layer (rejects and
     manifest in run_dir, parity check), and the evaluation records from ``data.eval_path`` or a held-out
     ``data.eval_split``."""
-    from jaxrl_llm.data.load import load_from_config
+    from jaxrl_llm.data.load import load_from_config, require_records
     from jaxrl_llm.parallel import is_main_process
 
-    loaded = load_from_config(cfg, renderer, write=is_main_process())
-    if not loaded.records:
-        raise DataError(f"data.path={cfg.data.path!r}: no record was accepted ({loaded.counts})")
+    loaded = load_from_config(cfg, renderer, write=is_main_process())  # DataError when none is accepted
     train, held = split_eval(loaded.records, float(cfg.data.eval_split), cfg.seed)
     if cfg.data.eval_path:
         run_dir = Path(cfg.run_dir)
         rejects = str(run_dir / "eval_rejects.jsonl") if is_main_process() else None
         ev = _read(cfg, cfg.data.eval_path, renderer, rejects)
-        if not ev.records:
-            raise DataError(f"data.eval_path={cfg.data.eval_path!r}: no record was accepted ({ev.counts})")
+        require_records(ev, rejects if cfg.data.on_error == "skip" else None, "data.eval_path")
         if is_main_process():
             (run_dir / EVAL_MANIFEST_NAME).write_text(json.dumps(ev.manifest, indent=2) + "\n")
         held = ev.records
