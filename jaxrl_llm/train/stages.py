@@ -159,6 +159,8 @@ def check_kind(stage: str, kind: str | None) -> None:
     allowed = STAGES[stage].kinds
     if kind in allowed:
         return
+    if kind is None:  # no record accepted, and the source did not say (the data layer says why first)
+        raise DataError(f"stage={stage!r}: data.path holds no accepted records, so their kind is unknown")
     fields = " / ".join(KIND_WORDS[k][1] for k in allowed)
     others = [name for name, row in STAGES.items() if kind in row.kinds]
     hint = ""
