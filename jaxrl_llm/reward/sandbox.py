@@ -1,13 +1,16 @@
 """Run model-written Python in a contained child process, and score it against test snippets.
 
-``run_python(code, tests)`` runs ``code`` and then each test snippet (``"assert add(2, 3) == 5"``) in one
-fresh child process and returns a :class:`SandboxResult` (which tests passed, whether it timed out, a short
-error). ``code_exec_reward(completion, tests, timeout_s=...)`` is the reward: the fraction of tests passed by
-the program in a model's answer (:func:`extract_code`). :class:`CodeExecutor` runs many in parallel.
+``run_python(code, tests)`` runs ``code`` in a fresh sandboxed process (the *worker*) and each test snippet
+(``"assert add(2, 3) == 5"``) in a second one (the *judge*), which calls into the program across a pipe and
+decides each verdict itself, so nothing the program does in its own process can report a test passed; it
+returns a :class:`SandboxResult` (which tests passed, whether it timed out, a short error).
+``code_exec_reward(completion, tests, timeout_s=...)`` is the reward: the fraction of tests passed by the
+program in a model's answer (:func:`extract_code`). :class:`CodeExecutor` runs many in parallel.
 
-This module is the parent side: it writes the job, starts the child (``sandbox_child.py``, the harness run as
-a script), reads its result records, enforces the timeout and cleans up. How results travel back, what each
-isolation layer does and which ones depend on the host (namespaces, root): docs/sandbox.md.
+This module is the parent side: it writes the two jobs, starts both (``sandbox_child.py``, the harness run
+as a script), reads the judge's result records, enforces the timeout and cleans up. How verdicts are made,
+what each isolation layer does, which ones depend on the host (namespaces, root), and the residual risk:
+docs/sandbox.md.
 """
 
 from __future__ import annotations
@@ -38,13 +41,15 @@ __all__ = ["CodeExecutor", "SandboxResult", "code_exec_reward", "extract_code", 
 # Toggles for tests of the fallbacks (a run as on a host without namespaces, or the kernel layers alone).
 _USE_NAMESPACES = True
 _USE_PYTHON_GUARDS = True
+_USE_PRIVATE_ROOT = True  # off: the fallback's view (the host's tree, read-only, with directories emptied)
 
 _HARNESS = os.path.abspath(sandbox_child.__file__)  # the child's harness, run as a script
+_PROJECT = os.path.dirname(os.path.dirname(os.path.dirname(_HARNESS)))  # the checkout (or site-packages)
 _ERROR_CAP = 300  # characters of SandboxResult.error; passed in the job, the harness clips reasons to it
 _STREAM_CAP = 64 * 1024  # bytes of stdout / stderr read back
 _RESULTS_CAP = 4 * 1024 * 1024  # bytes of result records the parent reads at most
 _REAPER_GRACE_S = 1.0  # after SIGTERM, how long the harness's supervisor gets to kill the worker and exit
-_EXIT_GRACE_S = 0.5  # after the harness reported "done", how long the child gets to exit on its own
+_EXIT_GRACE_S = 0.5  # after the judge reported "done", how long each process gets to exit on its own
 # Per-run uids when the parent is root: far above the ranges of accounts (< 65536), systemd's dynamic
 # users and the usual /etc/subuid container ranges; a clash with another sandbox only shares a process limit.
 _SANDBOX_UID_BASE = 1_500_000_000
@@ -58,16 +63,17 @@ class SandboxResult:
     """The outcome of one :func:`run_python` call.
 
     Attributes:
-      passed: one entry per test, ``True`` when it ran and raised nothing.
+      passed: one entry per test, ``True`` when it ran in the judge and raised nothing.
       timed_out: the wall-clock limit was hit (the process group was killed).
       error: ``None`` when every test passed; else a short reason: ``"timeout"``, ``"memory"``, the
         solution's exception (``"SyntaxError: ..."``), ``"exit code -9: <stderr tail>"``, or the first failing
         test (``"test 2: AssertionError"``).
       wall_s: seconds from the start of the run until the child was reaped.
-      isolation: the isolation layers that were active (see docs/sandbox.md); empty when the child
-        never got as far as reporting them.
-      stdout: the child's stdout, at most 64 KiB (its beginning).
-      stderr: the child's stderr, at most 64 KiB (its end).
+      isolation: the isolation layers that were active around the program (see docs/sandbox.md), and
+        ``"separate-judge"`` when the verdicts came from the judge process; empty when the worker never
+        got as far as reporting them.
+      stdout: the program's (and the tests') stdout, at most 64 KiB (its beginning).
+      stderr: their stderr, at most 64 KiB (its end).
     """
 
     passed: list[bool]
@@ -115,16 +121,24 @@ def run_python(
     max_file_mb: int = 16,
     cpu_s: float | None = None,
 ) -> SandboxResult:
-    """Run ``code``, then each snippet of ``tests`` in its namespace, in one fresh contained child process.
+    """Run ``code`` in one fresh contained process, and each snippet of ``tests`` against it in another.
+
+    The tests see the program's names (functions, classes, constants; a standard-library module it imported
+    is imported by the judge instead), but builtins always mean the judge's own. Values cross between the
+    two processes as plain data (numbers, strings, bytes, lists, tuples, dicts, sets); any other object the
+    program returns stays in the worker, and the test holds a handle that forwards calls, attributes, items,
+    iteration, ``len``, ``bool``, ``str``, ``int`` and ``float``, and equals only itself.
 
     Args:
       code: the program (module level; its ``__name__`` is ``"solution"``, so an
         ``if __name__ == "__main__":`` demo block does not run).
-      tests: statements run one by one after the program; each passes when it raises nothing. When the
-        program itself raises, no test runs and all fail.
-      timeout_s: wall-clock limit for the whole run (interpreter start included, about 0.05 s).
+      tests: statements run one by one, in one namespace, after the program loaded; each passes when it
+        raises nothing. When the program itself raises, no test runs and all fail; when its process ends,
+        the test running then and those after it fail.
+      timeout_s: wall-clock limit for the whole run (the two interpreters' start included, about 0.1 s).
       memory_mb: address-space limit (``RLIMIT_AS``); below about 64 the interpreter may not start.
-      max_processes: processes and threads the sandbox may hold (``RLIMIT_NPROC``, see docs/sandbox.md).
+      max_processes: processes and threads each sandboxed process may hold (``RLIMIT_NPROC``, see
+        docs/sandbox.md).
       max_file_mb: largest file the sandbox may write, its captured stdout/stderr included.
       cpu_s: CPU-seconds limit; by default the timeout rounded up, plus one.
 
@@ -235,7 +249,7 @@ def _limits(
 
 
 class _Run:
-    """One sandboxed execution: a private directory, the child, its supervision and cleanup."""
+    """One sandboxed execution: a private directory, the judge and the worker, their supervision, cleanup."""
 
     def __init__(self, code: str, tests: list[str], limits: dict[str, int], timeout_s: float) -> None:
         self.code, self.tests, self.limits, self.timeout_s = code, tests, limits, timeout_s
@@ -248,22 +262,24 @@ class _Run:
         try:
             work = os.path.join(base, "work")
             os.mkdir(work, 0o700)
+            os.mkdir(os.path.join(base, "root"), 0o700)  # where each process builds its private root
             uid, gid = self._sandbox_user(base, work)
             records = _Records(self.nonce, len(self.tests))
-            proc, timed_out = self._spawn_and_supervise(base, work, uid, gid, records, start)
-            if uid is not None and "pidns" not in records.layers:
+            (judge, worker), timed_out = self._spawn_and_supervise(base, work, uid, gid, records, start)
+            if uid is not None and not {"pidns"} <= set(records.layers) & set(records.judge_layers):
                 _kill_user(uid, gid)
             wall = time.monotonic() - start
             stdout = _read_capped(os.path.join(base, "stdout"), tail=False)
             stderr = _read_capped(os.path.join(base, "stderr"), tail=True)
         finally:
             _remove_tree(base)
+        judged = ("separate-judge",) if records.layers and records.judge_layers else ()
         return SandboxResult(
             passed=records.passed(),
             timed_out=timed_out,
-            error=records.error(timed_out, proc.returncode, stderr),
+            error=records.error(timed_out, worker.returncode, judge.returncode, stderr),
             wall_s=wall,
-            isolation=records.layers,
+            isolation=records.layers + judged,
             stdout=stdout,
             stderr=stderr,
         )
@@ -272,7 +288,7 @@ class _Run:
         """As root: a fresh uid owning the working directory (``nobody`` if the fresh one is unmapped)."""
         if not self.root:
             return None, None
-        os.chmod(base, 0o711)  # the sandbox user may reach work/ but not list base/ (job, stdout, stderr)
+        os.chmod(base, 0o711)  # the sandbox user may reach work/ but not list base/ (jobs, stdout, stderr)
         fresh = _SANDBOX_UID_BASE + int.from_bytes(os.urandom(4), "little") % _SANDBOX_UID_SPAN
         for uid in (fresh, _NOBODY):
             try:
@@ -282,66 +298,89 @@ class _Run:
             return uid, uid
         return None, None
 
-    def _write_job(self, base: str, work: str, write_fd: int, uid: int | None, gid: int | None) -> None:
-        job = {
-            "nonce": self.nonce,
-            "result_fd": write_fd,
-            "work": work,
-            "code": self.code,
-            "tests": self.tests,
-            "limits": self.limits,
-            "uid": uid,
-            "gid": gid,
-            "namespaces": _USE_NAMESPACES,
-            "guards": _USE_PYTHON_GUARDS,
-            "hide": _hidden_dirs(),
-            "error_cap": _ERROR_CAP,
-        }
-        fd = os.open(os.path.join(base, JOB_FILE), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    def _write_job(self, base: str, role: str, job: dict) -> None:
+        fd = os.open(os.path.join(base, f"{role}.{JOB_FILE}"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with open(fd, "wb") as f:
             marshal.dump(job, f)
 
     def _spawn_and_supervise(
         self, base: str, work: str, uid: int | None, gid: int | None, records: _Records, start: float
-    ) -> tuple[subprocess.Popen[bytes], bool]:
-        read_fd, write_fd = os.pipe()
+    ) -> tuple[tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]], bool]:
+        common = {
+            "work": work,
+            "root": os.path.join(base, "root"),
+            "limits": self.limits,
+            "uid": uid,
+            "gid": gid,
+            "namespaces": _USE_NAMESPACES,
+            "guards": _USE_PYTHON_GUARDS,
+            "private_root": _USE_PRIVATE_ROOT,
+            "hide": _hidden_dirs(),
+            "error_cap": _ERROR_CAP,
+        }
+        # Three pipes: the judge's records to this process, and the judge <-> worker conversation. The
+        # worker holds only its two ends of the conversation: nothing it writes reaches the records.
+        results_read, results_write = os.pipe()
+        to_worker_read, to_worker_write = os.pipe()
+        to_judge_read, to_judge_write = os.pipe()
+        judge_fds = (results_write, to_judge_read, to_worker_write)
+        worker_fds = (to_worker_read, to_judge_write)
+        procs: list[subprocess.Popen[bytes]] = []
         try:
             try:
-                self._write_job(base, work, write_fd, uid, gid)
-                proc = self._spawn(base, work, write_fd)
+                judge_job = {"nonce": self.nonce, "result_fd": results_write, "tests": self.tests}
+                judge_job |= {"rpc_read": to_judge_read, "rpc_write": to_worker_write}
+                self._write_job(base, "judge", common | judge_job)
+                worker_job = {"code": self.code, "rpc_read": to_worker_read, "rpc_write": to_judge_write}
+                self._write_job(base, "worker", common | worker_job)
+                with _output_files(base) as (out, err):
+                    procs.append(_spawn(base, work, "judge", judge_fds, out, err))
+                    procs.append(_spawn(base, work, "worker", worker_fds, out, err))
             finally:
-                os.close(write_fd)  # the child holds the only write end now
+                for fd in judge_fds + worker_fds:
+                    os.close(fd)  # the children hold the only copies now
             try:
-                timed_out = _supervise(proc, read_fd, records, start + self.timeout_s)
+                timed_out = _supervise(procs[0], results_read, records, start + self.timeout_s)
             finally:
-                _stop(proc, records)
-            records.drain(read_fd)
+                _stop(procs, records)
+            records.drain(results_read)
         finally:
-            os.close(read_fd)
-        return proc, timed_out
+            os.close(results_read)
+            if len(procs) == 1:  # the worker failed to start
+                _stop(procs, records)
+        return (procs[0], procs[1]), timed_out
 
-    def _spawn(self, base: str, work: str, write_fd: int) -> subprocess.Popen[bytes]:
-        env = {"PATH": _SANDBOX_PATH, "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}
-        with open(os.path.join(base, "stdout"), "wb") as out, open(os.path.join(base, "stderr"), "wb") as err:
-            return subprocess.Popen(
-                [sys.executable, "-I", "-S", "-B", _HARNESS, base],
-                cwd=work,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                pass_fds=(write_fd,),
-                start_new_session=True,
-            )
+
+@contextlib.contextmanager
+def _output_files(base: str):  # -> Iterator[tuple[BinaryIO, BinaryIO]]
+    """stdout and stderr, shared by the judge and the worker (append mode: neither overwrites the other)."""
+    with open(os.path.join(base, "stdout"), "ab") as out, open(os.path.join(base, "stderr"), "ab") as err:
+        yield out, err
+
+
+def _spawn(base: str, work: str, role: str, fds: Sequence[int], out: object, err: object) -> subprocess.Popen:
+    env = {"PATH": _SANDBOX_PATH, "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}
+    return subprocess.Popen(
+        [sys.executable, "-I", "-S", "-B", _HARNESS, base, role],
+        cwd=work,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=out,
+        stderr=err,
+        pass_fds=tuple(fds),
+        start_new_session=True,
+    )
 
 
 class _Records:
-    """Parses the harness's result records; only lines carrying the run's nonce count."""
+    """Parses the judge's result records; only lines carrying the run's nonce count."""
 
     def __init__(self, nonce: str, n_tests: int) -> None:
         self.nonce, self.n_tests = nonce, n_tests
-        self.layers: tuple[str, ...] = ()
+        self.layers: tuple[str, ...] = ()  # the worker's, reported before the program ran
+        self.judge_layers: tuple[str, ...] = ()
         self.solution_ran = False
+        self.solution_exited = False
         self.solution_error: str | None = None
         self.results: dict[int, bool] = {}
         self.failures: dict[int, str] = {}
@@ -375,10 +414,15 @@ class _Records:
         if nonce != self.nonce:
             return
         kind, _, payload = rest.partition(" ")
-        if kind == "ready":
-            self.layers = tuple(x for x in payload.split(",") if x)
+        if kind in ("ready", "worker"):
+            layers = tuple(x for x in payload.split(",") if x)
+            if kind == "ready":
+                self.judge_layers = layers
+            else:
+                self.layers = layers
         elif kind == "solution":
             self.solution_ran = payload == "ok"
+            self.solution_exited = payload == "exited"
             if payload.startswith("error "):
                 self.solution_error = payload[len("error ") :]
         elif kind == "test" and self.solution_ran:
@@ -394,14 +438,18 @@ class _Records:
     def passed(self) -> list[bool]:
         return [self.results.get(i, False) for i in range(self.n_tests)]
 
-    def error(self, timed_out: bool, returncode: int | None, stderr: str) -> str | None:
+    def error(
+        self, timed_out: bool, worker_code: int | None, judge_code: int | None, stderr: str
+    ) -> str | None:
         if timed_out:
             return "timeout"
         if self.solution_error is not None:
             return _short_reason(self.solution_error)
-        if len(self.results) < self.n_tests or not self.done:
-            tail = stderr.strip()[-200:]
-            return _clip(f"exit code {returncode}" + (f": {tail}" if tail else ""))
+        tail = stderr.strip()[-200:]
+        if not self.done:
+            return _clip(f"judge exit code {judge_code}" + (f": {tail}" if tail else ""))
+        if self.solution_exited or len(self.results) < self.n_tests:
+            return _clip(f"exit code {worker_code}" + (f": {tail}" if tail else ""))
         if self.failures:
             index = min(self.failures)
             return _clip(f"test {index}: {_short_reason(self.failures[index])}")
@@ -442,21 +490,29 @@ def _supervise(proc: subprocess.Popen[bytes], read_fd: int, records: _Records, d
             os.close(pidfd)
 
 
-def _stop(proc: subprocess.Popen[bytes], records: _Records) -> None:
-    """Make sure nothing of the run survives: the child, its PID namespace, its process group."""
-    if records.done and proc.poll() is None:
+def _stop(procs: Sequence[subprocess.Popen[bytes]], records: _Records) -> None:
+    """Make sure nothing of the run survives: the processes, their PID namespaces, their process groups.
+
+    After the judge's "done" it exits on its own, and the worker, seeing its end of the conversation
+    close, too (a grace period each); whatever is still running then is stopped.
+    """
+    if records.done:
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(_EXIT_GRACE_S)
+    for proc in procs:
+        if proc.poll() is None:
+            # The harness's supervisor kills the process it watches and whatever that left (with a PID
+            # namespace: its init, which takes the namespace along) and reaps them, so no zombie is left.
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + _REAPER_GRACE_S
+    for proc in procs:
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(_EXIT_GRACE_S)
-    if proc.poll() is None:
-        # The harness's supervisor kills the worker and whatever it left (with a PID namespace: its init,
-        # which takes the namespace along) and reaps them, so no zombie is left to the host's init.
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(_REAPER_GRACE_S)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _kill_user(uid: int, gid: int | None) -> None:
@@ -483,11 +539,19 @@ def _kill_user(uid: int, gid: int | None) -> None:
 
 
 def _hidden_dirs() -> list[str]:
-    """Directories the sandbox sees as empty (where it has a mount namespace)."""
+    """Directories the sandbox sees as empty, where it has a mount namespace but no private root."""
     dirs = ["/tmp", "/var/tmp", "/dev/shm", "/run", tempfile.gettempdir()]
     home = os.path.expanduser("~")
     if home not in ("/", "") and os.path.isabs(home):
-        dirs.append(home)
+        dirs.append(home)  # (an interpreter installed there stays importable: docs/sandbox.md)
+    stdlib = os.path.realpath(os.path.dirname(os.__file__))
+    extras = ["/etc", _PROJECT, sys.prefix]
+    with contextlib.suppress(OSError):  # (a deleted working directory)
+        extras.append(os.getcwd())
+    for extra in extras:  # unless the standard library is inside
+        real = os.path.realpath(extra)
+        if real != "/" and not (stdlib + "/").startswith(real.rstrip("/") + "/"):
+            dirs.append(real)
     return list(dict.fromkeys(os.path.realpath(d) for d in dirs))
 
 
