@@ -27,7 +27,9 @@ def _imported_top_level_modules() -> set[str]:
                 names.update(alias.name.split(".")[0] for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names.add(node.module.split(".")[0])
-    return names - set(sys.stdlib_module_names) - {"jaxrl_llm", "__future__"}
+    # The sandbox's child runs as a script outside the package and imports its sibling files by name.
+    own = {path.stem for path in (ROOT / "jaxrl_llm").rglob("*.py")}
+    return names - set(sys.stdlib_module_names) - own - {"jaxrl_llm", "__future__"}
 
 
 def _normalise(name: str) -> str:

@@ -5,12 +5,22 @@ RNG keys), the data iterator's position and a small JSON of loop counters, saved
 Saves are asynchronous (the step loop continues while arrays are written; ``wait`` blocks), the manager
 keeps the last ``keep`` steps, and every process writes its own shards (and its own iterator state).
 ``restore`` places the arrays with the shardings of the abstract state it is given, so a run resumes on
-its mesh without ever holding an unsharded copy.
+its mesh without ever holding an unsharded copy. It first compares the saved arrays' shapes with the
+state's (from the checkpoint's metadata, reading no array), so a changed model is one error naming the
+arrays that differ.
+
+A kill while a save is being written leaves ``<step>.orbax-checkpoint-tmp``, which Orbax never lists as a
+step: the latest complete checkpoint stays the latest (``incomplete_steps`` names the unfinished ones, and
+the next save of that step replaces it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +36,51 @@ DIRNAME = "checkpoints"
 
 class CheckpointMismatchError(UserError):
     """A checkpoint that does not fit the model/optimizer being resumed."""
+
+
+class CheckpointDamagedError(UserError):
+    """A checkpoint whose files cannot be read (truncated, deleted, or overwritten)."""
+
+
+_TMP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+    """``params.layers.0.kernel.value``: a key path with dict keys, attribute names and indices alike."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+    return ".".join(parts)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {_path_name(p): tuple(getattr(x, "shape", ())) for p, x in leaves}
+
+
+def shape_differences(saved: dict[str, tuple[int, ...]], now: dict[str, tuple[int, ...]]) -> list[str]:
+    """What differs between two ``{array name: shape}`` tables, in words (empty when they match)."""
+    out = [
+        f"{k}: {saved[k]} in the checkpoint, {now[k]} now" for k in now if k in saved and saved[k] != now[k]
+    ]
+    out += [f"{k}: only in the checkpoint" for k in saved if k not in now]
+    out += [f"{k}: not in the checkpoint" for k in now if k not in saved]
+    return out
+
+
+@contextlib.contextmanager
+def _quiet_coroutines() -> Iterator[None]:
+    """A failed restore leaves Orbax's pending reads to be garbage-collected, and Python prints each as an
+    'Exception ignored in coroutine' traceback; the error itself is reported, so those are dropped."""
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
 
 
 def _is_key(x: Any) -> bool:
@@ -60,7 +115,42 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        return list(self._manager.all_steps())
+        return sorted(self._manager.all_steps())
+
+    def set_aside(self, step: int, folder: str | os.PathLike) -> Path:
+        """Moves checkpoint ``step`` into ``folder`` (kept for inspection, no longer a step of this run)."""
+        dest = Path(folder) / str(step)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.directory / str(step), dest)
+        self._manager.reload()
+        return dest
+
+    def incomplete_steps(self) -> list[int]:
+        """Steps whose save was started and never finished (the process was killed while writing)."""
+        if not self.directory.is_dir():
+            return []
+        found = (_TMP.match(p.name) for p in self.directory.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def check_shapes(self, step: int, state: Any) -> None:
+        """Raises ``CheckpointMismatchError`` naming the arrays whose shapes differ from ``state``'s (read
+        from the checkpoint's metadata), ``CheckpointDamagedError`` when the metadata cannot be read."""
+        where = self.directory / str(step)
+        try:
+            with _quiet_coroutines(), ocp.StandardCheckpointer() as reader:
+                saved = _shapes(reader.metadata(where / "state").item_metadata.tree)
+        except Exception as err:  # noqa: BLE001 - any unreadable metadata is a damaged checkpoint
+            raise CheckpointDamagedError(
+                f"checkpoint {where} cannot be read: {type(err).__name__}: {err}"
+            ) from err
+        diff = shape_differences(saved, _shapes(_raw_keys(state)))
+        if diff:
+            shown = "; ".join(diff[:5]) + (f"; and {len(diff) - 5} more" if len(diff) > 5 else "")
+            raise CheckpointMismatchError(
+                f"checkpoint {where} does not fit this run's model and optimizer ({len(diff)} arrays differ: "
+                f"{shown}). Was model.* or optimizer.* changed since it was saved? Restore those settings, "
+                "or start a new run_dir (with model.path pointing at this run to start from its weights)"
+            )
 
     def save(
         self,
@@ -87,16 +177,18 @@ class Checkpointer:
         """Restores ``step`` into the shapes, dtypes and shardings of ``state`` (arrays, or better
         ``jax.ShapeDtypeStruct``s with shardings, so that no second copy is held while restoring);
         sets ``data_iter``'s position in place. Returns ``(state, meta)``."""
+        self.check_shapes(step, state)
         target = abstract(_raw_keys(state))
         items: dict[str, Any] = {"state": ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        except (ValueError, KeyError, TypeError) as err:
-            raise CheckpointMismatchError(
-                f"checkpoint {self.directory / str(step)} does not match this run's model and optimizer "
-                f"(was the config changed since it was saved?): {err}"
+            with _quiet_coroutines():
+                restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as err:  # noqa: BLE001 - missing or truncated files, whatever layer notices
+            raise CheckpointDamagedError(
+                f"checkpoint {self.directory / str(step)} cannot be restored (its shapes match, so a file is "
+                f"missing, truncated or of another kind): {type(err).__name__}: {err}"
             ) from err
         new_state = jax.tree.map(
             lambda want, got: jax.random.wrap_key_data(got) if _is_key(want) else got,

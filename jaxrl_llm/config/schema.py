@@ -336,6 +336,51 @@ FIELDS: tuple[Field, ...] = (
         lo=1,
         nullable=True,
     ),
+    Field(
+        "train.resume_from_step",
+        None,
+        "Resume from this checkpoint step instead of the latest; later checkpoints move to "
+        "<run_dir>/checkpoints_after_<step>/. None = the latest.",
+        int,
+        lo=1,
+        nullable=True,
+    ),
+    Field(
+        "train.max_hours",
+        None,
+        "Wall-clock budget of this process's training loop: when reached, save a checkpoint and exit 0 (as on "
+        "SIGTERM); rerun the same command to continue. None = no budget.",
+        float,
+        lo=0,
+        lo_open=True,
+        nullable=True,
+    ),
+    Field(
+        "train.nonfinite_max_consecutive",
+        10,
+        "Steps in a row whose loss or gradient norm is not finite (each is skipped: parameters unchanged) "
+        "before train.nonfinite_action is taken.",
+        int,
+        lo=1,
+    ),
+    Field(
+        "train.nonfinite_action",
+        "stop",
+        "After train.nonfinite_max_consecutive non-finite steps: 'stop' (exit 2, nothing exported, the last "
+        "checkpoint kept) or 'rollback' (restore the last checkpoint, learning rate x train.rollback_lr_factor).",
+        str,
+        ("stop", "rollback"),
+    ),
+    Field(
+        "train.rollback_lr_factor",
+        0.5,
+        "Learning-rate factor applied at each rollback (cumulative).",
+        float,
+        lo=0,
+        hi=1,
+        lo_open=True,
+    ),
+    Field("train.max_rollbacks", 3, "Rollbacks allowed in one run before it stops instead.", int, lo=0),
     Field("train.eval_at_start", False, "Also evaluate before the first step (a baseline).", bool),
     Field(
         "train.eval_generate",

@@ -1,8 +1,9 @@
 """``python -m jaxrl_llm.train --config configs/X.py [--config.a.b=value ...]``.
 
 Parses and validates the config before anything heavy is imported, prints the resolved config, then runs
-the stage named by ``config.stage``. Exit codes: 0 done, 2 user error (configuration, paths, checkpoints,
-data).
+the stage named by ``config.stage``. Exit codes: 0 done (or stopped by SIGTERM/SIGINT/``train.max_hours``
+with a checkpoint saved), 2 user error (configuration, paths, checkpoints, data; a run that diverged),
+128 + the signal for a signal before the first step or a second signal.
 """
 
 from __future__ import annotations
@@ -47,13 +48,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{PROG}: resolved config:\n{format_config(cfg)}", flush=True)
 
     from jaxrl_llm.errors import EXIT_USER_ERROR, UserError
-    from jaxrl_llm.train.stages import run_stage
+    from jaxrl_llm.train.faults import Interrupted, interrupt_handlers
 
     try:
-        return run_stage(cfg)
+        # Until the step loop installs its own handler (save, then exit 0), a signal stops at once.
+        with interrupt_handlers():
+            from jaxrl_llm.train.stages import run_stage
+
+            return run_stage(cfg)
     except (UserError, OSError) as err:  # a bad path, checkpoint, mesh or dataset found while running
         print(f"{PROG}: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Interrupted as stop:
+        print(f"{PROG}: {stop} before the first training step: stopped, nothing to save", file=sys.stderr)
+        return 128 + stop.signum
 
 
 if __name__ == "__main__":

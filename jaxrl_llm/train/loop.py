@@ -11,6 +11,13 @@
 4. writes ``summary.json`` (final metrics, sha256 of the final parameters) and, with ``export_hf``, the
    stage's export of the final model to ``<run_dir>/final``.
 
+Faults (see ``faults``): a SIGTERM/SIGINT or ``train.max_hours`` ends the loop after the current step with
+a checkpoint of it; a step whose loss or gradient is not finite leaves the parameters as they were (the
+compiled step skips it) and is counted, and ``train.nonfinite_max_consecutive`` of them in a row stop the
+run or roll it back to the last checkpoint with a lower learning rate; a checkpoint of non-finite
+parameters is never written, and a run that ends non-finite exports nothing and fails. A damaged latest
+checkpoint is skipped for the one before it, saying so.
+
 What a step is belongs to the iteration: one optimizer update on a host batch (``BatchIteration``: sft, pt
 and the pair stages), or an RL iteration (rollouts, rewards, advantages and several updates). Only process
 0 writes files other than checkpoints; every process runs the same steps.
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,13 +37,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl_llm.checkpoint import Checkpointer, params_digest, write_summary
+from jaxrl_llm.checkpoint import CheckpointDamagedError, Checkpointer, params_digest, write_summary
+from jaxrl_llm.checkpoint.manager import DIRNAME
 from jaxrl_llm.checkpoint.run_info import SUMMARY_NAME
 from jaxrl_llm.errors import UserError
 from jaxrl_llm.models.hf_io import RUN_EXPORT_DIRNAME
 from jaxrl_llm.observe import MetricWriter, Progress, mfu
 from jaxrl_llm.parallel import abstract, is_main_process
 
+from .faults import Deadline, NonFinitePolicy, NonFiniteTracker, StopSignals, TrainingDiverged
 from .state import TrainState
 
 Evaluator = Callable[[TrainState, int], dict[str, float]]  # (state, step) -> metrics
@@ -80,6 +90,9 @@ class LoopConfig:
     eval_at_start: bool = False
     export_hf: bool = True
     seq_len: int | None = None  # named in the warning about documents cut at it
+    max_hours: float | None = None
+    resume_from_step: int | None = None
+    nonfinite: NonFinitePolicy = NonFinitePolicy()
 
     @classmethod
     def from_config(cls, cfg: Any) -> LoopConfig:
@@ -96,6 +109,14 @@ class LoopConfig:
             eval_at_start=bool(t.eval_at_start),
             export_hf=bool(t.export_hf),
             seq_len=int(t.seq_len),
+            max_hours=None if t.max_hours is None else float(t.max_hours),
+            resume_from_step=None if t.resume_from_step is None else int(t.resume_from_step),
+            nonfinite=NonFinitePolicy(
+                max_consecutive=int(t.nonfinite_max_consecutive),
+                action=str(t.nonfinite_action),
+                lr_factor=float(t.rollback_lr_factor),
+                max_rollbacks=int(t.max_rollbacks),
+            ),
         )
 
 
@@ -126,8 +147,11 @@ class _Window:
 
     def summary(self, fetched: list[dict[str, float]], now: float, step: int, peak: float | None):
         """Means of the step metrics, plus timing measured after the steps have finished (``now``)."""
-        shown = [k for k in fetched[-1] if k not in HOST_KEYS]
-        out = {k: float(np.mean([m[k] for m in fetched])) for k in shown}
+        shown = [k for k in fetched[-1] if k not in HOST_KEYS and k != "skipped"]
+        applied = [m for m in fetched if not m.get("skipped", 0.0)] or fetched  # skipped steps' NaNs aside
+        out = {k: float(np.mean([m[k] for m in applied])) for k in shown}
+        if "skipped" in fetched[-1]:
+            out["skipped_steps"] = float(sum(m["skipped"] > 0 for m in fetched))
         if "learning_rate" in fetched[-1]:
             out["learning_rate"] = float(fetched[-1]["learning_rate"])
         if "truncated" in out:
@@ -147,11 +171,47 @@ def tokens(fetched: list[dict[str, float]]) -> float:
     return float(sum(m.get("tokens", 0.0) for m in fetched))
 
 
+def _fallback_note(checkpointer: Checkpointer, latest: int | None) -> None:
+    """Says so when a save was interrupted after the checkpoint being resumed (the process was killed)."""
+    later = [s for s in checkpointer.incomplete_steps() if latest is None or s > latest]
+    if later:
+        where = "from the start" if latest is None else f"from step {latest}, the last complete one"
+        log(
+            f"note: the checkpoint of step {later[-1]} was never finished (the run was stopped while writing "
+            f"it): resuming {where}"
+        )
+
+
+def _set_aside_after(loop: LoopConfig) -> None:
+    """``train.resume_from_step=K``: the checkpoints after K move to ``<run_dir>/checkpoints_after_K/``
+    (kept, not deleted), so that K is the latest."""
+    run_dir, wanted = Path(loop.run_dir), loop.resume_from_step
+    probe = Checkpointer(run_dir, keep=loop.keep_checkpoints)
+    steps = probe.all_steps()
+    probe.close()
+    if wanted not in steps:
+        raise ResumeError(
+            f"train.resume_from_step={wanted}: {run_dir / DIRNAME} holds no complete checkpoint of that step "
+            f"(it holds {steps or 'none'})"
+        )
+    later = [s for s in steps if s > wanted]
+    if not later:
+        return
+    aside = run_dir / f"{DIRNAME}_after_{wanted}"
+    aside.mkdir(exist_ok=True)
+    for s in later:
+        os.replace(run_dir / DIRNAME / str(s), aside / str(s))
+    log(f"train.resume_from_step={wanted}: moved the later checkpoints {later} to {aside}")
+
+
 def _restore(
     loop: LoopConfig, checkpointer: Checkpointer, state: TrainState, iteration: Iteration, signature
 ):
-    """``(state, meta, latest)``: the latest checkpoint's, or the given state when there is none."""
-    run_dir, latest = Path(loop.run_dir), checkpointer.latest_step()
+    """``(state, meta, restored step)``: the latest complete checkpoint's (falling back to an earlier one
+    when the latest cannot be read, and saying so), or the given state when there is none."""
+    run_dir, steps = Path(loop.run_dir), checkpointer.all_steps()
+    latest = steps[-1] if steps else None
+    _fallback_note(checkpointer, latest)
     if latest is None:
         return state, {}, None
     if not loop.resume:
@@ -166,15 +226,42 @@ def _restore(
         )
     target = abstract(state)
     del state  # restore into the abstract shapes: never two copies of the state in memory
-    state, meta = checkpointer.restore(latest, target, iteration.data)
-    check_resume(meta.get("signature", {}), signature, checkpointer.directory / str(latest))
+    for i, step in enumerate(reversed(steps)):
+        try:
+            state, meta = checkpointer.restore(step, target, iteration.data)
+            break
+        except CheckpointDamagedError as err:
+            if i == len(steps) - 1:
+                raise
+            kept = checkpointer.set_aside(step, run_dir / f"{DIRNAME}_damaged")
+            log(
+                f"warning: {err}\nfalling back to the checkpoint of step {steps[-2 - i]} (step {step} moved to {kept})"
+            )
+    check_resume(meta.get("signature", {}), signature, checkpointer.directory / str(step))
     if meta.get("train_steps", loop.steps) != loop.steps:
         log(
             f"note: train.steps changed from {meta['train_steps']} to {loop.steps}; the learning-rate "
             "schedule is recomputed for the new length"
         )
-    log(f"resumed from {checkpointer.directory / str(latest)} (step {latest})")
-    return state, meta, latest
+    log(f"resumed from {checkpointer.directory / str(step)} (step {step})")
+    return state, meta, step
+
+
+def changed_settings(saved: dict[str, Any] | None, now: dict[str, Any] | None) -> list[str]:
+    """The config keys whose value differs from the checkpoint's, as ``key: old -> new``."""
+    if not saved or not now:
+        return []
+    return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in sorted(now) if k in saved and saved[k] != now[k]]
+
+
+@jax.jit
+def _finite(tree: Any) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else jnp.array(True)
+
+
+def finite_params(state: TrainState) -> bool:
+    return bool(jax.device_get(_finite(state.params)))
 
 
 def run_loop(
@@ -184,16 +271,33 @@ def run_loop(
     state: TrainState,
     iteration: Iteration,
     signature: dict[str, Any],
+    settings: dict[str, Any] | None = None,
     peak_flops: float | None = None,
     evaluators: Sequence[Evaluator] = (),
     export: Callable[[Any, Path], None] | None = None,
 ) -> dict[str, Any]:
     """Runs ``iteration`` from ``state`` (or the run's latest checkpoint) to ``loop.steps``; returns the
     summary. ``signature`` is what must not change for a resumed run to continue exactly (batch size, data
-    hash, ...): a checkpoint saved under another signature is refused, naming what changed."""
+    hash, ...): a checkpoint saved under another signature is refused, naming what changed. ``settings``
+    (the flattened config) is saved with every checkpoint; a resumed run lists the keys that changed.
+
+    A signal or ``train.max_hours`` ends the loop early with a checkpoint of the step reached; the summary
+    then holds ``stopped`` (the reason) and neither ``summary.json`` nor the export is written. Raises
+    ``TrainingDiverged`` (nothing exported) when non-finite steps exhaust ``loop.nonfinite`` or the
+    parameters or final loss are not finite.
+    """
     run_dir = Path(loop.run_dir)
+    if loop.resume_from_step is not None:
+        _set_aside_after(loop)
     checkpointer = Checkpointer(run_dir, keep=loop.keep_checkpoints)
     state, meta, latest = _restore(loop, checkpointer, state, iteration, signature)
+    changes = changed_settings(meta.get("settings"), settings)
+    if changes:
+        log(
+            "note: resuming with changed settings (allowed: none of them changes the data order or the "
+            "shapes; the optimizer continues from its saved state under the new values): "
+            + "; ".join(changes)
+        )
     # Loop steps and optimizer updates differ for RL (several updates an iteration); older checkpoints
     # saved no loop step and count one update a step.
     start = int(meta.get("loop_step", jax.device_get(state.step)))
@@ -210,6 +314,8 @@ def run_loop(
     writer = MetricWriter(run_dir, enabled=is_main_process(), resume_step=latest)
     counters = {k: float(meta.get(k, 0.0)) for k in ("tokens_seen", "train_seconds")}
     results = {k: dict(meta.get(k, {})) for k in ("last_train", "last_eval", "first_eval")}
+    rollbacks: list[dict[str, Any]] = list(meta.get("rollbacks", []))
+    nonfinite = NonFiniteTracker(loop.nonfinite.max_consecutive, skipped=int(meta.get("skipped_steps", 0)))
 
     def evaluate(step: int) -> None:
         out: dict[str, float] = {}
@@ -221,60 +327,144 @@ def run_loop(
             results["first_eval"] = results["first_eval"] or out
             log(f"step {step} eval: " + ", ".join(f"{k} {v:.4g}" for k, v in out.items()))
 
+    def save(done: int, pending: float) -> None:
+        if not finite_params(state):  # never write a non-finite checkpoint
+            raise TrainingDiverged(
+                f"the parameters are not finite at step {done}: no checkpoint written (the last one, step "
+                f"{checkpointer.latest_step()}, is kept); lower optimizer.lr or set optimizer.clip_norm"
+            )
+        saved = {
+            "signature": signature,
+            "settings": settings or {},
+            "train_steps": loop.steps,
+            "loop_step": done,
+            "tokens_seen": counters["tokens_seen"] + pending,
+            "train_seconds": counters["train_seconds"],
+            "skipped_steps": nonfinite.skipped,
+            "rollbacks": rollbacks,
+            **results,
+        }
+        checkpointer.save(done, state, iteration.data, saved, force=True)
+
+    def diverged(done: int) -> TrainingDiverged:
+        last = checkpointer.latest_step()
+        return TrainingDiverged(
+            f"training stopped at step {done}: {nonfinite.row[1]} steps in a row (from step "
+            f"{nonfinite.row[0]}) had a non-finite loss or gradient and were skipped "
+            f"({nonfinite.skipped} in all, {len(rollbacks)} rollbacks). Nothing was exported; the last "
+            f"checkpoint is {'step ' + str(last) if last is not None else 'none'}. Lower optimizer.lr, set "
+            "optimizer.clip_norm, check the data, or set train.nonfinite_action=rollback"
+        )
+
+    def roll_back(done: int, current: TrainState) -> tuple[TrainState, int]:
+        """The last checkpoint's state with the learning rate scaled down, and its loop step."""
+        nonlocal window
+        last = checkpointer.latest_step()
+        policy = loop.nonfinite
+        if last is None or len(rollbacks) >= policy.max_rollbacks:
+            raise diverged(done)
+        checkpointer.wait()
+        restored, saved = checkpointer.restore(last, abstract(current), iteration.data)
+        scale = restored.lr_scale * policy.lr_factor
+        state = restored.replace(lr_scale=jax.device_put(scale, restored.lr_scale.sharding))
+        back = int(saved.get("loop_step", last))
+        rollbacks.append(
+            {"at_step": done, "to_step": back, "lr_scale": float(scale), "reason": "non-finite steps"}
+        )
+        counters.update({k: float(saved.get(k, 0.0)) for k in counters})
+        log(
+            f"warning: {nonfinite.row[1]} non-finite steps in a row (from step {nonfinite.row[0]}): "
+            f"rolled back to the checkpoint of step {back}, learning rate x{float(scale):g} "
+            f"(rollback {len(rollbacks)} of at most {policy.max_rollbacks})"
+        )
+        nonfinite.reset()
+        window = _Window(time.perf_counter(), back)
+        return state, back
+
+    deadline = Deadline(loop.max_hours)
     progress = Progress(loop.steps, initial=start, enabled=is_main_process())
     window = _Window(time.perf_counter(), start)
     warned_truncation = False
+    stopped: str | None = None
+    last_shown: dict[str, float] = {}
     try:
-        if loop.eval_at_start and start == 0:
-            evaluate(0)
-        window.started = time.perf_counter()
-        for step in range(start, loop.steps):
-            state, metrics = iteration(state, step, jax.random.fold_in(base_rng, step))
-            window.metrics.append(metrics)
-            done = step + 1
-            if done % loop.log_every == 0 or done == loop.steps:
-                fetched = window.fetch()
-                now = time.perf_counter()
-                logged = window.summary(fetched, now, done, peak_flops)
-                counters["train_seconds"] += now - window.started
-                counters["tokens_seen"] += tokens(fetched)
-                logged["tokens_seen"] = counters["tokens_seen"]
-                writer.write(done, logged)
-                if hasattr(iteration, "on_log"):
-                    iteration.on_log(done, writer)
-                progress.update(done, loss=logged.get("loss"), tokens_per_s=logged["tokens_per_s"])
-                if logged.get("truncated_documents") and not warned_truncation:
-                    warned_truncation = True
-                    log(
-                        f"warning: {logged['truncated_documents']:.0f} documents were cut at "
-                        f"train.seq_len={loop.seq_len} in the last {loop.log_every} steps (their ends are not "
-                        "trained on); raise train.seq_len or filter with data.max_tokens"
-                    )
-                results["last_train"] = logged
-                window = _Window(time.perf_counter(), done)
-            else:
-                progress.update(done)
-            if done % loop.eval_every == 0 or done == loop.steps:
-                evaluate(done)
-                window.started = time.perf_counter()  # evaluation time is not training time
-            if done % loop.save_every == 0 or done == loop.steps:
-                pending = tokens(window.fetch()) if window.metrics else 0.0
-                saved = {
-                    "signature": signature,
-                    "train_steps": loop.steps,
-                    "loop_step": done,
-                    "tokens_seen": counters["tokens_seen"] + pending,
-                    "train_seconds": counters["train_seconds"],
-                    **results,
-                }
-                checkpointer.save(done, state, iteration.data, saved, force=True)
-                window.started = time.perf_counter()
+        with StopSignals() as signals:
+            if loop.eval_at_start and start == 0:
+                evaluate(0)
+            window.started = time.perf_counter()
+            step = start
+            while step < loop.steps:
+                state, metrics = iteration(state, step, jax.random.fold_in(base_rng, step))
+                window.metrics.append(metrics)
+                done = step + 1
+                step = done
+                if signals.received:
+                    stopped = signals.received
+                elif deadline.passed():
+                    stopped = f"train.max_hours={loop.max_hours:g} reached"
+                if done % loop.log_every == 0 or done == loop.steps or stopped:
+                    fetched = window.fetch()
+                    nonfinite.observe(window.step0, fetched)
+                    now = time.perf_counter()
+                    logged = window.summary(fetched, now, done, peak_flops)
+                    counters["train_seconds"] += now - window.started
+                    counters["tokens_seen"] += tokens(fetched)
+                    logged["tokens_seen"] = counters["tokens_seen"]
+                    writer.write(done, logged)
+                    if hasattr(iteration, "on_log"):
+                        iteration.on_log(done, writer)
+                    last_shown = {"loss": logged.get("loss"), "tokens_per_s": logged["tokens_per_s"]}
+                    progress.update(done, **last_shown)
+                    if logged.get("truncated_documents") and not warned_truncation:
+                        warned_truncation = True
+                        log(
+                            f"warning: {logged['truncated_documents']:.0f} documents were cut at "
+                            f"train.seq_len={loop.seq_len} in the last {done - window.step0} steps (their ends "
+                            "are not trained on); raise train.seq_len or filter with data.max_tokens"
+                        )
+                    results["last_train"] = logged
+                    window = _Window(time.perf_counter(), done)
+                    if nonfinite.row is not None:
+                        if loop.nonfinite.action != "rollback":
+                            raise diverged(done)
+                        state, step = roll_back(done, state)
+                        progress.update(step)
+                        writer.close()
+                        writer = MetricWriter(run_dir, enabled=is_main_process(), resume_step=step)
+                        continue
+                else:
+                    progress.update(done, **last_shown)
+                if not stopped and (done % loop.eval_every == 0 or done == loop.steps):
+                    evaluate(done)
+                    window.started = time.perf_counter()  # evaluation time is not training time
+                if done % loop.save_every == 0 or done == loop.steps or stopped:
+                    pending = 0.0
+                    if window.metrics:
+                        pending_metrics = window.fetch()
+                        pending = tokens(pending_metrics)
+                    save(done, pending)
+                    window.started = time.perf_counter()
+                if stopped:
+                    break
     finally:
         progress.close()
         checkpointer.close()
         writer.close()
 
+    if stopped:
+        log(
+            f"stopped at step {step} of {loop.steps} ({stopped}): checkpoint saved in "
+            f"{checkpointer.directory / str(step)}; run the same command again to continue from it"
+        )
+        return {"stage": loop.stage, "steps": loop.steps, "stopped": stopped, "stopped_at": step}
     final_model = _merge(graphdef, state)
+    final_loss = results["last_train"].get("loss")
+    if not finite_params(state) or (final_loss is not None and not np.isfinite(final_loss)):
+        raise TrainingDiverged(
+            f"the run ended with a non-finite {'loss' if finite_params(state) else 'parameters'} "
+            f"(last logged loss {final_loss}): nothing exported and no summary.json written; lower "
+            "optimizer.lr or set optimizer.clip_norm"
+        )
     summary = {
         "stage": loop.stage,
         "steps": loop.steps,
@@ -283,6 +473,8 @@ def run_loop(
         "tokens_seen": counters["tokens_seen"],
         "train_seconds": counters["train_seconds"],
         "compile_seconds": compile_s,
+        "skipped_steps": nonfinite.skipped,
+        "rollbacks": rollbacks,
         "final_train": results["last_train"],
         "final_eval": results["last_eval"],
         "first_eval": results["first_eval"],

@@ -172,6 +172,20 @@ def check_kind(stage: str, kind: str | None) -> None:
     )
 
 
+# Keys that only say how this invocation runs, not what it trains: not reported as changed on resume.
+_INVOCATION_KEYS = ("run_dir", "train.resume", "train.resume_from_step", "train.max_hours")
+
+
+def resume_settings(cfg: Config) -> dict[str, Any]:
+    """The flattened config as JSON values, saved with each checkpoint to name what a resume changed."""
+    import json
+
+    from jaxrl_llm.config.validate import flatten
+
+    flat = {k: v for k, v in flatten(cfg)[0].items() if k not in _INVOCATION_KEYS}
+    return json.loads(json.dumps(flat, default=str))
+
+
 def run_stage(cfg: Config) -> int:
     """Runs ``cfg.stage`` (validated, so it is in the table); returns the process exit code."""
     row = STAGES[cfg.stage]
@@ -210,13 +224,23 @@ def run_stage(cfg: Config) -> int:
         state=state,
         iteration=plan.iteration,
         signature=plan.signature,
+        settings=resume_settings(cfg),
         peak_flops=mesh_peak_flops(cfg.train.peak_flops, cfg.model.dtype),
         evaluators=plan.evaluators,
         export=setup.hf_export(run.tokenizer, row.policy),
     )
+    if summary.get("stopped"):  # a signal or train.max_hours: checkpointed, to be continued
+        return 0
     extra = plan.report(summary)
     if extra:
         from jaxrl_llm.checkpoint import write_summary
 
         write_summary(run.run_dir, {**summary, **extra})
+    from jaxrl_llm.observe import write_plots
+    from jaxrl_llm.parallel import is_main_process
+
+    if is_main_process():  # <run_dir>/report: a PNG a metric family and report.html (never raises)
+        written = write_plots(run.run_dir)
+        if written:
+            print(f"plots: {written[-1]}", flush=True)
     return 0

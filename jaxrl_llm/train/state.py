@@ -29,6 +29,8 @@ class TrainState:
       rng: the run's PRNG key; step ``i`` uses ``fold_in(rng, i)`` (so a resumed run draws the same keys).
       extra: scalars a stage carries from step to step and checkpoints with the rest (PPO's adaptive KL
         coefficient); empty for most stages.
+      lr_scale: [] float32, multiplies every update (1 unless a rollback lowered the learning rate; with
+        Adam-like optimizers scaling the update is scaling the learning rate).
     """
 
     step: jax.Array
@@ -36,6 +38,7 @@ class TrainState:
     opt_state: optax.OptState
     rng: jax.Array
     extra: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+    lr_scale: jax.Array = dataclasses.field(default_factory=lambda: jnp.ones((), jnp.float32))
 
     @classmethod
     def create(
@@ -63,10 +66,21 @@ class TrainState:
         )
         return graphdef, state
 
-    def apply_gradients(self, grads: Any, tx: optax.GradientTransformation) -> TrainState:
-        """One optimizer update: ``params <- params + tx.update(grads)``, ``step <- step + 1``."""
+    def apply_gradients(
+        self, grads: Any, tx: optax.GradientTransformation, apply: jax.Array | None = None
+    ) -> TrainState:
+        """One optimizer update: ``params <- params + lr_scale * tx.update(grads)``, ``step <- step + 1``.
+
+        ``apply`` (a [] bool, traced): False keeps the parameters and optimizer state as they are (a skipped
+        update: the step still counts, so the schedule stays aligned with the loop).
+        """
         updates, opt_state = tx.update(grads, self.opt_state, self.params)
+        updates = jax.tree.map(lambda u: (u * self.lr_scale).astype(u.dtype), updates)
         params = optax.apply_updates(self.params, updates)
+        if apply is not None:
+            keep = lambda new, old: jnp.where(apply, new, old)
+            params = jax.tree.map(keep, params, self.params)
+            opt_state = jax.tree.map(keep, opt_state, self.opt_state)
         return self.replace(step=self.step + 1, params=params, opt_state=opt_state)
 
 

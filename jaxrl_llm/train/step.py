@@ -62,7 +62,9 @@ def build_update(
     """The pure update (not jitted; see :func:`compile_update`).
 
     Metrics (all scalars): the objective's (``loss`` first), ``grad_norm`` (global norm of the gradients
-    before clipping, frozen parameters' included), ``learning_rate`` (the schedule at this step),
+    before clipping, frozen parameters' included), ``skipped`` (1 when the loss or the gradient norm was not
+    finite: then the parameters and optimizer state are left as they were), ``learning_rate`` (the
+    schedule at this step, times the state's ``lr_scale``),
     ``tokens`` (non-padding tokens in the batch) and ``truncated`` (documents cut to fit a row). With a
     ``mesh``, the accumulated gradients are kept sharded like the parameters.
     """
@@ -104,11 +106,13 @@ def build_update(
 
             (grads, sums), _ = jax.lax.scan(body, zeros, (micro, keys))
         grad_norm = optax.tree.norm(grads)
-        new_state = state.apply_gradients(grads, tx)
         metrics = dict(objective.summarize(sums, normalizer))
+        finite = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"])
+        new_state = state.apply_gradients(grads, tx, apply=finite)
         metrics["grad_norm"] = grad_norm
+        metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
         if schedule is not None:
-            metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+            metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32) * state.lr_scale
         if "segment_ids" in batch:
             metrics["tokens"] = (batch["segment_ids"] > 0).sum(dtype=jnp.float32)
         if "num_truncated" in batch:
