@@ -16,7 +16,7 @@ from typing import Any
 import ml_collections
 
 from .schema import FIELDS, FIELDS_BY_KEY, Field, base_config, section_of
-from .validate import ConfigError, flatten, is_section, unknown_key, validate
+from .validate import ConfigError, check_field, flatten, is_section, show, unknown_key, validate
 
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
@@ -83,18 +83,20 @@ def coerce(field: Field, raw: str) -> Any:
         try:
             value = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ConfigError(f"{field.key}={raw!r}: expected a JSON list ({err.msg})") from None
+            raise ConfigError(f"{field.key}={show(raw)}: expected a JSON list ({err.msg})") from None
+        except RecursionError:
+            raise ConfigError(f"{field.key}={show(raw)}: expected a JSON list (nested too deeply)") from None
         if not isinstance(value, list):
-            raise ConfigError(f"{field.key}={raw!r}: expected a JSON list, got {type(value).__name__}")
+            raise ConfigError(f"{field.key}={show(raw)}: expected a JSON list, got {type(value).__name__}")
         return value
     if field.type is bool:
         if text.lower() in _TRUE + _FALSE:
             return text.lower() in _TRUE
-        raise ConfigError(f"{field.key}={raw!r}: expected bool (true/false, yes/no, 1/0)")
+        raise ConfigError(f"{field.key}={show(raw)}: expected bool (true/false, yes/no, 1/0)")
     number = _number(text, field.type)
     if number is None:
         raise ConfigError(
-            f"{field.key}={raw!r}: expected {field.allowed()}; {raw!r} is not {_TYPE_WORDS[field.type]}"
+            f"{field.key}={show(raw)}: expected {field.allowed()}; {show(raw)} is not {_TYPE_WORDS[field.type]}"
         )
     return number
 
@@ -143,7 +145,7 @@ def apply_overrides(
 def _not_a_key(key: str, value: Any) -> str:
     inside = [f.key for f in FIELDS if f.key.startswith(f"{key}.")]
     if inside:
-        return f"{key}={value!r}: is a section, not a key; override one of its keys, e.g. {inside[0]}"
+        return f"{key}={show(value)}: is a section, not a key; override one of its keys, e.g. {inside[0]}"
     return unknown_key(key, value)
 
 
@@ -153,7 +155,9 @@ def _set(cfg: ml_collections.ConfigDict, key: str, value: Any) -> None:
         if part not in node:
             node[part] = ml_collections.ConfigDict(type_safe=False)
         elif not is_section(node[part]):
-            raise ConfigError(f"{key}={value!r}: cannot set it, {section_of(key)} is a value, not a section")
+            raise ConfigError(
+                f"{key}={show(value)}: cannot set it, {section_of(key)} is a value, not a section"
+            )
         node = node[part]
     node[key.rpartition(".")[2]] = value
 
@@ -203,9 +207,26 @@ def parse_args(argv: Sequence[str]) -> ml_collections.ConfigDict:
     except ConfigError as err:
         problems += err.problems
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems + _checked_alone(overrides))
     validate(cfg)
     return cfg
+
+
+def _checked_alone(overrides: list[tuple[str, str]]) -> list[str]:
+    """The problems of the overrides that parsed, so that an out-of-range value is named beside an
+    unparsable one rather than only after it is fixed."""
+    problems = []
+    for key, raw in overrides:
+        field = FIELDS_BY_KEY.get(key)
+        if field is None:
+            continue
+        try:
+            value = coerce(field, raw)
+        except ConfigError:
+            continue
+        if problem := check_field(field, value):
+            problems.append(problem)
+    return problems
 
 
 def format_config(cfg: Any) -> str:

@@ -819,9 +819,10 @@ FIELDS: tuple[Field, ...] = (
     Field(
         "reward.host_timeout_s",
         30.0,
-        "Time limit of one host reward call, seconds.",
+        "Time limit of one host reward call, seconds (at most a day: a larger one overflows the thread wait).",
         float,
         lo=0,
+        hi=86400.0,
         lo_open=True,
     ),
     Field(

@@ -12,6 +12,7 @@ import math
 import numbers
 import os
 import re
+import stat
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -21,6 +22,9 @@ from .schema import FIELDS, FIELDS_BY_KEY, MODEL_SIZES, Field, section_of
 
 _SECTIONS = {section_of(f.key) for f in FIELDS} - {""}
 _MISSING = object()
+# Integers become int32 arrays and C longs (seeds, step counters, sizes); a larger one would overflow there.
+INT_LIMIT = 2**31
+_SHOWN_CHARS = 80
 
 
 class ConfigError(UserError):
@@ -29,6 +33,14 @@ class ConfigError(UserError):
     def __init__(self, problems: str | Iterable[str]):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         super().__init__("\n".join(self.problems))
+
+
+def show(value: Any) -> str:
+    """``repr(value)``, cut to its start when long: a 100,000-character override is named, not echoed."""
+    text = repr(value)
+    if len(text) <= _SHOWN_CHARS:
+        return text
+    return f"{text[: _SHOWN_CHARS - 20]}... ({len(text)} characters)"
 
 
 def suggest(name: str, candidates: Iterable[str]) -> str | None:
@@ -46,7 +58,7 @@ def unknown_key(key: str, value: Any = _MISSING) -> str:
     """The problem line for a key the schema does not have, with the closest known key."""
     match = suggest(key, [*FIELDS_BY_KEY, *_SECTIONS])
     hint = f"; did you mean {match}?" if match else f"; known sections: {', '.join(sorted(_SECTIONS))}"
-    shown = key if value is _MISSING else f"{key}={value!r}"
+    shown = key if value is _MISSING else f"{key}={show(value)}"
     return f"{shown}: unknown key{hint}"
 
 
@@ -114,20 +126,44 @@ def _in_range(field: Field, value: Any) -> bool:
 
 def check_field(field: Field, value: Any) -> str | None:
     """The problem line for one key's value, or None when it is allowed."""
+    shown = f"{field.key}={show(value)}"
     if not _type_ok(field, value):
         got = "None" if value is None else type(value).__name__
-        return f"{field.key}={value!r}: expected {field.allowed()}, got {got}"
+        return f"{shown}: expected {field.allowed()}, got {got}"
     if value is None:
         return None
     if field.type is float and not math.isfinite(value) and value not in field.special:
-        return f"{field.key}={value!r}: must be a finite {field.allowed()}"
+        return f"{shown}: must be a finite {field.allowed()}"
+    if field.type is int and not -INT_LIMIT < value < INT_LIMIT:
+        return f"{shown}: must be {field.allowed()} and fit in 32 bits (below 2**31 = {INT_LIMIT})"
+    if isinstance(value, str) and "\x00" in value:
+        return f"{shown}: contains a NUL character (\\x00), which no path or name can hold"
+    if field.type is list:
+        return _list_entries(field.key, value)
     choices = field.allowed_choices()
     if choices is not None and value not in choices:
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        return f"{field.key}={value!r}: must be {field.allowed()}{hint}"
+        return f"{shown}: must be {field.allowed()}{hint}"
     if choices is None and field.type in (int, float) and not _in_range(field, value):
-        return f"{field.key}={value!r}: must be {field.allowed()}"
+        return f"{shown}: must be {field.allowed()}"
+    return None
+
+
+def _list_entries(key: str, entries: list) -> str | None:
+    """The entries of the list-valued keys (the type check saw only that they are lists)."""
+    if key == "rollout.stop":
+        for i, stop in enumerate(entries):
+            if not isinstance(stop, str) or not stop:
+                return f"rollout.stop[{i}]={show(stop)}: each stop string must be a non-empty string"
+    if key == "reward.functions" and entries:
+        # The reward registry checks names, weights and params; it loads JAX, which any run loads anyway.
+        from jaxrl_llm.reward import RewardError, parse_specs
+
+        try:
+            parse_specs(entries)
+        except RewardError as err:
+            return str(err) if str(err).startswith(key) else f"{key}: {err}"
     return None
 
 
@@ -216,15 +252,33 @@ def _freeze_pattern(good: dict[str, Any]) -> list[str]:
     try:
         re.compile(pattern)
     except re.error as err:
-        return [f"optimizer.freeze={pattern!r}: not a valid regular expression ({err})"]
+        return [f"optimizer.freeze={show(pattern)}: not a valid regular expression ({err})"]
+    except (RecursionError, OverflowError) as err:  # groups nested too deep, a repeat count too large
+        return [f"optimizer.freeze={show(pattern)}: not a usable regular expression ({err})"]
     return []
 
 
 def _run_dir(good: dict[str, Any]) -> list[str]:
+    """The run directory, or else the nearest of its parents that exists, must be a directory."""
     path = good.get("run_dir")
-    if path and os.path.exists(path) and not os.path.isdir(path):
-        return [f"run_dir={path!r}: exists and is not a directory"]
-    return []
+    if not path:
+        return []
+    here = os.path.abspath(path)
+    while True:
+        try:
+            mode = os.stat(here).st_mode
+            break
+        except (FileNotFoundError, NotADirectoryError):  # not made yet, or below a file: look further up
+            if os.path.dirname(here) == here:
+                return []
+            here = os.path.dirname(here)
+        except OSError as err:  # a name too long, no permission
+            return [f"run_dir={show(path)}: cannot be created ({err.strerror})"]
+    if stat.S_ISDIR(mode):
+        return []
+    if here == os.path.abspath(path):
+        return [f"run_dir={show(path)}: exists and is not a directory"]
+    return [f"run_dir={show(path)}: cannot be created, {here} is a file, not a directory"]
 
 
 def _model(good: dict[str, Any]) -> list[str]:
@@ -288,7 +342,9 @@ def _checkpoint_arch(path: str) -> tuple[dict[str, tuple[int, str]], str | None]
         arch = from_hf_config(read_hf_config(path))
     except UserError as err:
         reason = str(err).removeprefix(f"{path}: ")  # the key already names the path
-        return {}, f"model.path={path!r}: {reason}"
+        return {}, f"model.path={show(path)}: {reason}"
+    except OSError as err:  # a name too long, no permission, an unreadable config.json
+        return {}, f"model.path={show(path)}: cannot be read ({err.strerror or err})"
     max_len = arch.max_seq_len
     where = os.path.join(path, "config.json")
     return {"max_seq_len": (max_len, f"max_position_embeddings={max_len} (in {where})")}, None
@@ -297,7 +353,7 @@ def _checkpoint_arch(path: str) -> tuple[dict[str, tuple[int, str]], str | None]
 def _tokenizer(good: dict[str, Any]) -> list[str]:
     path = good.get("tokenizer.path")
     if path and not os.path.exists(path):
-        return [f"tokenizer.path={path!r}: no such file or directory"]
+        return [f"tokenizer.path={show(path)}: no such file or directory"]
     return []
 
 
@@ -336,7 +392,7 @@ def _data(good: dict[str, Any]) -> list[str]:
             "dataset name in it) or neither"
         ]
     if info and not os.path.isfile(info):
-        return [f"data.dataset_info={info!r}: no such file"]
+        return [f"data.dataset_info={show(info)}: no such file"]
     return []
 
 
