@@ -833,6 +833,30 @@ FIELDS: tuple[Field, ...] = (
         lo=1,
         nullable=True,
     ),
+    # Metric loggers (jaxrl_llm.observe.reporting).
+    Field(
+        "observe.report_to",
+        "tensorboard",
+        "Where metrics go beside metrics.jsonl, comma-separated: 'tensorboard' (always on) and 'wandb' "
+        "(Weights & Biases: scalars, histograms, sampled completions and the config; pip install wandb). "
+        "E.g. observe.report_to=wandb.",
+        str,
+    ),
+    Field(
+        "observe.wandb_project",
+        "jaxrl_llm",
+        "The W&B project of the run; the run's id is kept in <run_dir>/wandb_run_id so a resumed run continues "
+        "the same W&B run.",
+        str,
+    ),
+    Field(
+        "observe.wandb_mode",
+        "offline",
+        "'offline' writes the W&B run under <run_dir>/wandb with no network (wandb sync uploads it later); "
+        "'online' streams it (needs wandb login); 'disabled' logs nothing.",
+        str,
+        choices=("offline", "online", "disabled"),
+    ),
 )
 
 SECTIONS = {
@@ -843,6 +867,7 @@ SECTIONS = {
     "parallel": "Device mesh (product of the axes = number of devices)",
     "optimizer": "Optimizer and learning-rate schedule",
     "train": "Training loop",
+    "observe": "Metric loggers beside TensorBoard and metrics.jsonl (jaxrl_llm.observe)",
     "data": "Dataset, validation and quality filters (python -m jaxrl_llm.data validate checks one)",
     "pref": "Preference and reward-model stages (rm, dpo, kto, orpo, simpo)",
     "rollout": "Sampling of the RL stages' completions (jaxrl_llm.rollout)",

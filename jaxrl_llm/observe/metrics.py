@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from .reporting import Reporting, WandbRun
+
 # Keys every JSONL line carries; a metric may not use these names.
 RESERVED_KEYS = frozenset({"step", "split", "time"})
 
@@ -72,26 +74,41 @@ def json_safe(obj: Any) -> Any:
 
 
 class MetricWriter:
-    """Writes scalar metrics to TensorBoard (``<log_dir>/tensorboard/``) and ``<log_dir>/metrics.jsonl``.
+    """Writes scalar metrics to TensorBoard (``<log_dir>/tensorboard/``) and ``<log_dir>/metrics.jsonl``,
+    histograms to TensorBoard, and all of it to a W&B run too when ``report.report_to`` names ``wandb``.
 
     Each :meth:`write` appends one JSON line ``{"step", "split", "time", **metrics}``; the file is
-    appended to, so a resumed run continues it. With ``enabled=False`` (JAX processes other than 0)
-    every method is a no-op and no file or directory is created.
+    appended to, so a resumed run continues it. ``metrics.jsonl`` holds scalars only: a histogram's
+    summary statistics are scalar metrics already, and the plots and reports read the file line by line.
+    With ``enabled=False`` (JAX processes other than 0) every method is a no-op and no file or directory
+    is created.
     """
 
-    def __init__(self, log_dir: str | Path, *, enabled: bool = True, resume_step: int | None = None):
+    def __init__(
+        self,
+        log_dir: str | Path,
+        *,
+        enabled: bool = True,
+        resume_step: int | None = None,
+        report: Reporting | None = None,
+        config: Mapping[str, Any] | None = None,
+    ):
         """``resume_step``: a run resumed from the checkpoint at this step; what the interrupted run logged
         after it (it is about to be logged again) is dropped from the JSONL file, and TensorBoard is told
-        to purge those events."""
+        to purge those events. ``report``: the extra loggers (``observe.*``; None = TensorBoard only);
+        ``config``: the run's config, given to them (W&B shows it beside the run)."""
         self.log_dir = Path(log_dir)
         self.enabled = enabled
         self._tb = None
         self._jsonl = None
+        self._wandb: WandbRun | None = None
         if not enabled:
             return
         from tensorboardX import SummaryWriter
 
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if report is not None and report.wandb:  # first: a failing start leaves no file open
+            self._wandb = WandbRun(self.log_dir, report, config)
         purge = None if resume_step is None else int(resume_step) + 1
         for path in (self.jsonl_path, self.log_dir / "samples.jsonl"):
             if purge is not None and path.exists():
@@ -122,6 +139,21 @@ class MetricWriter:
         record = {"step": step, "split": prefix, "time": time.time()}
         record.update({name: json_number(value) for name, value in values.items()})
         self._write_line(record)
+        if self._wandb is not None:
+            self._wandb.log(step, {f"{prefix}/{name}": value for name, value in values.items()})
+
+    def write_histogram(self, step: int, tag: str, values: Any) -> None:
+        """Logs the distribution of ``values`` (any shape, flattened; non-finite values left out) to
+        TensorBoard under ``tag`` (and W&B); nothing when no value is left. Not written to ``metrics.jsonl``."""
+        if not self.enabled or self._tb is None:
+            return
+        array = np.asarray(values, dtype=np.float64).reshape(-1)
+        array = array[np.isfinite(array)]
+        if array.size == 0:
+            return
+        self._tb.add_histogram(tag, array, global_step=int(step))
+        if self._wandb is not None:
+            self._wandb.histogram(int(step), tag, array)
 
     def write_text(self, step: int, tag: str, text: str) -> None:
         """Logs ``text`` to TensorBoard under ``tag`` and as a JSONL line with ``split="text"``."""
@@ -130,10 +162,12 @@ class MetricWriter:
         step = int(step)
         self._tb.add_text(tag, text, global_step=step)
         self._write_line({"step": step, "split": "text", "time": time.time(), "tag": tag, "text": text})
+        if self._wandb is not None:
+            self._wandb.text(step, tag, text)
 
     def write_samples(self, step: int, samples: list[dict[str, Any]], path: str | Path | None = None) -> None:
         """Sampled completions at ``step``: one JSON line each in ``path`` (default ``<log_dir>/samples.jsonl``)
-        and one TensorBoard text (a Markdown list) under ``samples``."""
+        and one TensorBoard text (a Markdown list) under ``samples`` (W&B: a table named after the file)."""
         if not self.enabled or self._tb is None or not samples:
             return
         path = Path(path) if path is not None else self.log_dir / "samples.jsonl"
@@ -147,6 +181,8 @@ class MetricWriter:
             )
             lines.append(f"- **{sample.get('prompt', '')}** -> `{sample.get('completion', '')}` ({fields})")
         self._tb.add_text("samples", "\n".join(lines), global_step=int(step))
+        if self._wandb is not None:
+            self._wandb.table(int(step), path.stem, [json_safe(sample) for sample in samples])
 
     def _write_line(self, record: dict) -> None:
         self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
@@ -158,12 +194,15 @@ class MetricWriter:
             self._jsonl.flush()
 
     def close(self) -> None:
-        """Flushes and closes both outputs; calling it again does nothing."""
+        """Flushes and closes every output (finishing the W&B run); calling it again does nothing."""
         if self._tb is not None:
             self._tb.close()
             self._jsonl.close()
             self._tb = None
             self._jsonl = None
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
 
     def __enter__(self) -> MetricWriter:
         return self

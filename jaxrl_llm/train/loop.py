@@ -42,7 +42,7 @@ from jaxrl_llm.checkpoint.manager import DIRNAME
 from jaxrl_llm.checkpoint.run_info import SUMMARY_NAME
 from jaxrl_llm.errors import UserError
 from jaxrl_llm.models.hf_io import RUN_EXPORT_DIRNAME
-from jaxrl_llm.observe import MetricWriter, Progress, mfu
+from jaxrl_llm.observe import MetricWriter, Progress, Reporting, mfu
 from jaxrl_llm.parallel import abstract, is_main_process
 
 from .faults import Deadline, NonFinitePolicy, NonFiniteTracker, StopSignals, TrainingDiverged
@@ -93,6 +93,7 @@ class LoopConfig:
     max_hours: float | None = None
     resume_from_step: int | None = None
     nonfinite: NonFinitePolicy = NonFinitePolicy()
+    report: Reporting = Reporting()  # observe.*: loggers beside TensorBoard
 
     @classmethod
     def from_config(cls, cfg: Any) -> LoopConfig:
@@ -117,6 +118,7 @@ class LoopConfig:
                 lr_factor=float(t.rollback_lr_factor),
                 max_rollbacks=int(t.max_rollbacks),
             ),
+            report=Reporting.from_config(cfg),
         )
 
 
@@ -311,7 +313,9 @@ def run_loop(
     base_rng = jax.random.wrap_key_data(jnp.array(jax.random.key_data(state.rng), copy=True))
     compile_s = iteration.compile(state) if start < loop.steps else 0.0
 
-    writer = MetricWriter(run_dir, enabled=is_main_process(), resume_step=latest)
+    writer = MetricWriter(
+        run_dir, enabled=is_main_process(), resume_step=latest, report=loop.report, config=settings
+    )
     counters = {k: float(meta.get(k, 0.0)) for k in ("tokens_seen", "train_seconds")}
     results = {k: dict(meta.get(k, {})) for k in ("last_train", "last_eval", "first_eval")}
     rollbacks: list[dict[str, Any]] = list(meta.get("rollbacks", []))
@@ -430,7 +434,13 @@ def run_loop(
                         state, step = roll_back(done, state)
                         progress.update(step)
                         writer.close()
-                        writer = MetricWriter(run_dir, enabled=is_main_process(), resume_step=step)
+                        writer = MetricWriter(
+                            run_dir,
+                            enabled=is_main_process(),
+                            resume_step=step,
+                            report=loop.report,
+                            config=settings,
+                        )
                         continue
                 else:
                     progress.update(done, **last_shown)

@@ -7,10 +7,12 @@ stage's ``learn`` (one device -> host -> device trip an iteration; with dynamic 
 timed as ``time/rollout_s``, ``time/reward_s`` and ``time/update_s``. What a stage adds is its ``learn``
 (GRPO's group advantages, PPO's critic and GAE) and where the policy sits in the trained parameters.
 
-``on_log`` writes a few of the last iteration's completions to TensorBoard (text) and
-``<run_dir>/samples.jsonl``. ``evaluator`` answers the held-out prompts greedily and scores them with the
-configured rewards: ``eval/reward/<name>`` per component and ``eval/exact_match`` (the first ``math_verify``
-or ``answer_match`` component's mean).
+``on_log`` writes histograms of the last iteration's rewards (``rl/reward``, ``rl/reward/<component>``),
+advantages (``rl/advantage``) and completion lengths (``rl/completion_length``), and a few of its
+completions to TensorBoard (text) and ``<run_dir>/samples.jsonl``; the iteration's per-sample arrays stay
+on the device (``IterationLog``) until a log step fetches them. ``evaluator`` answers the held-out prompts
+greedily and scores them with the configured rewards: ``eval/reward/<name>`` per component and
+``eval/exact_match`` (the first ``math_verify`` or ``answer_match`` component's mean).
 """
 
 from __future__ import annotations
@@ -267,10 +269,31 @@ class RLIteration:
     # --------------------------------------------------------------------------------------- logging
 
     def on_log(self, step: int, writer: Any) -> None:
-        """A few of the last iteration's completions, as TensorBoard text and lines of ``samples.jsonl``."""
-        if self._last is None or not self.log_samples or not is_main_process():
+        """The last iteration's histograms, and a few of its completions as TensorBoard text and lines of
+        ``samples.jsonl``: its only device -> host fetch of per-sample values, at log steps alone."""
+        if self._last is None or not is_main_process():
             return
-        last = jax.device_get(self._last)
+        last = self._last if self.log_samples else self._last.replace(tokens=None)  # tokens: samples only
+        last = jax.device_get(last)
+        for tag, values in self.histograms(last).items():
+            writer.write_histogram(step, tag, values)
+        if self.log_samples:
+            self._write_samples(step, writer, last)
+
+    def histograms(self, last: IterationLog) -> dict[str, np.ndarray]:
+        """Per-sample values of a fetched ``IterationLog`` over the samples their scalar metrics count:
+        rewards where valid (components where they apply), advantages where the loss counts them, the
+        lengths of every completion."""
+        valid = np.asarray(last.valid, bool)
+        counted = valid & (np.asarray(last.finish_reason) != 0) if self.cfg.mask_truncated else valid
+        out = {"rl/reward": np.asarray(last.rewards)[valid]}
+        for key, values in last.components.items():
+            out[f"rl/reward/{key}"] = np.asarray(values)[np.asarray(last.applies[key], bool)]
+        out["rl/advantage"] = np.asarray(last.advantages)[counted]
+        out["rl/completion_length"] = np.asarray(last.lengths)
+        return out
+
+    def _write_samples(self, step: int, writer: Any, last: IterationLog) -> None:
         rows = range(min(self.log_samples, len(last.lengths)))
         texts = self.texts(last)
         g = self.cfg.group_size

@@ -84,7 +84,8 @@ class RLConfig:
 
 @struct.dataclass
 class IterationLog:
-    """What an iteration keeps for its logged samples (rows ``R``; fetched from the device only when logged)."""
+    """What an iteration keeps for its logged samples and histograms (rows ``R``; left on the device until a
+    log step fetches it)."""
 
     index: jax.Array  # int32[P] the prompts' records
     tokens: jax.Array  # int32[R, N]
@@ -92,17 +93,23 @@ class IterationLog:
     finish_reason: jax.Array  # int32[R]
     rewards: jax.Array  # float32[R]
     advantages: jax.Array  # float32[R]
+    valid: jax.Array  # bool[R] Scores.valid: the reward counts
+    components: dict[str, jax.Array]  # float32[R] each reward component, unweighted
+    applies: dict[str, jax.Array]  # bool[R] where each component applies
 
     @classmethod
     def of(cls, sampled: Sampled, advantages: jax.Array) -> IterationLog:
-        rolled = sampled.rollout
+        rolled, scores = sampled.rollout, sampled.scores
         return cls(
             sampled.prompts.index,
             rolled.tokens,
             rolled.lengths,
             rolled.finish_reason,
-            sampled.scores.total,
+            scores.total,
             advantages,
+            scores.valid,
+            dict(scores.components),
+            dict(scores.applies),
         )
 
 

@@ -200,6 +200,7 @@ def run_stage(cfg: Config) -> int:
     from .optimizer import OptimizerConfig, make_optimizer, make_schedule
     from .state import Frozen, TrainState
 
+    LoopConfig.from_config(cfg)  # its mistakes (observe.report_to=wandb, no wandb) before the model loads
     run = setup.start_stage(cfg, check_kind, head=row.head)
     graphdef0, initial = nnx.split(run.model)
     # Copied before the first update donates the policy's buffers; each keeps its parameter's sharding.
