@@ -220,7 +220,7 @@ def test_model_path_with_an_unsupported_architecture(tmp_path):
 def test_model_path_with_size_override(tmp_path):
     cfg = _overridden(model__path=_checkpoint(tmp_path), model__hidden_size=128)
     assert "model.path=" in (text := _problems(cfg)) and "model.hidden_size=128: the sizes come from" in text
-    validate(_overridden(model__path=str(tmp_path)))
+    validate(_overridden(model__path=str(tmp_path), tokenizer__path=str(tmp_path)))
 
 
 def test_model_path_must_exist(tmp_path):

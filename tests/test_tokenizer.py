@@ -237,7 +237,7 @@ def test_corrupt_sentencepiece_model(tmp_path: Path) -> None:
 def test_corrupt_tokenizer_json(tmp_path: Path) -> None:
     directory = make_hf_tokenizer_dir(tmp_path)
     (directory / "tokenizer.json").write_text("{not json")
-    assert "could not load the tokenizer" in _error(directory)
+    assert f"{directory / 'tokenizer.json'}: not valid JSON" in _error(directory)  # the file, not the dir
 
 
 def test_errors_are_value_errors() -> None:

@@ -320,7 +320,20 @@ def _checkpoint_checks(good: dict[str, Any], path: str) -> list[str]:
             "leave the model sizes None (or clear model.path to build model.preset)"
         )
     arch, problem = _checkpoint_arch(path)
+    if problem is None and not good.get("tokenizer.path"):
+        problem = _checkpoint_tokenizer(path)
     return problems + ([problem] if problem else []) + _seq_len(good, arch)
+
+
+def _checkpoint_tokenizer(path: str) -> str | None:
+    """With no tokenizer.path the tokenizer is read from the checkpoint directory, which must hold one."""
+    from jaxrl_llm.models.hf_io import checkpoint_dir
+    from jaxrl_llm.render.tokenizer import missing_tokenizer_files
+
+    problem = missing_tokenizer_files(checkpoint_dir(path))
+    if problem is None:
+        return None
+    return f"model.path={show(path)}: {problem}; set tokenizer.path to the model's tokenizer"
 
 
 def _seq_len(good: dict[str, Any], arch: dict[str, tuple[int, str]]) -> list[str]:

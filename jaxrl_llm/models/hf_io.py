@@ -229,7 +229,10 @@ def _read_param(
     arrays = []
     for key in keys:
         if key not in reader:
-            raise CheckpointError(f"{where}: tensor {key!r} is missing from the checkpoint")
+            raise CheckpointError(
+                f"{where}: tensor {key!r} is missing from the checkpoint, but {where}/config.json needs it: "
+                "are the weights and config.json from different models (another family or size)?"
+            )
         x = reader.get(key)
         if tuple(x.shape) != expected:
             raise CheckpointError(

@@ -361,12 +361,30 @@ def load_tokenizer(path: str | Path, *, chat_template: str | None = None) -> Tok
     return SentencePieceTokenizer(sp, str(path), chat_template)
 
 
+def missing_tokenizer_files(path: str | Path) -> str | None:
+    """None when directory ``path`` holds a tokenizer's files, else a problem naming what was looked for."""
+    path = Path(path)
+    if any(all((path / name).is_file() for name in names) for names in _HF_FILE_SETS):
+        return None
+    looked_for = ", ".join(" + ".join(names) for names in _HF_FILE_SETS)
+    models = sorted(p.name for p in path.glob("*.model"))
+    hint = f"; to load a SentencePiece file pass its path, e.g. {path / models[0]}" if models else ""
+    return f"no tokenizer files in {path}: looked for {looked_for}{hint}"
+
+
+def _damaged_json(path: Path) -> str | None:
+    """The first JSON file of the directory that does not parse, and why (usually a copy cut short)."""
+    for file in sorted(path.glob("*.json")):
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as e:
+            return f"{file}: not valid JSON ({e}); the file is truncated or corrupt: copy it again"
+    return None
+
+
 def _load_hf_dir(path: Path, chat_template: str | None) -> HFTokenizer:
-    if not any(all((path / name).is_file() for name in names) for names in _HF_FILE_SETS):
-        looked_for = ", ".join(" + ".join(names) for names in _HF_FILE_SETS)
-        models = sorted(p.name for p in path.glob("*.model"))
-        hint = f"; to load a SentencePiece file pass its path, e.g. {path / models[0]}" if models else ""
-        raise TokenizerError(f"no tokenizer files in {path}: looked for {looked_for}{hint}")
+    if problem := missing_tokenizer_files(path):
+        raise TokenizerError(problem)
     # transformers is imported here, not at module level, because it costs seconds and SentencePiece-only
     # users never need it.
     from transformers import AutoTokenizer
@@ -375,7 +393,11 @@ def _load_hf_dir(path: Path, chat_template: str | None) -> HFTokenizer:
     try:
         hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:
-        raise TokenizerError(f"could not load the tokenizer in {path}: {type(e).__name__}: {e}") from e
+        # transformers names neither the file nor the cause of a damaged JSON file
+        damaged = _damaged_json(path)
+        raise TokenizerError(
+            damaged or f"could not load the tokenizer in {path}: {type(e).__name__}: {e}"
+        ) from e
     # A tokenizer class that does not match its files can load and then encode everything to no ids
     # (LlamaTokenizer given only a .model file does): fail here rather than train on empty sequences.
     if not hf.encode("Hello world", add_special_tokens=False):
