@@ -22,6 +22,7 @@ LAYERS = (
     "checkpoint",
     "config",
     "train",
+    "runs",
     "report",
     "bench",
 )

@@ -39,6 +39,7 @@ import numpy as np
 
 from jaxrl_llm.checkpoint import CheckpointDamagedError, Checkpointer, params_digest, write_summary
 from jaxrl_llm.checkpoint.manager import DIRNAME
+from jaxrl_llm.checkpoint.registry import write_artifacts
 from jaxrl_llm.checkpoint.run_info import SUMMARY_NAME
 from jaxrl_llm.errors import UserError
 from jaxrl_llm.models.hf_io import RUN_EXPORT_DIRNAME
@@ -349,6 +350,8 @@ def run_loop(
             **results,
         }
         checkpointer.save(done, state, iteration.data, saved, force=True)
+        if is_main_process():  # artifacts.json lists the checkpoint with the metrics it was saved with
+            write_artifacts(run_dir, checkpoint={"step": done, **saved})
 
     def diverged(done: int) -> TrainingDiverged:
         last = checkpointer.latest_step()
@@ -495,6 +498,8 @@ def run_loop(
         export(final_model, out)
         summary["export"] = str(out)
     write_summary(run_dir, summary)
+    if is_main_process():
+        write_artifacts(run_dir, summary=summary)
     return summary
 
 

@@ -1,0 +1,128 @@
+"""``runs export RUN --step N``: any checkpoint of a run as an HF checkpoint directory (safetensors, config,
+tokenizer), the same files the run writes to ``final/`` for its last step.
+
+The model graph comes from the run's ``train_config.json`` (abstractly: no weights are initialised or read
+from ``model.path``), and only the ``params`` subtree of the checkpoint's training state is read (Orbax
+partial restore: the optimizer's moments stay on disk). The arrays are placed on one device, so the model
+must fit one device's memory (or the host's, on CPU).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from jaxrl_llm.checkpoint.registry import checkpoint_steps
+from jaxrl_llm.errors import UserError
+
+from .browse import RunError, load_run
+
+EXPORT_PREFIX = "export-step-"
+# The part of a stage's trainable model that is exported, as a path into its parameters (``Stage.policy``
+# of jaxrl_llm.train.stages: PPO trains an actor-critic and exports its policy).
+EXPORTED_PART = {"ppo": ("policy",)}
+
+
+def _config(run_dir: Path) -> Any:
+    import ml_collections
+
+    config = load_run(run_dir).get("config")
+    if not config:
+        raise RunError(f"{run_dir}: no train_config.json, so the model cannot be rebuilt")
+    cfg = ml_collections.ConfigDict(config)
+    cfg.run_dir = str(run_dir)  # the tokenizer a run trained lives here, wherever the run was moved
+    return cfg
+
+
+def _tokenizer(cfg: Any, run_dir: Path) -> Any:
+    """The run's tokenizer, or the copy in its ``final/`` when its source has moved."""
+    from jaxrl_llm.render import load_tokenizer
+    from jaxrl_llm.train.setup import load_or_train_tokenizer
+
+    try:
+        return load_or_train_tokenizer(cfg)
+    except (UserError, OSError):
+        if (run_dir / "final" / "tokenizer_config.json").is_file():
+            return load_tokenizer(run_dir / "final")
+        raise
+
+
+def _architecture(cfg: Any, run_dir: Path, vocab_size: int) -> Any:
+    """The model's ``ModelConfig`` as the run built it (``model.path``'s config, else the preset sized by
+    the config and the tokenizer); the run's own ``final/config.json`` when ``model.path`` has moved."""
+    from jaxrl_llm.models import from_hf_config, model_config, read_hf_config
+
+    section = cfg.model
+    try:
+        arch = model_config(section)
+    except (UserError, OSError):
+        if not (run_dir / "final" / "config.json").is_file():
+            raise
+        execution = dict(
+            param_dtype=section.param_dtype,
+            dtype=section.dtype,
+            remat=section.remat,
+            scan_layers=bool(section.scan_layers),
+        )
+        return from_hf_config(read_hf_config(run_dir / "final"), **execution)
+    if not section.path and section.vocab_size is None:
+        arch = arch.replace(vocab_size=vocab_size)
+    return arch
+
+
+def restore_params(run_dir: Path, step: int, abstract: Any, part: tuple[str, ...] = ()) -> Any:
+    """The ``params`` subtree (at ``part`` inside it) of checkpoint ``step``, shaped as ``abstract`` (an
+    ``nnx.State`` of ``ShapeDtypeStruct``s), on the first device."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from jaxrl_llm.checkpoint.manager import DIRNAME, _quiet_coroutines
+
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+    item: Any = target
+    for key in reversed(("params", *part)):
+        item = {key: item}
+    where = run_dir / DIRNAME / str(step) / "state"
+    args = ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
+    )
+    try:
+        with _quiet_coroutines(), ocp.PyTreeCheckpointer() as reader:
+            restored = reader.restore(where.absolute(), args=args)
+    except Exception as err:  # noqa: BLE001 - a missing, damaged or mismatched checkpoint, however it shows
+        raise RunError(
+            f"{where}: cannot restore its parameters into the model train_config.json describes: "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        ) from err
+    for key in ("params", *part):
+        restored = restored[key]
+    return restored
+
+
+def export_checkpoint(run_dir: Path, step: int, out: Path | None = None) -> tuple[Path, str]:
+    """Writes checkpoint ``step`` of ``run_dir`` as an HF checkpoint to ``out`` (default
+    ``<run_dir>/export-step-<step>``); returns ``(out, params_sha256)`` (the digest ``summary.json`` gives
+    for the final parameters)."""
+    steps = checkpoint_steps(run_dir)
+    if step not in steps:
+        kept = ", ".join(map(str, steps)) if steps else "none"
+        raise RunError(f"{run_dir}: no checkpoint of step {step} (available: {kept})")
+    from flax import nnx
+
+    from jaxrl_llm.checkpoint import params_digest
+    from jaxrl_llm.models import abstract_model
+    from jaxrl_llm.train.setup import hf_export
+    from jaxrl_llm.train.stages import STAGES
+
+    cfg = _config(run_dir)
+    if cfg.stage not in STAGES:
+        raise RunError(f"{run_dir}: stage {cfg.stage!r} is not one this version can rebuild")
+    tokenizer = _tokenizer(cfg, run_dir)
+    arch = _architecture(cfg, run_dir, tokenizer.vocab_size)
+    graphdef, abstract = nnx.split(abstract_model(arch, head=STAGES[cfg.stage].head), nnx.Param)
+    params = restore_params(run_dir, step, abstract, EXPORTED_PART.get(cfg.stage, ()))
+    model = nnx.merge(graphdef, params)
+    out = out if out is not None else run_dir / f"{EXPORT_PREFIX}{step}"
+    hf_export(tokenizer)(model, out)
+    return out, params_digest(nnx.state(model, nnx.Param))
