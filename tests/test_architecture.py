@@ -22,6 +22,7 @@ LAYERS = (
     "checkpoint",
     "config",
     "train",
+    "eval",
     "runs",
     "report",
     "bench",

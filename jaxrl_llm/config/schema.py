@@ -857,6 +857,17 @@ FIELDS: tuple[Field, ...] = (
         str,
         choices=("offline", "online", "disabled"),
     ),
+    # Named evaluation sets (jaxrl_llm.train.eval_sets).
+    Field(
+        "eval.sets",
+        [],
+        "Named evaluation sets, evaluated every train.eval_every steps by the evaluator of python -m "
+        "jaxrl_llm.eval and logged as eval/<name>/<metric>: a list of {name, path, format, kind, limit, n, "
+        "temperature, top_p, max_new_tokens, verifiers, batch_size} (only name and path required; verifiers as "
+        "reward.functions, default reward.functions else math_verify). On the command line a JSON list, e.g. "
+        '\'[{"name": "gsm8k", "path": "test.jsonl", "format": "gsm8k", "limit": 64}]\'.',
+        list,
+    ),
 )
 
 SECTIONS = {
@@ -873,6 +884,7 @@ SECTIONS = {
     "rollout": "Sampling of the RL stages' completions (jaxrl_llm.rollout)",
     "rl": "Online RL stages (grpo, ppo): iterations, advantages, the policy loss, PPO's critic",
     "reward": "Rewards of the RL stages (jaxrl_llm.reward)",
+    "eval": "Named evaluation sets, evaluated during training (as python -m jaxrl_llm.eval does offline)",
 }
 
 FIELDS_BY_KEY: dict[str, Field] = {f.key: f for f in FIELDS}

@@ -13,7 +13,7 @@ left None takes it from there.
 Evaluation (``train.eval_every``, and always before the first update): greedy answers to the held-out
 prompts (``data.eval_split`` / ``data.eval_path``, at most ``rl.eval_prompts``) scored by the rewards; the
 first and last ``eval/exact_match`` also go into ``summary.json`` as ``eval/exact_match_start`` and
-``eval/exact_match``.
+``eval/exact_match``. The named ``eval.sets`` are evaluated too (``eval_sets``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from jaxrl_llm.objectives.rl import PPO_DEFAULTS, RL_ALGORITHMS, PolicyLossConfi
 from jaxrl_llm.reward import RewardSet
 from jaxrl_llm.rollout import SamplingParams, end_of_turn_ids
 
+from .eval_sets import eval_set_evaluators
 from .iteration import Plan, StageContext
 from .loop import log
 from .rl_data import PromptTable
@@ -175,6 +176,7 @@ def rl_plan(
     )
     held_out = run.eval_records[: c.rl.eval_prompts] if c.rl.eval_prompts else run.eval_records
     evaluators = [evaluator(it, held_out, run.renderer)] if held_out else []
+    evaluators += eval_set_evaluators(ctx, it.parts.policy.of)
     signature = {
         "rl.prompts_per_iteration": it.prompts,
         "rl.group_size": cfg.group_size,

@@ -19,7 +19,7 @@ answers are targets). The objectives are ``jaxrl_llm.objectives.pairs``':
   on top of a causal LM checkpoint) trained with Bradley-Terry; ``final/`` is what the reward layer loads.
 
 Evaluation on held-out pairs reports the same metrics as training (``eval/rewards/accuracies`` is the
-held-out preference accuracy).
+held-out preference accuracy); the named ``eval.sets`` are evaluated too (``eval_sets``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from jaxrl_llm.data.records import DataError
 from jaxrl_llm.models.flops import forward_flops
 from jaxrl_llm.objectives import reference_logps
 
+from .eval_sets import eval_set_evaluators
 from .evaluate import LossEvaluator
 from .iteration import BatchIteration, Plan, StageContext
 from .loop import log
@@ -142,6 +143,7 @@ def pairs_plan(ctx: StageContext) -> Plan:
             return losses(state.params, batches, jax.random.key(cfg.seed))
 
         evaluators.append(held_out)
+    evaluators += eval_set_evaluators(ctx)
 
     def report(summary: dict[str, Any]) -> None:
         final = {**summary["final_train"], **{f"eval/{k}": v for k, v in summary["final_eval"].items()}}

@@ -2,7 +2,7 @@
 continued pre-training on raw text (every token a target), with the same loss, packed rows and iteration.
 
 Evaluation: the loss on held-out batches, and with ``train.eval_generate`` greedy exact match of the held-out
-conversations' last answers (``evaluate.exact_match``).
+conversations' last answers (``evaluate.exact_match``); and the named ``eval.sets`` (``eval_sets``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jaxrl_llm.data.pipeline import make_pipeline
 from jaxrl_llm.models.flops import train_flops
 
+from .eval_sets import eval_set_evaluators
 from .evaluate import LossEvaluator, exact_match
 from .iteration import BatchIteration, Plan, StageContext
 from .loop import log
@@ -70,7 +71,7 @@ def _pipeline(cfg: Any, records: list[dict], encoder: Any, *, train: bool):
 def _evaluators(ctx: StageContext) -> list:
     cfg, run = ctx.cfg, ctx.run
     if not run.eval_records:
-        return []
+        return eval_set_evaluators(ctx)
     eval_steps = cfg.train.eval_steps
     if eval_steps is None and jax.process_count() > 1:
         # Processes must run the same number of eval batches, so the pass is endless and cut: about one
@@ -102,7 +103,7 @@ def _evaluators(ctx: StageContext) -> list:
             return metrics
 
         out.append(generated)
-    return out
+    return out + eval_set_evaluators(ctx)
 
 
 def rows_plan(ctx: StageContext) -> Plan:
