@@ -17,6 +17,8 @@ the next save of that step replaces it).
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import re
 import sys
@@ -43,6 +45,13 @@ class CheckpointDamagedError(UserError):
 
 
 _TMP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
+# How an OS write error reads once Orbax and TensorStore have wrapped it (a ValueError with the text).
+_DISK_FULL = ("No space left on device", "Disk quota exceeded", "os_error_code='28'", "os_error_code='122'")
+_OS_ERROR = ("os_error_code=", "Permission denied", "Read-only file system", *_DISK_FULL)
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint that could not be written: the disk is full, or the directory is not writable."""
 
 
 def _path_name(path: tuple[Any, ...]) -> str:
@@ -110,6 +119,7 @@ class Checkpointer:
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._failed = False
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -166,7 +176,8 @@ class Checkpointer:
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
         items["meta"] = ocp.args.JsonSave(dict(meta or {}))
-        return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        with self._write_errors():  # a previous asynchronous save's error surfaces here
+            return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(
         self,
@@ -198,8 +209,49 @@ class Checkpointer:
         return new_state, dict(restored["meta"] or {})
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        with self._write_errors():
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        if self._failed:  # already reported; Orbax raises the same error again on the way out
+            with contextlib.suppress(Exception):
+                self._manager.close()
+            return
+        with self._write_errors():
+            self._manager.wait_until_finished()
         self._manager.close()
+
+    @contextlib.contextmanager
+    def _write_errors(self) -> Iterator[None]:
+        """An OS error writing a checkpoint (in Orbax's background threads, wrapped in whatever type) becomes
+        one ``CheckpointWriteError`` naming the directory and what was kept; anything else is re-raised."""
+        try:
+            yield
+        except Exception as err:
+            text = f"{err} {err.__cause__ or ''}"
+            if not isinstance(err, OSError) and not any(s in text for s in _OS_ERROR):
+                raise
+            self._failed = True
+            # The save's other writes fail too, in threads and tasks nobody awaits; their tracebacks would
+            # bury the one message that matters.
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+            logging.getLogger("absl").setLevel(logging.CRITICAL)
+            full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+                s in text for s in _DISK_FULL
+            )
+            reason = "no space left on device" if full else str(err).splitlines()[0][:300]
+            try:
+                self._manager.reload()
+                latest = self._manager.latest_step()
+            except Exception:  # noqa: BLE001 - the message is what matters now
+                latest = None
+            kept = (
+                f"the last complete checkpoint, {self.directory / str(latest)}, is kept"
+                if latest is not None
+                else "no checkpoint had been completed"
+            )
+            raise CheckpointWriteError(
+                f"{self.directory}: {reason} while writing a checkpoint; {kept} (an unfinished "
+                "<step>.orbax-checkpoint-tmp is never resumed from). Free space (or fix the directory) and run "
+                "the same command again to continue"
+            ) from None

@@ -8,6 +8,7 @@ with a checkpoint saved), 2 user error (configuration, paths, checkpoints, data;
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Sequence
 
@@ -57,11 +58,37 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_stage(cfg)
     except (UserError, OSError) as err:  # a bad path, checkpoint, mesh or dataset found while running
-        print(f"{PROG}: {err}", file=sys.stderr)
+        print(f"{PROG}: {_disk_full(err, cfg.run_dir) or err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Interrupted as stop:
         print(f"{PROG}: {stop} before the first training step: stopped, nothing to save", file=sys.stderr)
         return 128 + stop.signum
+    except Exception as err:  # a full disk as another library reports it (tokenizers, TensorStore)
+        if not (message := _disk_full(err, cfg.run_dir)):
+            raise
+        print(f"{PROG}: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+_DISK_FULL = ("No space left on device", "os error 28", "Disk quota exceeded")
+
+
+def _disk_full(err: BaseException, run_dir: str) -> str | None:
+    """The message for a write that found the disk full, naming the run directory (a flush names no file,
+    and a Rust or C++ library's error is not an OSError), or None for any other error."""
+    from jaxrl_llm.errors import UserError
+
+    if isinstance(err, UserError) and "no space left on device" in str(err):
+        return None  # already names its directory (the checkpoint manager's)
+    full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+        s in str(err) for s in _DISK_FULL
+    )
+    if not full:
+        return None
+    return (
+        f"{run_dir}: no space left on device ({str(err).splitlines()[0][:200]}); free space and run the same "
+        "command again (training resumes from the last complete checkpoint)"
+    )
 
 
 if __name__ == "__main__":
