@@ -108,6 +108,7 @@ _VALID: dict[str, Callable[[random.Random], str]] = {
     "reward.functions": lambda rng: rng.choice(["[]", _REWARD, '[{"name": "math_verify", "weight": 0.5}]']),
     "canary.prompts": lambda rng: rng.choice(["[]", '["What is 2 + 2?"]']),
     "canary.reward": lambda rng: "[]",
+    "observe.report_to": lambda rng: rng.choice(["tensorboard", "tensorboard,wandb", "wandb"]),
 }
 # Overrides a valid value needs beside it: (key, predicate on the raw value, the other overrides).
 _COMPANIONS: list[tuple[str, Callable[[str], bool], list[str]]] = [

@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Imported only on request, with a clear message when missing (HF `datasets` readers, the HF side of
 # `bench --compare-hf`): optional by design, and installed by the test extra.
-OPTIONAL = {"datasets", "torch", "trl"}
+OPTIONAL = {"datasets", "torch", "trl", "wandb"}
 
 
 def _imported_top_level_modules() -> set[str]:

@@ -320,3 +320,31 @@ def test_the_truncation_warning_counts_the_steps_that_ran(tmp_path, capsys):
     args = ("--config.train.seq_len=8", "--config.train.steps=3", "--config.train.log_every=50")
     assert sft.train(tmp_path / "cut", *args, "--config.train.eval_generate=0") == 0
     assert "were cut at train.seq_len=8 in the last 3 steps" in capsys.readouterr().out
+
+
+# --- train.epochs -------------------------------------------------------------------------------------
+
+
+def test_epochs_set_the_steps_from_one_pass_over_the_data(tmp_path, capsys):
+    import math
+    import re
+
+    run_dir = tmp_path / "epochs"
+    args = ("--config.train.epochs=0.25", "--config.train.eval_generate=0", "--config.train.eval_every=100")
+    assert sft.train(run_dir, *args) == 0
+    out = capsys.readouterr().out
+    per_epoch, steps = map(int, re.search(r"one epoch is (\d+) steps, so train.steps=(\d+)", out).groups())
+    # 216 training conversations packed into rows of 64 tokens (1 to 3 a row), 4 rows a step.
+    assert 216 / 4 / 3 <= per_epoch <= 216 / 4 and steps == math.ceil(0.25 * per_epoch)
+    assert summary(run_dir)["steps"] == steps
+    assert json.loads((run_dir / "train_config.json").read_text())["train"]["steps"] == steps
+
+
+def test_rl_epochs_count_iterations_of_prompts(tmp_path, capsys):
+    from jaxrl_llm.train import grpo
+
+    class Cfg:
+        class rl:  # noqa: N801
+            prompts_per_iteration = 4
+
+    assert grpo.epoch_steps(Cfg, [{}] * 180) == 45 and grpo.epoch_steps(Cfg, [{}] * 3) == 1

@@ -92,6 +92,21 @@ def _quiet_coroutines() -> Iterator[None]:
         sys.unraisablehook = previous
 
 
+@contextlib.contextmanager
+def _quiet_absl() -> Iterator[None]:
+    """Reading one item's metadata inside a composite checkpoint makes Orbax warn that the item has no
+    ``_CHECKPOINT_METADATA`` of its own (the checkpoint has one); that warning says nothing wrong."""
+    import logging
+
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _is_key(x: Any) -> bool:
     return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
@@ -147,7 +162,7 @@ class Checkpointer:
         from the checkpoint's metadata), ``CheckpointDamagedError`` when the metadata cannot be read."""
         where = self.directory / str(step)
         try:
-            with _quiet_coroutines(), ocp.StandardCheckpointer() as reader:
+            with _quiet_coroutines(), _quiet_absl(), ocp.StandardCheckpointer() as reader:
                 saved = _shapes(reader.metadata(where / "state").item_metadata.tree)
         except Exception as err:  # noqa: BLE001 - any unreadable metadata is a damaged checkpoint
             raise CheckpointDamagedError(

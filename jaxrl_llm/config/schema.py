@@ -302,6 +302,17 @@ FIELDS: tuple[Field, ...] = (
     ),
     # Training loop.
     Field("train.steps", 1000, "Optimizer steps to run.", int, lo=1),
+    Field(
+        "train.epochs",
+        None,
+        "Passes over the training data instead of train.steps: train.steps becomes ceil(epochs x the steps of "
+        "one pass) (batches of packed/bucketed rows, pairs, or RL iterations of rl.prompts_per_iteration), "
+        "counted at start. None = train.steps.",
+        float,
+        lo=0,
+        lo_open=True,
+        nullable=True,
+    ),
     Field("train.batch_size", 8, "Sequences per optimizer step (global, across devices).", int, lo=1),
     Field(
         "train.grad_accum_steps",
@@ -857,6 +868,73 @@ FIELDS: tuple[Field, ...] = (
         str,
         choices=("offline", "online", "disabled"),
     ),
+    # The online canary.
+    Field(
+        "canary.every",
+        0,
+        "Answer the canary prompts greedily every this many steps (and at step 0, the baseline), log them "
+        "(canary/..., TensorBoard text, canary.jsonl) and apply the canary rules. 0 = off.",
+        int,
+        lo=0,
+    ),
+    Field(
+        "canary.prompts",
+        [],
+        "Canary prompts: a JSON list of strings, message lists or records {prompt, ground_truth}.",
+        list,
+    ),
+    Field("canary.path", "", "A JSON Lines file of canary prompt records (added to canary.prompts).", str),
+    Field("canary.max_new_tokens", 32, "Token budget of each canary answer.", int, lo=1),
+    Field(
+        "canary.reward",
+        [],
+        "How canary answers are scored: reward functions as reward.functions. Empty = reward.functions, "
+        "else exact match with each prompt's ground_truth, else no score.",
+        list,
+    ),
+    Field(
+        "canary.action",
+        "halt",
+        "When a canary rule fires: 'halt' (exit 2, the checkpoints kept) or 'rollback' (to the last checkpoint "
+        "at or before the last canary that passed, learning rate x train.rollback_lr_factor; at most "
+        "train.max_rollbacks, then halt).",
+        str,
+        ("halt", "rollback"),
+    ),
+    Field("canary.min_score", None, "Rule: the canary score fell below this floor.", float, nullable=True),
+    Field(
+        "canary.max_drop",
+        None,
+        "Rule: the canary score fell more than this below its best so far.",
+        float,
+        lo=0,
+        nullable=True,
+    ),
+    Field(
+        "canary.max_kl",
+        None,
+        "Rule: the mean KL(policy || reference) on the canary answers rose above this; the reference is the "
+        "stage's (dpo, kto, grpo/ppo with a KL term), else a frozen copy of the initial policy kept for it.",
+        float,
+        lo=0,
+        nullable=True,
+    ),
+    Field(
+        "canary.min_entropy",
+        None,
+        "Rule: the policy's mean entropy on the canary answers (nats) fell below this.",
+        float,
+        lo=0,
+        nullable=True,
+    ),
+    Field(
+        "canary.min_length",
+        None,
+        "Rule: the mean canary answer length (tokens) fell below this.",
+        float,
+        lo=0,
+        nullable=True,
+    ),
     # Named evaluation sets (jaxrl_llm.train.eval_sets).
     Field(
         "eval.sets",
@@ -885,6 +963,7 @@ SECTIONS = {
     "rl": "Online RL stages (grpo, ppo): iterations, advantages, the policy loss, PPO's critic",
     "reward": "Rewards of the RL stages (jaxrl_llm.reward)",
     "eval": "Named evaluation sets, evaluated during training (as python -m jaxrl_llm.eval does offline)",
+    "canary": "Online canary: prompts answered during training, and the rules that halt or roll back a run",
 }
 
 FIELDS_BY_KEY: dict[str, Field] = {f.key: f for f in FIELDS}

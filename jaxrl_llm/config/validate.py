@@ -200,6 +200,8 @@ def _combinations(good: dict[str, Any]) -> list[str]:
         + _freeze_pattern(good)
         + _data(good)
         + _rl(good)
+        + _canary(good)
+        + _observe(good)
     )
     if "train.batch_size" in good and "train.grad_accum_steps" in good:
         bs, accum = good["train.batch_size"], good["train.grad_accum_steps"]
@@ -208,7 +210,7 @@ def _combinations(good: dict[str, Any]) -> list[str]:
                 f"train.batch_size={bs!r}, train.grad_accum_steps={accum!r}: "
                 "train.batch_size must be divisible by train.grad_accum_steps"
             )
-    if "optimizer.warmup_steps" in good and "train.steps" in good:
+    if "optimizer.warmup_steps" in good and "train.steps" in good and good.get("train.epochs") is None:
         warmup, steps = good["optimizer.warmup_steps"], good["train.steps"]
         per_step = 1
         if good.get("stage") in RL_STAGES:  # an RL iteration makes mu x minibatches optimizer updates
@@ -458,3 +460,24 @@ def _rl(good: dict[str, Any]) -> list[str]:
                 "evenly into the micro-batches"
             )
     return problems
+
+
+def _observe(good: dict[str, Any]) -> list[str]:
+    """An unknown logger in observe.report_to is named at parse time (wandb's presence is checked at start)."""
+    from jaxrl_llm.observe.reporting import parse_report_to
+
+    if "observe.report_to" not in good:
+        return []
+    try:
+        parse_report_to(good["observe.report_to"])
+    except UserError as err:
+        return [str(err)]
+    return []
+
+
+def _canary(good: dict[str, Any]) -> list[str]:
+    if good.get("canary.every") and not good.get("canary.prompts") and not good.get("canary.path"):
+        return [
+            f"canary.every={good['canary.every']!r}: set canary.prompts or canary.path (the canary's prompts)"
+        ]
+    return []

@@ -196,10 +196,12 @@ class MetricWriter:
     def close(self) -> None:
         """Flushes and closes every output (finishing the W&B run); calling it again does nothing."""
         if self._tb is not None:
-            self._tb.close()
-            self._jsonl.close()
-            self._tb = None
-            self._jsonl = None
+            tb, jsonl = self._tb, self._jsonl
+            self._tb = self._jsonl = None  # closed once, even when closing fails (a full disk)
+            try:
+                jsonl.close()
+            finally:
+                tb.close()
         if self._wandb is not None:
             self._wandb.close()
             self._wandb = None

@@ -16,6 +16,7 @@ missing run, a folder that is not a run or a step the run does not have (one lin
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,7 +78,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, OSError) as err:
         print(f"{PROG}: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
-    print("\n".join(lines))
+    try:
+        print("\n".join(lines), flush=True)
+    except BrokenPipeError:  # `runs list | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

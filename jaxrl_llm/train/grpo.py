@@ -237,3 +237,9 @@ def grpo_plan(ctx: StageContext) -> Plan:
     cfg = ctx.cfg
     describe = f"{cfg.rl.algorithm} ({resolved(cfg, 'baseline')} baseline, {resolved(cfg, 'scale')} scale, {resolved(cfg, 'loss_agg')})"
     return rl_plan(ctx, parts, describe)
+
+
+def epoch_steps(cfg: Any, records: list[dict], encoder: Any = None) -> int:
+    """Iterations in one pass over the prompts (``rl.prompts_per_iteration`` a step; dynamic sampling's
+    extra rounds not counted)."""
+    return max(1, len(records) // cfg.rl.prompts_per_iteration)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -46,6 +47,7 @@ from jaxrl_llm.models.hf_io import RUN_EXPORT_DIRNAME
 from jaxrl_llm.observe import MetricWriter, Progress, Reporting, mfu
 from jaxrl_llm.parallel import abstract, is_main_process
 
+from .canary import CANARY_FILE, CanaryHalted, format_samples
 from .faults import Deadline, NonFinitePolicy, NonFiniteTracker, StopSignals, TrainingDiverged
 from .state import TrainState
 
@@ -95,6 +97,8 @@ class LoopConfig:
     resume_from_step: int | None = None
     nonfinite: NonFinitePolicy = NonFinitePolicy()
     report: Reporting = Reporting()  # observe.*: loggers beside TensorBoard
+    canary_every: int = 0
+    canary_action: str = "halt"
 
     @classmethod
     def from_config(cls, cfg: Any) -> LoopConfig:
@@ -120,6 +124,8 @@ class LoopConfig:
                 max_rollbacks=int(t.max_rollbacks),
             ),
             report=Reporting.from_config(cfg),
+            canary_every=int(cfg.canary.every),
+            canary_action=str(cfg.canary.action),
         )
 
 
@@ -278,11 +284,14 @@ def run_loop(
     peak_flops: float | None = None,
     evaluators: Sequence[Evaluator] = (),
     export: Callable[[Any, Path], None] | None = None,
+    canary: Any = None,
 ) -> dict[str, Any]:
     """Runs ``iteration`` from ``state`` (or the run's latest checkpoint) to ``loop.steps``; returns the
     summary. ``signature`` is what must not change for a resumed run to continue exactly (batch size, data
     hash, ...): a checkpoint saved under another signature is refused, naming what changed. ``settings``
     (the flattened config) is saved with every checkpoint; a resumed run lists the keys that changed.
+    ``canary`` (a ``canary.Canary``, every ``loop.canary_every`` steps and at step 0) halts the run
+    (``CanaryHalted``) or rolls it back when one of its rules fires.
 
     A signal or ``train.max_hours`` ends the loop early with a checkpoint of the step reached; the summary
     then holds ``stopped`` (the reason) and neither ``summary.json`` nor the export is written. Raises
@@ -320,6 +329,9 @@ def run_loop(
     counters = {k: float(meta.get(k, 0.0)) for k in ("tokens_seen", "train_seconds")}
     results = {k: dict(meta.get(k, {})) for k in ("last_train", "last_eval", "first_eval")}
     rollbacks: list[dict[str, Any]] = list(meta.get("rollbacks", []))
+    canary_state = {"last_good": meta.get("canary_last_good", 0)}
+    if canary is not None:
+        canary.best = meta.get("canary_best")
     nonfinite = NonFiniteTracker(loop.nonfinite.max_consecutive, skipped=int(meta.get("skipped_steps", 0)))
 
     def evaluate(step: int) -> None:
@@ -347,6 +359,8 @@ def run_loop(
             "train_seconds": counters["train_seconds"],
             "skipped_steps": nonfinite.skipped,
             "rollbacks": rollbacks,
+            "canary_best": None if canary is None else canary.best,
+            "canary_last_good": canary_state["last_good"],
             **results,
         }
         checkpointer.save(done, state, iteration.data, saved, force=True)
@@ -363,30 +377,40 @@ def run_loop(
             "optimizer.clip_norm, check the data, or set train.nonfinite_action=rollback"
         )
 
-    def roll_back(done: int, current: TrainState) -> tuple[TrainState, int]:
-        """The last checkpoint's state with the learning rate scaled down, and its loop step."""
+    def roll_back(done: int, current: TrainState, reason: str, at_or_before: int | None = None):
+        """The state of the last checkpoint (at or before ``at_or_before``) with the learning rate scaled
+        down, and its loop step; None when there is none to go back to or the rollbacks are used up."""
         nonlocal window
-        last = checkpointer.latest_step()
         policy = loop.nonfinite
-        if last is None or len(rollbacks) >= policy.max_rollbacks:
-            raise diverged(done)
         checkpointer.wait()
-        restored, saved = checkpointer.restore(last, abstract(current), iteration.data)
+        steps = [s for s in checkpointer.all_steps() if at_or_before is None or s <= at_or_before]
+        if not steps or len(rollbacks) >= policy.max_rollbacks:
+            return None
+        restored, saved = checkpointer.restore(steps[-1], abstract(current), iteration.data)
         scale = restored.lr_scale * policy.lr_factor
         state = restored.replace(lr_scale=jax.device_put(scale, restored.lr_scale.sharding))
-        back = int(saved.get("loop_step", last))
-        rollbacks.append(
-            {"at_step": done, "to_step": back, "lr_scale": float(scale), "reason": "non-finite steps"}
-        )
+        back = int(saved.get("loop_step", steps[-1]))
+        rollbacks.append({"at_step": done, "to_step": back, "lr_scale": float(scale), "reason": reason})
         counters.update({k: float(saved.get(k, 0.0)) for k in counters})
         log(
-            f"warning: {nonfinite.row[1]} non-finite steps in a row (from step {nonfinite.row[0]}): "
-            f"rolled back to the checkpoint of step {back}, learning rate x{float(scale):g} "
+            f"warning: {reason}: rolled back to the checkpoint of step {back}, learning rate x{float(scale):g} "
             f"(rollback {len(rollbacks)} of at most {policy.max_rollbacks})"
         )
         nonfinite.reset()
         window = _Window(time.perf_counter(), back)
         return state, back
+
+    def run_canary(step: int) -> str | None:
+        """One canary pass at ``step``: logged; returns the rule that fired, if one did."""
+        report = canary(state, step)
+        writer.write(step, report.metrics, prefix="canary")
+        writer.write_text(step, "canary", format_samples(report))
+        writer.write_samples(step, report.samples, path=run_dir / CANARY_FILE)
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in report.metrics.items())
+        log(f"step {step} canary: {shown}" + (f" -- RULE FIRED: {report.fired}" if report.fired else ""))
+        if report.fired is None:
+            canary_state["last_good"] = step
+        return report.fired
 
     deadline = Deadline(loop.max_hours)
     progress = Progress(loop.steps, initial=start, enabled=is_main_process())
@@ -398,6 +422,11 @@ def run_loop(
         with StopSignals() as signals:
             if loop.eval_at_start and start == 0:
                 evaluate(0)
+            if canary is not None and start == 0:
+                run_canary(0)  # the baseline: no rule applies to the model the run starts from
+            rollback = "rollback" in (loop.nonfinite.action, loop.canary_action)
+            if rollback and start == 0:
+                save(0, 0.0)  # something to roll back to before the first save_every
             window.started = time.perf_counter()
             step = start
             while step < loop.steps:
@@ -432,9 +461,15 @@ def run_loop(
                     results["last_train"] = logged
                     window = _Window(time.perf_counter(), done)
                     if nonfinite.row is not None:
-                        if loop.nonfinite.action != "rollback":
+                        back = None
+                        if loop.nonfinite.action == "rollback":
+                            first, length = nonfinite.row
+                            back = roll_back(
+                                done, state, f"{length} non-finite steps in a row (from step {first})"
+                            )
+                        if back is None:
                             raise diverged(done)
-                        state, step = roll_back(done, state)
+                        state, step = back
                         progress.update(step)
                         writer.close()
                         writer = MetricWriter(
@@ -450,6 +485,30 @@ def run_loop(
                 if not stopped and (done % loop.eval_every == 0 or done == loop.steps):
                     evaluate(done)
                     window.started = time.perf_counter()  # evaluation time is not training time
+                if canary is not None and not stopped and done % loop.canary_every == 0:
+                    fired = run_canary(done)
+                    window.started = time.perf_counter()
+                    if fired is not None:
+                        back = None
+                        if loop.canary_action == "rollback":
+                            back = roll_back(done, state, f"canary: {fired}", canary_state["last_good"])
+                        if back is None:
+                            raise CanaryHalted(
+                                f"the canary halted the run at step {done}: {fired}. Nothing was exported; the "
+                                f"checkpoints are kept (latest step {checkpointer.latest_step()}; "
+                                f"{len(rollbacks)} rollbacks). See {run_dir / CANARY_FILE}"
+                            )
+                        state, step = back
+                        progress.update(step)
+                        writer.close()
+                        writer = MetricWriter(
+                            run_dir,
+                            enabled=is_main_process(),
+                            resume_step=step,
+                            report=loop.report,
+                            config=settings,
+                        )
+                        continue
                 if done % loop.save_every == 0 or done == loop.steps or stopped:
                     pending = 0.0
                     if window.metrics:
@@ -461,8 +520,14 @@ def run_loop(
                     break
     finally:
         progress.close()
-        checkpointer.close()
-        writer.close()
+        try:
+            checkpointer.close()
+        finally:
+            try:
+                writer.close()
+            except OSError:  # a full disk: the error already on its way out (if any) is the one to report
+                if sys.exc_info()[1] is None:
+                    raise
 
     if stopped:
         log(

@@ -84,6 +84,37 @@ def _precomputed_reference(frozen: Frozen, mesh, record_sets, pipeline):
     return prepare
 
 
+def _pipeline(
+    cfg: Any,
+    encoder: Any,
+    records: list[dict],
+    *,
+    train: bool,
+    with_index: bool = False,
+    one_pass: bool = False,
+):
+    """Pair (or KTO) rows bucketed by length: training batches (endless, shuffled), evaluation batches, or
+    with ``one_pass`` the training batches of one unshuffled pass (to count an epoch's steps)."""
+    return make_pipeline(
+        records,
+        encoder,
+        batch_size=cfg.train.batch_size,
+        seq_len=cfg.train.seq_len,
+        mode="kto" if cfg.stage == "kto" else "pairs",
+        buckets=pair_buckets(cfg.train.seq_len),
+        seed=cfg.seed,
+        shuffle=train and not one_pass,
+        num_epochs=1 if one_pass or not train else None,
+        worker_count=cfg.data.workers if train and not one_pass else 0,
+        with_index=with_index,
+    )
+
+
+def epoch_steps(cfg: Any, records: list[dict], encoder: Any) -> int:
+    """Optimizer steps in one pass over ``records`` (one pair a row, ``train.batch_size`` rows a step)."""
+    return sum(1 for _ in _pipeline(cfg, encoder, records, train=True, one_pass=True))
+
+
 def pairs_plan(ctx: StageContext) -> Plan:
     """rm, dpo, kto, orpo, simpo: one row per pair (or KTO example), bucketed; one update per batch."""
     cfg, run = ctx.cfg, ctx.run
@@ -98,19 +129,7 @@ def pairs_plan(ctx: StageContext) -> Plan:
     buckets = pair_buckets(cfg.train.seq_len)
 
     def pipeline(records: list[dict], *, train: bool):
-        return make_pipeline(
-            records,
-            ctx.encoder,
-            batch_size=cfg.train.batch_size,
-            seq_len=cfg.train.seq_len,
-            mode="kto" if kto else "pairs",
-            buckets=buckets,
-            seed=cfg.seed,
-            shuffle=train,
-            num_epochs=None if train else 1,
-            worker_count=cfg.data.workers if train else 0,
-            with_index=precompute,
-        )
+        return _pipeline(cfg, ctx.encoder, records, train=train, with_index=precompute)
 
     frozen, prepare = ctx.frozen, None
     if precompute:  # the reference runs once here, then its weights go with the frozen copy

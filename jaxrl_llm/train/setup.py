@@ -160,12 +160,35 @@ class StageRun(NamedTuple):
     model: Any
 
 
+def resolve_epochs(cfg: ml_collections.ConfigDict, per_epoch: int, updates_per_step: int = 1) -> None:
+    """``train.epochs`` -> ``train.steps`` (``ceil(epochs * per_epoch)``), set in ``cfg`` before the resolved
+    config is written and the optimizer's schedule is made."""
+    import math
+
+    from .loop import log
+
+    steps = max(1, math.ceil(cfg.train.epochs * per_epoch))
+    if steps * updates_per_step < cfg.optimizer.warmup_steps:
+        raise SetupError(
+            f"train.epochs={cfg.train.epochs:g} is {steps} steps ({per_epoch} an epoch), fewer than "
+            f"optimizer.warmup_steps={cfg.optimizer.warmup_steps}: lower the warmup or train longer"
+        )
+    log(f"train.epochs={cfg.train.epochs:g}: one epoch is {per_epoch} steps, so train.steps={steps}")
+    cfg.train.steps = steps
+
+
 def start_stage(
-    cfg: ml_collections.ConfigDict, check_kind: Callable[[str, str | None], None], *, head: str = "lm"
+    cfg: ml_collections.ConfigDict,
+    check_kind: Callable[[str, str | None], None],
+    *,
+    head: str = "lm",
+    epoch_steps: Callable[[list[dict], Any], int] | None = None,
+    updates_per_step: int = 1,
 ) -> StageRun:
     """What every training stage does first: join the processes, make ``run_dir`` and the mesh, load or train
     the tokenizer (``check_kind(stage, kind)`` refuses data the stage cannot train on, before a tokenizer is
-    trained on it), render and split the data, build the model with ``head``, write ``run_info.json``."""
+    trained on it), render and split the data, resolve ``train.epochs`` into ``train.steps`` with
+    ``epoch_steps(train_records, renderer)``, build the model with ``head``, write ``run_info.json``."""
     from jaxrl_llm.checkpoint import write_run_info
     from jaxrl_llm.models import count_params
     from jaxrl_llm.parallel import initialize, mesh_from_config
@@ -189,6 +212,8 @@ def start_stage(
         f"data: {len(train_records)} training records, {len(eval_records)} evaluation records "
         f"(content hash {loaded.content_hash[:12]}; {loaded.counts})"
     )
+    if cfg.train.epochs is not None and epoch_steps is not None:
+        resolve_epochs(cfg, epoch_steps(train_records, renderer), updates_per_step)
     model = build_model(cfg, tokenizer, mesh, head=head)
     params = count_params(model)
     log(f"model: {model.cfg.family} ({head} head), {params:,} parameters on mesh {dict(mesh.shape)}")

@@ -53,7 +53,9 @@ def run_signature(cfg: Any, data_hash: str | None) -> dict[str, Any]:
     }
 
 
-def _pipeline(cfg: Any, records: list[dict], encoder: Any, *, train: bool):
+def _pipeline(cfg: Any, records: list[dict], encoder: Any, *, train: bool, one_pass: bool = False):
+    """Training batches (endless, shuffled), evaluation batches, or with ``one_pass`` the training batches
+    of one unshuffled pass (to count an epoch's steps)."""
     return make_pipeline(
         records,
         encoder,
@@ -61,11 +63,16 @@ def _pipeline(cfg: Any, records: list[dict], encoder: Any, *, train: bool):
         seq_len=cfg.train.seq_len,
         mode=cfg.data.packing if train else "pack",
         seed=cfg.seed,
-        shuffle=train,
-        num_epochs=None if train or jax.process_count() > 1 else 1,
-        worker_count=cfg.data.workers if train else 0,
+        shuffle=train and not one_pass,
+        num_epochs=1 if one_pass else None if train or jax.process_count() > 1 else 1,
+        worker_count=cfg.data.workers if train and not one_pass else 0,
         shard_by_process=True,
     )
+
+
+def epoch_steps(cfg: Any, records: list[dict], encoder: Any) -> int:
+    """Optimizer steps in one pass over ``records`` (packed or bucketed rows, ``train.batch_size`` a step)."""
+    return sum(1 for _ in _pipeline(cfg, records, encoder, train=True, one_pass=True))
 
 
 def _evaluators(ctx: StageContext) -> list:

@@ -43,7 +43,7 @@ from jaxrl_llm.objectives import (
 from jaxrl_llm.render import KTOEncoder, PairEncoder
 from jaxrl_llm.render.records import SFTEncoder
 
-from . import ppo
+from . import grpo, pairs, ppo, sft
 from .grpo import grpo_plan, policy_config, reference_if_penalised, updates_per_step
 from .iteration import Plan, StageContext
 from .pairs import pairs_plan
@@ -75,6 +75,7 @@ class Stage:
     trainable: Callable[[Config, Any], Any] | None = None
     policy: Callable[[Any], Any] = lambda model: model
     extra: Callable[[Config], dict[str, Any]] = lambda cfg: {}
+    epoch_steps: Callable[[Config, list, Any], int] = pairs.epoch_steps
 
 
 def _dpo(cfg: Config) -> Objective:
@@ -105,8 +106,16 @@ def _reference(cfg: Config) -> tuple[str, ...]:
 
 # The keys match jaxrl_llm.config.STAGE_NAMES (a test checks it).
 STAGES: dict[str, Stage] = {
-    "sft": Stage(("conversation", "text"), lambda cfg: sft_objective(), rows_plan, SFTEncoder),
-    "pt": Stage(("text",), lambda cfg: sft_objective(), rows_plan, SFTEncoder),  # the SFT loss on raw text
+    "sft": Stage(
+        ("conversation", "text"),
+        lambda cfg: sft_objective(),
+        rows_plan,
+        SFTEncoder,
+        epoch_steps=sft.epoch_steps,
+    ),
+    "pt": Stage(  # the SFT loss on raw text
+        ("text",), lambda cfg: sft_objective(), rows_plan, SFTEncoder, epoch_steps=sft.epoch_steps
+    ),
     "rm": Stage(
         ("preference",),
         lambda cfg: rm_objective(center_coef=cfg.pref.center_coef),
@@ -134,6 +143,7 @@ STAGES: dict[str, Stage] = {
         trainable=ppo.trainable,
         policy=lambda model: model.policy,
         extra=ppo.initial_extra,
+        epoch_steps=grpo.epoch_steps,
     ),
     "grpo": Stage(
         ("prompt",),
@@ -141,6 +151,7 @@ STAGES: dict[str, Stage] = {
         grpo_plan,
         frozen=reference_if_penalised,
         updates_per_step=updates_per_step,
+        epoch_steps=grpo.epoch_steps,
     ),
 }
 
@@ -196,12 +207,19 @@ def run_stage(cfg: Config) -> int:
     from jaxrl_llm.parallel import frozen_copy, place
 
     from . import setup
+    from .canary import canary_for_stage
     from .loop import LoopConfig, run_loop
     from .optimizer import OptimizerConfig, make_optimizer, make_schedule
     from .state import Frozen, TrainState
 
     LoopConfig.from_config(cfg)  # its mistakes (observe.report_to=wandb, no wandb) before the model loads
-    run = setup.start_stage(cfg, check_kind, head=row.head)
+
+    def epoch_steps(records: list[dict], renderer: Any) -> int:
+        return row.epoch_steps(cfg, records, row.encoder(renderer) if row.encoder is not None else None)
+
+    run = setup.start_stage(
+        cfg, check_kind, head=row.head, epoch_steps=epoch_steps, updates_per_step=row.updates_per_step(cfg)
+    )
     graphdef0, initial = nnx.split(run.model)
     # Copied before the first update donates the policy's buffers; each keeps its parameter's sharding.
     frozen = Frozen(
@@ -216,6 +234,7 @@ def run_stage(cfg: Config) -> int:
     encoder = row.encoder(run.renderer) if row.encoder is not None else None
     ctx = StageContext(cfg, run, encoder, row.objective(cfg), graphdef, tx, make_schedule(opt), frozen)
     plan = row.plan(ctx)
+    canary = canary_for_stage(cfg, run, graphdef, frozen, row.policy, initial=(graphdef0, initial))
     loop = LoopConfig.from_config(cfg)
     if plan.eval_at_start:
         loop = dataclasses.replace(loop, eval_at_start=True)
@@ -229,6 +248,7 @@ def run_stage(cfg: Config) -> int:
         peak_flops=mesh_peak_flops(cfg.train.peak_flops, cfg.model.dtype),
         evaluators=plan.evaluators,
         export=setup.hf_export(run.tokenizer, row.policy),
+        canary=canary,
     )
     if summary.get("stopped"):  # a signal or train.max_hours: checkpointed, to be continued
         return 0
