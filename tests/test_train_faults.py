@@ -220,7 +220,8 @@ def test_nonfinite_steps_roll_back_to_the_last_checkpoint_with_a_lower_learning_
     out = capsys.readouterr().out
     assert "rolled back to the checkpoint of step 3, learning rate x0.5 (rollback 1 of at most 3)" in out
     done = summary(run_dir)
-    assert done["rollbacks"] == [{"at_step": 6, "to_step": 3, "lr_scale": 0.5, "reason": "non-finite steps"}]
+    reason = "2 non-finite steps in a row (from step 4)"
+    assert done["rollbacks"] == [{"at_step": 6, "to_step": 3, "lr_scale": 0.5, "reason": reason}]
     assert done["skipped_steps"] == 2 and (run_dir / "final" / "config.json").exists()
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [x for x in lines if x["split"] == "train"]

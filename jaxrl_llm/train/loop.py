@@ -323,9 +323,12 @@ def run_loop(
     base_rng = jax.random.wrap_key_data(jnp.array(jax.random.key_data(state.rng), copy=True))
     compile_s = iteration.compile(state) if start < loop.steps else 0.0
 
-    writer = MetricWriter(
-        run_dir, enabled=is_main_process(), resume_step=latest, report=loop.report, config=settings
-    )
+    def open_writer(resume_step: int | None) -> MetricWriter:
+        return MetricWriter(
+            run_dir, enabled=is_main_process(), resume_step=resume_step, report=loop.report, config=settings
+        )
+
+    writer = open_writer(latest)
     counters = {k: float(meta.get(k, 0.0)) for k in ("tokens_seen", "train_seconds")}
     results = {k: dict(meta.get(k, {})) for k in ("last_train", "last_eval", "first_eval")}
     rollbacks: list[dict[str, Any]] = list(meta.get("rollbacks", []))
@@ -380,7 +383,7 @@ def run_loop(
     def roll_back(done: int, current: TrainState, reason: str, at_or_before: int | None = None):
         """The state of the last checkpoint (at or before ``at_or_before``) with the learning rate scaled
         down, and its loop step; None when there is none to go back to or the rollbacks are used up."""
-        nonlocal window
+        nonlocal window, writer
         policy = loop.nonfinite
         checkpointer.wait()
         steps = [s for s in checkpointer.all_steps() if at_or_before is None or s <= at_or_before]
@@ -398,6 +401,9 @@ def run_loop(
         )
         nonfinite.reset()
         window = _Window(time.perf_counter(), back)
+        progress.update(back)
+        writer.close()  # what was logged after the checkpoint is logged again
+        writer = open_writer(back)
         return state, back
 
     def run_canary(step: int) -> str | None:
@@ -470,15 +476,6 @@ def run_loop(
                         if back is None:
                             raise diverged(done)
                         state, step = back
-                        progress.update(step)
-                        writer.close()
-                        writer = MetricWriter(
-                            run_dir,
-                            enabled=is_main_process(),
-                            resume_step=step,
-                            report=loop.report,
-                            config=settings,
-                        )
                         continue
                 else:
                     progress.update(done, **last_shown)
@@ -499,15 +496,6 @@ def run_loop(
                                 f"{len(rollbacks)} rollbacks). See {run_dir / CANARY_FILE}"
                             )
                         state, step = back
-                        progress.update(step)
-                        writer.close()
-                        writer = MetricWriter(
-                            run_dir,
-                            enabled=is_main_process(),
-                            resume_step=step,
-                            report=loop.report,
-                            config=settings,
-                        )
                         continue
                 if done % loop.save_every == 0 or done == loop.steps or stopped:
                     pending = 0.0
