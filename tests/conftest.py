@@ -29,3 +29,14 @@ def _absl_flags_parsed():
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_run(tmp_path_factory):
+    """One finished tiny SFT run (``tests/test_train_loop.py``'s TINY arguments), shared by the modules that
+    compare with or copy an uninterrupted run: read it, copy it, never change what it holds."""
+    from tests.test_train_loop import train
+
+    run_dir = tmp_path_factory.mktemp("tiny_sft") / "a"
+    assert train(run_dir) == 0
+    return run_dir

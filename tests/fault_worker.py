@@ -1,4 +1,4 @@
-"""A training run that is killed on purpose, for tests/test_train_faults.py (run as a subprocess).
+"""Fault injection for the tests: helpers, and a training run that is killed on purpose (run as a script).
 
     python tests/fault_worker.py MODE STEP -- TRAIN_ARGS...
 
@@ -11,11 +11,41 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
+from pathlib import Path
 
 from jaxrl_llm.checkpoint import manager
 from jaxrl_llm.train import __main__ as train_main
 from jaxrl_llm.train import loop
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_worker(mode: str, step: int, *args: str) -> subprocess.CompletedProcess:
+    """This file as a subprocess: a training run with ``args`` that ``mode`` interrupts at ``step``."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(Path(__file__)), mode, str(step), "--", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+
+
+def checkpoints(run_dir: Path) -> list[int]:
+    """The complete checkpoints' steps in ``run_dir``."""
+    return sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def signal_at_call(monkeypatch, module, n: int, signum: int) -> None:
+    """Sends ``signum`` to this process while the ``n``-th training batch is being placed on the device
+    (``module.to_device``, patched)."""
+    real, calls = module.to_device, {"n": 0}
+
+    def to_device(batch, mesh):
+        calls["n"] += 1
+        if calls["n"] == n:
+            os.kill(os.getpid(), signum)
+        return real(batch, mesh)
+
+    monkeypatch.setattr(module, "to_device", to_device)
 
 
 def main() -> int:

@@ -1,5 +1,6 @@
-"""Preemption and faults: SIGTERM/SIGINT save and exit 0, a kill in the middle of a checkpoint write, a
-wall-clock budget, non-finite steps (skipped, then stop or roll back), a run that diverges, and resuming with
+"""Preemption and faults: SIGTERM/SIGINT save and exit 0 (SIGINT on DPO and a kill in the middle of a
+checkpoint write on GRPO are in tests/test_train_pairs.py and tests/test_train_rl.py, beside the runs they
+compare with), a wall-clock budget, non-finite steps (skipped, then stop or roll back), a run that diverges, and resuming with
 changed or damaged checkpoints. Every interrupted run is compared bit for bit with an uninterrupted one."""
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -19,38 +18,17 @@ import pytest
 from jaxrl_llm.train import iteration, loop, stages
 
 from . import test_train_loop as sft
-from . import test_train_pairs as pairs
-from . import test_train_rl as rl
-
-ROOT = Path(__file__).resolve().parents[1]
+from .fault_worker import checkpoints, run_worker, signal_at_call
 
 
 def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def checkpoints(run_dir: Path) -> list[int]:
-    return sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
-
-
-def signal_at_call(monkeypatch, module, n: int, signum: int) -> None:
-    """Sends ``signum`` to this process while the ``n``-th training batch is being placed on the device."""
-    real, calls = module.to_device, {"n": 0}
-
-    def to_device(batch, mesh):
-        calls["n"] += 1
-        if calls["n"] == n:
-            os.kill(os.getpid(), signum)
-        return real(batch, mesh)
-
-    monkeypatch.setattr(module, "to_device", to_device)
-
-
-@pytest.fixture(scope="module")
-def sft_run(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("faults") / "sft"
-    assert sft.train(run_dir) == 0
-    return run_dir
+@pytest.fixture
+def sft_run(tiny_sft_run) -> Path:
+    """The uninterrupted tiny SFT run (tests/conftest.py, shared with tests/test_train_loop.py)."""
+    return tiny_sft_run
 
 
 # --- signals and the wall-clock budget ---------------------------------------------------------------
@@ -75,24 +53,6 @@ def test_sigterm_saves_the_current_step_exits_0_and_the_resumed_run_is_identical
     assert resumed["tokens_seen"] == summary(sft_run)["tokens_seen"]
 
 
-@pytest.mark.slow
-def test_sigint_stops_a_dpo_run_cleanly_and_it_resumes_bit_for_bit(tmp_path, monkeypatch, capsys):
-    whole = tmp_path / "whole"
-    assert pairs.train(whole, "dpo") == 0
-    run_dir = tmp_path / "ctrl-c"
-    signal_at_call(monkeypatch, iteration, 2, signal.SIGINT)
-    assert pairs.train(run_dir, "dpo") == 0
-    out = capsys.readouterr()
-    assert "SIGINT: stopping after this step" in out.err and "Traceback" not in out.err
-    assert "stopped at step 2 of 4 (SIGINT)" in out.out and "run the same command again" in out.out
-    assert checkpoints(run_dir) == [2]
-
-    monkeypatch.undo()
-    assert pairs.train(run_dir, "dpo") == 0
-    assert summary(run_dir)["resumed_from"] == 2
-    assert summary(run_dir)["params_sha256"] == summary(whole)["params_sha256"]
-
-
 def test_max_hours_stops_like_a_signal(tmp_path, capsys):
     run_dir = tmp_path / "budget"
     assert sft.train(run_dir, "--config.train.max_hours=1e-9", "--config.train.eval_generate=0") == 0
@@ -114,43 +74,15 @@ def test_a_signal_before_the_first_step_stops_without_a_traceback(tmp_path, monk
     assert "SIGINT before the first training step: stopped, nothing to save" in capsys.readouterr().err
 
 
-def worker(mode: str, step: int, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, str(ROOT / "tests" / "fault_worker.py"), mode, str(step), "--", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
-
-
 @pytest.mark.slow
 def test_a_second_signal_exits_at_once_keeping_the_last_complete_checkpoint(tmp_path):
     run_dir = tmp_path / "twice"
-    done = worker("two-signals", 4, *sft.TINY, f"--config.run_dir={run_dir}")
+    done = run_worker("two-signals", 4, *sft.TINY, f"--config.run_dir={run_dir}")
     assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
     assert "SIGTERM again: exiting now without saving" in done.stderr
     # Nothing of step 4 was saved; step 3's asynchronous save is complete or was never finished (never
     # half-listed: the next run resumes from it or starts over).
     assert checkpoints(run_dir) in ([], [3])
-
-
-# --- a kill while a checkpoint is being written ------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_grpo_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_one(tmp_path, capsys):
-    args = (rl.HELD_OUT, f"--config.reward.functions={rl.ANSWER_MATCH}")
-    whole = tmp_path / "whole"
-    assert rl.train(whole, *args) == 0
-    run_dir = tmp_path / "killed"
-    killed = worker("kill-mid-save", 4, *rl.RL, f"--config.run_dir={run_dir}", *args)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert checkpoints(run_dir) == [2]  # step 4 was being written: never listed as a checkpoint
-    assert list((run_dir / "checkpoints").glob("4.orbax-checkpoint-tmp*"))
-
-    capsys.readouterr()
-    assert rl.train(run_dir, *args) == 0
-    assert "the checkpoint of step 4 was never finished" in capsys.readouterr().out
-    assert summary(run_dir)["resumed_from"] == 2
-    assert summary(run_dir)["params_sha256"] == summary(whole)["params_sha256"]
-    assert checkpoints(run_dir) == [2, 4]
 
 
 # --- non-finite steps ---------------------------------------------------------------------------------

@@ -44,11 +44,10 @@ def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("run") / "a"
-    assert train(run_dir) == 0
-    return run_dir
+@pytest.fixture
+def finished(tiny_sft_run) -> Path:
+    """The finished TINY run (a session fixture in tests/conftest.py, shared with tests/test_train_faults.py)."""
+    return tiny_sft_run
 
 
 def test_run_directory_holds_what_reproduces_the_run(finished):

@@ -167,3 +167,25 @@ def test_precomputed_reference_log_probs_train_as_the_live_reference(stage_run, 
     for part in ("first_eval", "final_eval", "final_train"):
         for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies"):
             assert pre[part][key] == pytest.approx(live[part][key], rel=1e-4, abs=1e-5), (part, key)
+
+
+@pytest.mark.slow
+def test_sigint_stops_a_dpo_run_cleanly_and_it_resumes_bit_for_bit(stage_run, tmp_path, monkeypatch, capsys):
+    import signal
+
+    from jaxrl_llm.train import iteration
+    from tests.fault_worker import checkpoints, signal_at_call
+
+    whole = stage_run("dpo")
+    run_dir = tmp_path / "ctrl-c"
+    signal_at_call(monkeypatch, iteration, 2, signal.SIGINT)  # Ctrl-C during step 2 of 4
+    assert train(run_dir, "dpo", *shared_args("dpo")) == 0
+    out = capsys.readouterr()
+    assert "SIGINT: stopping after this step" in out.err and "Traceback" not in out.err
+    assert "stopped at step 2 of 4 (SIGINT)" in out.out and "run the same command again" in out.out
+    assert checkpoints(run_dir) == [2] and not (run_dir / "summary.json").exists()
+
+    monkeypatch.undo()
+    assert train(run_dir, "dpo", *shared_args("dpo")) == 0
+    assert summary(run_dir)["resumed_from"] == 2
+    assert summary(run_dir)["params_sha256"] == summary(whole)["params_sha256"]

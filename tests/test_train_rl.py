@@ -209,6 +209,29 @@ def test_a_crashed_run_resumes_exactly(fused_run, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_one(
+    fused_run, tmp_path, capsys
+):
+    import signal
+
+    from tests.fault_worker import checkpoints, run_worker
+
+    args = (HELD_OUT, f"--config.reward.functions={ANSWER_MATCH}")  # fused_run's
+    run_dir = tmp_path / "killed"
+    killed = run_worker("kill-mid-save", 4, *RL, f"--config.run_dir={run_dir}", *args)  # SIGKILL mid-write
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert checkpoints(run_dir) == [2]  # step 4 was being written: never listed as a checkpoint
+    assert list((run_dir / "checkpoints").glob("4.orbax-checkpoint-tmp*"))
+
+    capsys.readouterr()
+    assert train(run_dir, *args) == 0
+    assert "the checkpoint of step 4 was never finished" in capsys.readouterr().out
+    assert summary(run_dir)["resumed_from"] == 2
+    assert summary(run_dir)["params_sha256"] == summary(fused_run[0])["params_sha256"]
+    assert checkpoints(run_dir) == [2, 4]
+
+
+@pytest.mark.slow
 def test_dynamic_sampling_refills_flat_groups_the_same_on_both_paths(tmp_path):
     args = ("--config.rl.algorithm=dapo", "--config.train.steps=2", "--config.rl.dynamic_sampling_rounds=2")
     assert train(tmp_path / "fused", *args, f"--config.reward.functions={ANSWER_MATCH}") == 0
