@@ -81,7 +81,7 @@ def shape_differences(saved: dict[str, tuple[int, ...]], now: dict[str, tuple[in
 
 
 @contextlib.contextmanager
-def _quiet_coroutines() -> Iterator[None]:
+def quiet_coroutines() -> Iterator[None]:
     """A failed restore leaves Orbax's pending reads to be garbage-collected, and Python prints each as an
     'Exception ignored in coroutine' traceback; the error itself is reported, so those are dropped."""
     previous = sys.unraisablehook
@@ -96,8 +96,6 @@ def _quiet_coroutines() -> Iterator[None]:
 def _quiet_absl() -> Iterator[None]:
     """Reading one item's metadata inside a composite checkpoint makes Orbax warn that the item has no
     ``_CHECKPOINT_METADATA`` of its own (the checkpoint has one); that warning says nothing wrong."""
-    import logging
-
     logger = logging.getLogger("absl")
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -162,7 +160,7 @@ class Checkpointer:
         from the checkpoint's metadata), ``CheckpointDamagedError`` when the metadata cannot be read."""
         where = self.directory / str(step)
         try:
-            with _quiet_coroutines(), _quiet_absl(), ocp.StandardCheckpointer() as reader:
+            with quiet_coroutines(), _quiet_absl(), ocp.StandardCheckpointer() as reader:
                 saved = _shapes(reader.metadata(where / "state").item_metadata.tree)
         except Exception as err:  # noqa: BLE001 - any unreadable metadata is a damaged checkpoint
             raise CheckpointDamagedError(
@@ -209,7 +207,7 @@ class Checkpointer:
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         try:
-            with _quiet_coroutines():
+            with quiet_coroutines():
                 restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as err:  # noqa: BLE001 - missing or truncated files, whatever layer notices
             raise CheckpointDamagedError(

@@ -4,7 +4,7 @@ It gathers what the run directory already holds (``run_info.json``, ``train_conf
 manifests, ``summary.json``) and adds what no other file records: hashes of the tokenizer's files and of the
 model source (``model.path``'s ``config.json`` and safetensors, or the preset and seed of a fresh
 initialisation), and one entry per checkpoint with its step and the metrics it was saved with. The training
-loop rewrites it after every checkpoint save and once more with the final summary; ``python -m
+loop rewrites it after every checkpoint save, and the stage once more with the final summary; ``python -m
 jaxrl_llm.runs`` reads it to list, show, compare and export runs (and builds it on the fly for a run
 directory that has none).
 
@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import jax
+
+from jaxrl_llm.data import manifest
 
 from .manager import DIRNAME
 from .run_info import SUMMARY_NAME, _dumps, _write_atomic
@@ -73,12 +75,10 @@ def file_sha256(path: Path) -> tuple[str, str]:
     """``(hex digest, method)``: sha256 of the bytes (``"sha256"``) or, past ``FULL_HASH_LIMIT``, of the
     size and the first and last MiB (``"sha256-size-first-last-mib"``: equal for copies, cheap for shards)."""
     size = path.stat().st_size
+    if size <= FULL_HASH_LIMIT:
+        return manifest.file_sha256(path), "sha256"
     digest = hashlib.sha256()
     with path.open("rb") as f:
-        if size <= FULL_HASH_LIMIT:
-            for block in iter(lambda: f.read(2**20), b""):
-                digest.update(block)
-            return digest.hexdigest(), "sha256"
         digest.update(size.to_bytes(8, "little"))
         digest.update(f.read(_SAMPLE))
         f.seek(max(0, size - _SAMPLE))

@@ -76,7 +76,7 @@ def restore_params(run_dir: Path, step: int, abstract: Any, part: tuple[str, ...
     import jax
     import orbax.checkpoint as ocp
 
-    from jaxrl_llm.checkpoint.manager import DIRNAME, _quiet_coroutines
+    from jaxrl_llm.checkpoint.manager import DIRNAME, quiet_coroutines
 
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
@@ -88,7 +88,7 @@ def restore_params(run_dir: Path, step: int, abstract: Any, part: tuple[str, ...
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
     )
     try:
-        with _quiet_coroutines(), ocp.PyTreeCheckpointer() as reader:
+        with quiet_coroutines(), ocp.PyTreeCheckpointer() as reader:
             restored = reader.restore(where.absolute(), args=args)
     except Exception as err:  # noqa: BLE001 - a missing, damaged or mismatched checkpoint, however it shows
         raise RunError(

@@ -32,6 +32,7 @@ from flax import nnx
 
 from jaxrl_llm.errors import UserError
 
+from .eval_run import score_answers
 from .state import Frozen, TrainState
 
 CANARY_FILE = "canary.jsonl"
@@ -177,17 +178,15 @@ class Canary:
         self.frozen, self.policy, self.rewards = frozen, policy, rewards
         self.reference = "reference" if "reference" in frozen.names else None
         self.best: float | None = None
-        self._chat = None
         self._stats = _stats_fn(graphdef, policy, self.reference)
+        self._prompt_ids = [renderer.render_prompt(r["prompt"]) for r in cfg.prompts]  # fixed prompts
 
     def _answers(self, model: Any) -> list[Any]:
         from jaxrl_llm.rollout import ChatSampler, SamplingParams
 
-        if self._chat is None:
-            self._chat = ChatSampler(model, self.renderer, batch_size=len(self.cfg.prompts), mesh=self.mesh)
-        else:
-            self._chat.update(model)
-        out = self._chat.generate(
+        # The sampler's programs are compiled once per shape for the process (a new wrapper costs nothing).
+        chat = ChatSampler(model, self.renderer, batch_size=len(self.cfg.prompts), mesh=self.mesh)
+        out = chat.generate(
             [r["prompt"] for r in self.cfg.prompts],
             key=jax.random.key(0),
             max_new_tokens=self.cfg.max_new_tokens,
@@ -195,23 +194,11 @@ class Canary:
         )
         return [c for (c,) in out]
 
-    def _scores(self, prompts: list[np.ndarray], completions: list[Any]) -> np.ndarray | None:
+    def _scores(self, completions: list[Any]) -> np.ndarray | None:
         records = list(self.cfg.prompts)
         if self.rewards is not None and self.rewards.specs:
-            from jaxrl_llm.reward.combine import arrays_for
-
-            width = max(len(c.token_ids) for c in completions) or 1
-            comp = np.zeros((len(records), width), np.int32)
-            mask = np.zeros((len(records), width), bool)
-            for i, c in enumerate(completions):
-                comp[i, : len(c.token_ids)], mask[i, : len(c.token_ids)] = c.token_ids, True
-            p_width = max(map(len, prompts))
-            p_ids = np.zeros((len(records), p_width), np.int32)
-            p_mask = np.zeros((len(records), p_width), bool)
-            for i, p in enumerate(prompts):
-                p_ids[i, p_width - len(p) :], p_mask[i, p_width - len(p) :] = p, True
-            arrays = arrays_for(p_ids, p_mask, comp, mask, records, self.renderer.tokenizer)
-            return np.asarray(self.rewards([c.text for c in completions], records, arrays).total)
+            result = score_answers(self.rewards, self.renderer, completions, records, self.cfg.max_new_tokens)
+            return np.asarray(result.total)
         if all("ground_truth" in r for r in records):
             return np.asarray(
                 [
@@ -225,7 +212,7 @@ class Canary:
     def __call__(self, state: TrainState, step: int) -> CanaryReport:
         model = self.policy(nnx.merge(self.graphdef, state.params))
         completions = self._answers(model)
-        prompts = [self.renderer.render_prompt(r["prompt"]) for r in self.cfg.prompts]
+        prompts = self._prompt_ids
         rows = [
             np.concatenate([p, np.asarray(c.token_ids, np.int64)])
             for p, c in zip(prompts, completions, strict=True)
@@ -244,7 +231,7 @@ class Canary:
         }
         if self.reference is not None:
             metrics["kl"] = float(kl)
-        scores = self._scores(prompts, completions)
+        scores = self._scores(completions)
         if scores is not None:
             metrics["score"] = float(scores.mean())
         samples = [

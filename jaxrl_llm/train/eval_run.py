@@ -261,11 +261,22 @@ class RecordEvaluator:
         )
 
     def _score(self, completions: Sequence[Any], records: Sequence[dict]):
-        texts = [c.text for c in completions]
-        arrays = None
-        if any(s.reward.kind == "device" for s in self.rewards.specs):
-            arrays = _device_arrays(self.renderer, completions, records, self.settings.max_new_tokens)
-        return self.rewards(texts, records, arrays)
+        return score_answers(self.rewards, self.renderer, completions, records, self.settings.max_new_tokens)
+
+
+def score_answers(
+    rewards: RewardSet,
+    renderer: Any,
+    completions: Sequence[Any],
+    records: Sequence[dict],
+    max_new_tokens: int,
+) -> Any:
+    """``rewards`` of generated ``completions`` (``rollout.Completion``s, one per record), with the token
+    arrays device rewards read when there are any (answers padded to ``max_new_tokens``)."""
+    arrays = None
+    if any(s.reward.kind == "device" for s in rewards.specs):
+        arrays = _device_arrays(renderer, completions, records, max_new_tokens)
+    return rewards([c.text for c in completions], records, arrays)
 
 
 def _rows(batch: int, mesh: Any) -> int:

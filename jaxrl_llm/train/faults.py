@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from jaxrl_llm.errors import UserError
@@ -47,15 +47,11 @@ def _main_thread() -> bool:
 
 
 @contextlib.contextmanager
-def interrupt_handlers() -> Iterator[None]:
-    """SIGTERM and SIGINT raise ``Interrupted`` (the entry point reports it without a traceback)."""
+def signal_handler(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """``handler`` for SIGTERM and SIGINT inside the block (main thread only: elsewhere nothing changes)."""
     if not _main_thread():
         yield
         return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise Interrupted(signum)
-
     previous = {s: signal.signal(s, handler) for s in SIGNALS}
     try:
         yield
@@ -64,14 +60,23 @@ def interrupt_handlers() -> Iterator[None]:
             signal.signal(s, h)
 
 
+def interrupt_handlers() -> contextlib.AbstractContextManager[None]:
+    """SIGTERM and SIGINT raise ``Interrupted`` (the entry point reports it without a traceback)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    return signal_handler(handler)
+
+
 class StopSignals:
-    """The loop's handler: records the first signal, exits at once on the second (see module docstring)."""
+    """The loop's handler: records the first signal, exits at once on the second (see module docstring).
+    Use it as ``with signal_handler(stop.handle):``."""
 
     def __init__(self) -> None:
         self.received: str | None = None
-        self._previous: dict[int, Any] = {}
 
-    def _handle(self, signum: int, frame: Any) -> None:
+    def handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if self.received is not None:
             print(
@@ -86,16 +91,6 @@ class StopSignals:
             file=sys.stderr,
             flush=True,
         )
-
-    def __enter__(self) -> StopSignals:
-        if _main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        for s, h in self._previous.items():
-            signal.signal(s, h)
-        self._previous = {}
 
 
 @dataclasses.dataclass

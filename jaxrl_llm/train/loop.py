@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -48,7 +47,14 @@ from jaxrl_llm.observe import MetricWriter, Progress, Reporting, mfu
 from jaxrl_llm.parallel import abstract, is_main_process
 
 from .canary import CANARY_FILE, CanaryHalted, format_samples
-from .faults import Deadline, NonFinitePolicy, NonFiniteTracker, StopSignals, TrainingDiverged
+from .faults import (
+    Deadline,
+    NonFinitePolicy,
+    NonFiniteTracker,
+    StopSignals,
+    TrainingDiverged,
+    signal_handler,
+)
 from .state import TrainState
 
 Evaluator = Callable[[TrainState, int], dict[str, float]]  # (state, step) -> metrics
@@ -129,12 +135,15 @@ class LoopConfig:
         )
 
 
+def changed_keys(saved: dict[str, Any] | None, now: dict[str, Any] | None) -> list[str]:
+    """The keys of ``now`` that ``saved`` holds with another value, in ``now``'s order."""
+    if not saved or not now:
+        return []
+    return [k for k in now if k in saved and saved[k] != now[k]]
+
+
 def check_resume(saved: dict[str, Any], now: dict[str, Any], checkpoint: Path) -> None:
-    changed = [
-        f"{k}: {saved[k]!r} in the checkpoint, {now[k]!r} now"
-        for k in now
-        if k in saved and saved[k] != now[k]
-    ]
+    changed = [f"{k}: {saved[k]!r} in the checkpoint, {now[k]!r} now" for k in changed_keys(saved, now)]
     if changed:
         raise ResumeError(
             f"cannot resume from {checkpoint}: " + "; ".join(changed) + ". The data position would not "
@@ -196,21 +205,21 @@ def _set_aside_after(loop: LoopConfig) -> None:
     (kept, not deleted), so that K is the latest."""
     run_dir, wanted = Path(loop.run_dir), loop.resume_from_step
     probe = Checkpointer(run_dir, keep=loop.keep_checkpoints)
-    steps = probe.all_steps()
-    probe.close()
-    if wanted not in steps:
-        raise ResumeError(
-            f"train.resume_from_step={wanted}: {run_dir / DIRNAME} holds no complete checkpoint of that step "
-            f"(it holds {steps or 'none'})"
-        )
-    later = [s for s in steps if s > wanted]
-    if not later:
-        return
-    aside = run_dir / f"{DIRNAME}_after_{wanted}"
-    aside.mkdir(exist_ok=True)
-    for s in later:
-        os.replace(run_dir / DIRNAME / str(s), aside / str(s))
-    log(f"train.resume_from_step={wanted}: moved the later checkpoints {later} to {aside}")
+    try:
+        steps = probe.all_steps()
+        if wanted not in steps:
+            raise ResumeError(
+                f"train.resume_from_step={wanted}: {run_dir / DIRNAME} holds no complete checkpoint of that "
+                f"step (it holds {steps or 'none'})"
+            )
+        later = [s for s in steps if s > wanted]
+        aside = run_dir / f"{DIRNAME}_after_{wanted}"
+        for s in later:
+            probe.set_aside(s, aside)
+    finally:
+        probe.close()
+    if later:
+        log(f"train.resume_from_step={wanted}: moved the later checkpoints {later} to {aside}")
 
 
 def _restore(
@@ -258,9 +267,7 @@ def _restore(
 
 def changed_settings(saved: dict[str, Any] | None, now: dict[str, Any] | None) -> list[str]:
     """The config keys whose value differs from the checkpoint's, as ``key: old -> new``."""
-    if not saved or not now:
-        return []
-    return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in sorted(now) if k in saved and saved[k] != now[k]]
+    return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in sorted(changed_keys(saved, now))]
 
 
 @jax.jit
@@ -425,7 +432,8 @@ def run_loop(
     stopped: str | None = None
     last_shown: dict[str, float] = {}
     try:
-        with StopSignals() as signals:
+        signals = StopSignals()
+        with signal_handler(signals.handle):
             if loop.eval_at_start and start == 0:
                 evaluate(0)
             if canary is not None and start == 0:
@@ -525,9 +533,10 @@ def run_loop(
         return {"stage": loop.stage, "steps": loop.steps, "stopped": stopped, "stopped_at": step}
     final_model = _merge(graphdef, state)
     final_loss = results["last_train"].get("loss")
-    if not finite_params(state) or (final_loss is not None and not np.isfinite(final_loss)):
+    params_ok = finite_params(state)
+    if not params_ok or (final_loss is not None and not np.isfinite(final_loss)):
         raise TrainingDiverged(
-            f"the run ended with a non-finite {'loss' if finite_params(state) else 'parameters'} "
+            f"the run ended with a non-finite {'loss' if params_ok else 'parameters'} "
             f"(last logged loss {final_loss}): nothing exported and no summary.json written; lower "
             "optimizer.lr or set optimizer.clip_norm"
         )
@@ -551,8 +560,6 @@ def run_loop(
         export(final_model, out)
         summary["export"] = str(out)
     write_summary(run_dir, summary)
-    if is_main_process():
-        write_artifacts(run_dir, summary=summary)
     return summary
 
 

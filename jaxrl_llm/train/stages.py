@@ -252,16 +252,18 @@ def run_stage(cfg: Config) -> int:
     )
     if summary.get("stopped"):  # a signal or train.max_hours: checkpointed, to be continued
         return 0
-    extra = plan.report(summary)
-    if extra:
-        from jaxrl_llm.checkpoint import write_summary
-
-        write_summary(run.run_dir, {**summary, **extra})
+    from jaxrl_llm.checkpoint import write_summary
+    from jaxrl_llm.checkpoint.registry import write_artifacts
     from jaxrl_llm.observe import write_plots
     from jaxrl_llm.parallel import is_main_process
 
-    if is_main_process():  # <run_dir>/report: a PNG a metric family and report.html (never raises)
-        written = write_plots(run.run_dir)
+    extra = plan.report(summary)
+    if extra:
+        summary = {**summary, **extra}
+        write_summary(run.run_dir, summary)
+    if is_main_process():
+        write_artifacts(run.run_dir, summary=summary)  # the final summary, with the plan's report in it
+        written = write_plots(run.run_dir)  # <run_dir>/report: a PNG a metric family, report.html
         if written:
             print(f"plots: {written[-1]}", flush=True)
     return 0
