@@ -86,22 +86,6 @@ def _verifiers(values: Sequence[str] | None, run_cfg: dict[str, Any]) -> list[di
     return out
 
 
-def _target(path: str) -> tuple[Path, Path | None, dict[str, Any]]:
-    """``(model directory, run directory or None, the run's config or {})``."""
-    from jaxrl_llm.errors import UserError
-    from jaxrl_llm.models.hf_io import checkpoint_dir
-
-    where = Path(path)
-    if not where.is_dir():
-        raise UserError(f"{path}: not a directory (expected an HF checkpoint or a run directory)")
-    model_dir = checkpoint_dir(where)
-    if not (model_dir / "config.json").exists():
-        raise UserError(f"{path}: neither an HF checkpoint (no config.json) nor a run directory with final/")
-    config = where / "train_config.json"
-    run_dir = where if model_dir != where or config.exists() else None
-    return model_dir, run_dir, json.loads(config.read_text()) if config.exists() else {}
-
-
 def _table(metrics: dict[str, float]) -> str:
     width = max(map(len, metrics), default=6)
     rows = [f"{'metric':<{width}}  value", f"{'-' * width}  {'-' * 10}"]
@@ -127,19 +111,19 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     import jax.numpy as jnp
     from flax import nnx
 
+    from jaxrl_llm.checkpoint.target import resolve_target, target_renderer
     from jaxrl_llm.models import load_hf
     from jaxrl_llm.parallel import make_mesh
-    from jaxrl_llm.render import Renderer, load_tokenizer
     from jaxrl_llm.reward import RewardSet
     from jaxrl_llm.train.eval_run import EvalSettings, RecordEvaluator
     from jaxrl_llm.train.eval_sets import load_records
 
     start = time.perf_counter()
-    model_dir, run_dir, run_cfg = _target(args.target)
+    target = resolve_target(args.target)
+    model_dir, run_dir, run_cfg = target.model_dir, target.run_dir, target.run_config
     rl = run_cfg.get("stage") in ("grpo", "ppo")
     rollout = run_cfg.get("rollout", {}) if rl else {}
-    template = args.template or run_cfg.get("render", {}).get("template") or None
-    renderer = Renderer(load_tokenizer(model_dir), template)
+    renderer = target_renderer(target, args.template)
     records, kind, counts = load_records(
         args.data, format=args.format, kind=args.kind, limit=args.limit, where="--data"
     )
