@@ -70,7 +70,8 @@ class Attention(nnx.Module):
 
         Without ``kv`` the keys are this call's tokens (S = T) and ``None`` is returned for them. With ``kv``
         (this layer's cache: keys [B, K, D, S], values [B, K, S, D]; see ``KVCache``) the new keys and values
-        are written at slot ``index`` first and the updated pair is returned.
+        are written at slot ``index`` first (int32[], or int32[B]: each row at its own slot) and the updated
+        pair is returned.
         Returns (output [B, T, E], (keys, values) or None).
         """
         cfg = self.cfg
@@ -83,8 +84,8 @@ class Attention(nnx.Module):
         keys, values = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
         new_kv = None
         if kv is not None:  # write this call's keys and values at slot ``index`` of the cache
-            keys = jax.lax.dynamic_update_slice(kv[0], keys.astype(kv[0].dtype), (0, 0, 0, index))
-            values = jax.lax.dynamic_update_slice(kv[1], values.astype(kv[1].dtype), (0, 0, index, 0))
+            keys = write_slots(kv[0], keys.astype(kv[0].dtype), index, axis=3)
+            values = write_slots(kv[1], values.astype(kv[1].dtype), index, axis=2)
             new_kv = (keys, values)
         b, t = q.shape[:2]
         groups = cfg.num_heads // cfg.num_kv_heads
@@ -103,6 +104,14 @@ class Attention(nnx.Module):
         return out, new_kv
 
 
+def write_slots(cache: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+    """``new`` written into ``cache`` along ``axis`` from slot ``index``: one slot for every row (int32[]),
+    or each row's own (int32[B], a slot-per-request cache); in place under jit when the cache is donated."""
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice_in_dim(cache, new, index, axis)
+    return jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis - 1))(cache, new, index)
+
+
 def make_mask(
     positions: jax.Array,
     valid: jax.Array,
@@ -112,14 +121,16 @@ def make_mask(
     segment_ids: jax.Array | None = None,
     shared: jax.Array | None = None,
 ) -> AttentionMask:
-    """positions/valid: [B, T] for the queries; key_*: [B, S]; query_slots: int32[T] slot of each query.
+    """positions/valid: [B, T] for the queries; key_*: [B, S]; query_slots: int32[T] (or [B, T], rows writing
+    at their own slots) slot of each query.
 
     ``segment_ids`` (int32[B, T], without a cache, so S = T) keeps packed documents apart: a query sees only
     keys of its own segment, and the keys marked ``shared`` (bool[B, T]: a prompt that every segment after
     it continues, e.g. both answers of a preference pair laid out as ``prompt | chosen | rejected``).
     """
     key_slots = jnp.arange(key_valid.shape[1])
-    causal = key_slots[None, None, :] <= query_slots[None, :, None]
+    query_slots = query_slots if query_slots.ndim == 2 else query_slots[None]  # [B or 1, T]
+    causal = key_slots[None, None, :] <= query_slots[:, :, None]
     allowed = causal & key_valid[:, None, :] & valid[:, :, None]
     if segment_ids is not None:
         same = segment_ids[:, :, None] == segment_ids[:, None, :]
@@ -127,6 +138,6 @@ def make_mask(
             same = same | shared[:, None, :].astype(bool)
         allowed = allowed & same
     # Padding queries attend to themselves only, so their (ignored) outputs stay finite.
-    allowed = allowed | (~valid[:, :, None] & (key_slots[None, None, :] == query_slots[None, :, None]))
+    allowed = allowed | (~valid[:, :, None] & (key_slots[None, None, :] == query_slots[:, :, None]))
     distance = positions[:, :, None] - key_positions[:, None, :]
     return AttentionMask(allowed=allowed, distance=distance)

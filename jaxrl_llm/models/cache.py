@@ -32,7 +32,7 @@ class KVCache:
     v: tuple[jax.Array, ...]  # per layer [B, K, S, D]
     valid: jax.Array  # bool[B, S]: the slot holds a real (non-padding) token
     positions: jax.Array  # int32[B, S]: RoPE position of the token in each slot
-    index: jax.Array  # int32[]: the next slot to write (shared by all rows)
+    index: jax.Array  # int32[]: the next slot to write (shared by all rows); int32[B] in a per-row cache
     lengths: jax.Array  # int32[B]: real tokens written so far per row (the next token's position)
 
     @classmethod
@@ -45,8 +45,12 @@ class KVCache:
         *,
         mesh: Mesh | None = None,
         rules=DEFAULT_RULES,
+        per_row: bool = False,
     ) -> KVCache:
         """An empty cache for ``batch`` rows of at most ``max_len`` tokens (prompt + generated).
+
+        ``per_row``: every row has its own write index (``index`` int32[B]): a slot-per-request cache whose
+        rows hold sequences of different lengths, started and ended independently (continuous batching).
 
         With a ``mesh`` it is created sharded (batch over the data axes, KV heads over ``tensor``), never
         whole on one device.
@@ -62,7 +66,7 @@ class KVCache:
                 v=tuple(jnp.zeros(v_shape, dtype) for _ in range(layers)),
                 valid=jnp.zeros((batch, max_len), bool),
                 positions=jnp.zeros((batch, max_len), jnp.int32),
-                index=jnp.zeros((), jnp.int32),
+                index=jnp.zeros((batch,) if per_row else (), jnp.int32),
                 lengths=jnp.zeros((batch,), jnp.int32),
             )
 
@@ -76,7 +80,9 @@ class KVCache:
             v=(v,) * layers,
             valid=rows,
             positions=rows,
-            index=named_sharding((), (), mesh, rules),
+            index=named_sharding(("batch",), (batch,), mesh, rules)
+            if per_row
+            else named_sharding((), (), mesh, rules),
             lengths=named_sharding(("batch",), (batch,), mesh, rules),
         )
         return jax.jit(make, out_shardings=shardings)()
@@ -95,4 +101,5 @@ class KVCache:
             valid=jnp.repeat(self.valid, n, axis=0),
             positions=jnp.repeat(self.positions, n, axis=0),
             lengths=jnp.repeat(self.lengths, n, axis=0),
+            index=jnp.repeat(self.index, n, axis=0) if self.index.ndim else self.index,
         )

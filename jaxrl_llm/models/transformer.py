@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx, struct
 
 from ..parallel import constrain
-from .attention import Attention, AttentionMask, make_mask
+from .attention import Attention, AttentionMask, make_mask, write_slots
 from .cache import KVCache
 from .config import ModelConfig
 from .layers import MLP, Embed, RMSNorm, dense, dtype_of, param, rope_inv_freq, softcap
@@ -76,9 +76,11 @@ class Decoder(nnx.Module):
         self.final_norm = RMSNorm(cfg.hidden_size, cfg)
         self.windows = tuple(w or 0 for w in cfg.layer_windows())
 
-    def init_cache(self, batch: int, max_len: int, dtype=None, *, mesh=None) -> KVCache:
+    def init_cache(
+        self, batch: int, max_len: int, dtype=None, *, mesh=None, per_row: bool = False
+    ) -> KVCache:
         """An empty KV cache for this model (sharded on ``mesh`` when given); see :class:`KVCache`."""
-        return KVCache.init(self.cfg, batch, max_len, dtype, mesh=mesh)
+        return KVCache.init(self.cfg, batch, max_len, dtype, mesh=mesh, per_row=per_row)
 
     def layer_states(self) -> tuple[nnx.State, ...]:
         """Each block's parameters as its own arrays (slices of the stacked ``[L, ...]`` parameters).
@@ -169,10 +171,11 @@ class Decoder(nnx.Module):
         if cache is None:
             mask = make_mask(positions, valid, positions, valid, jnp.arange(t), segment_ids, shared)
         else:
-            slots = cache.index + jnp.arange(t)
+            per_row = cache.index.ndim == 1  # a slot-per-request cache: each row writes at its own index
+            slots = (cache.index[:, None] if per_row else cache.index) + jnp.arange(t)
             cache = cache.replace(
-                valid=jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index)),
-                positions=jax.lax.dynamic_update_slice(cache.positions, positions, (0, cache.index)),
+                valid=write_slots(cache.valid, valid, cache.index, axis=1),
+                positions=write_slots(cache.positions, positions, cache.index, axis=1),
             )
             mask = make_mask(positions, valid, cache.positions, cache.valid, slots)
         x = constrain(self.embed(tokens), ("batch", "seq", "embed"))
@@ -204,7 +207,7 @@ def _check_fits(cache: KVCache, t: int) -> None:
     if t > cache.max_len:
         raise ValueError(f"{t} tokens do not fit a KV cache of {cache.max_len} slots; make a larger cache")
     try:
-        used = int(cache.index)
+        used = int(jnp.max(cache.index))
     except jax.errors.ConcretizationTypeError:
         return
     if used + t > cache.max_len:

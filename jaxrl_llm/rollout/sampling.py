@@ -203,13 +203,27 @@ def sample(
     ``model_logprobs = log_softmax(logits)[token]``: under the plain model distribution (temperature 1, full
     vocabulary), which is what policy-gradient ratios need.
     """
+    return _sample(lambda shape: jax.random.gumbel(key, shape, jnp.float32), logits, params)
+
+
+def sample_rows(
+    keys: jax.Array, logits: jax.Array, params: SamplingParams
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`sample` with a key per row (``keys``: a ``[B]`` array of typed keys): a row's draw depends on
+    its own key and logits only, never on which other rows share the batch (continuous batching)."""
+    return _sample(
+        lambda shape: jax.vmap(lambda k: jax.random.gumbel(k, shape[1:], jnp.float32))(keys), logits, params
+    )
+
+
+def _sample(noise, logits, params: SamplingParams) -> tuple[jax.Array, jax.Array, jax.Array]:
     logits = jnp.asarray(logits, jnp.float32)
     filtered = filtered_logits(logits, params)
     greedy = _column(params.temperature, logits.shape[0], jnp.float32, "temperature")[:, 0] <= 0.0
     argmax = _first_argmax(logits)
 
     def gumbel_max():  # argmax(filtered + Gumbel noise) ~ softmax(filtered), as jax.random.categorical
-        return _first_argmax(filtered + jax.random.gumbel(key, filtered.shape, jnp.float32))
+        return _first_argmax(filtered + noise(filtered.shape))
 
     drawn = lax.cond(jnp.all(greedy), lambda: argmax, gumbel_max)  # B * V random draws skipped if all greedy
     tokens = jnp.where(greedy, argmax, drawn).astype(jnp.int32)

@@ -1,0 +1,489 @@
+"""Continuous batching: requests of any length share one compiled decode step over a fixed set of slots.
+
+The one-shot ``Sampler`` generates a batch of prompts from start to finish in one program; every row waits
+for the longest. The engine instead keeps ``slots`` rows of a per-row KV cache (``KVCache(per_row=True)``:
+each row writes at its own index) and runs, on the host, a loop of
+
+1. **admit**: a waiting request is prefilled into a free slot (one compiled prefill per prompt-length
+   bucket; its first token is drawn there), while the other slots keep their state;
+2. **decode**: one jitted step draws the next token of every occupied slot (compiled for the smallest
+   power of two of leading rows that covers the occupied slots, so one stream does not pay for 32);
+3. **retire**: a slot whose request ended (an EOS id, a stop token sequence, its token budget) or was
+   cancelled (a client that went away) is free for the next request at once.
+
+Device side: pure functions of an :class:`EngineState` (the cache, each slot's last token, PRNG key, draw
+count and sampling parameters), jitted with the state donated, so the cache is updated in place. A slot's
+draws depend only on its request (prompt, seed, parameters), never on the other slots: the same seed gives
+the same answer under any load. Host side: :class:`Engine` (thread-safe ``submit`` / ``cancel``, a
+background thread or explicit ``step()`` calls) reports every drawn token to the request's callback.
+
+Multi-turn use (RL episodes, tool results) is a later ``extend``: a slot's cache row already continues from
+its own index, so appending tokens to a live row is a prefill that starts at that index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import random
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from ..models.cache import KVCache
+from .sampler import prompt_bucket
+from .sampling import SamplingParams, sample_rows
+
+MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's limit)
+
+
+@struct.dataclass
+class EngineState:
+    """What the decode step reads and writes, one row per slot.
+
+    Attributes:
+      cache: the per-row KV cache (``index``/``lengths`` int32[S]: where each slot writes next).
+      token: int32[S] each slot's last drawn token (the next step's input).
+      keys: [S] typed PRNG keys, one per request; draw ``d`` uses ``fold_in(key, d)``.
+      drawn: int32[S] tokens drawn so far by the slot's request.
+      sampling: ``SamplingParams`` of [S] arrays.
+    """
+
+    cache: KVCache
+    token: jax.Array
+    keys: jax.Array
+    drawn: jax.Array
+    sampling: SamplingParams
+
+
+@struct.dataclass
+class Draw:
+    """One token per row: ``token`` int32[R]; ``logprob`` float32[R] under the model's distribution
+    (temperature 1, full vocabulary); ``top_ids``/``top_logprobs`` [R, K] the K most likely tokens."""
+
+    token: jax.Array
+    logprob: jax.Array
+    top_ids: jax.Array
+    top_logprobs: jax.Array
+
+
+def init_state(model: Any, slots: int, max_len: int, *, mesh: Any = None) -> EngineState:
+    """Empty slots: a per-row cache of ``slots`` x ``max_len`` and neutral sampling parameters."""
+    return EngineState(
+        cache=model.init_cache(slots, max_len, mesh=mesh, per_row=True),
+        token=jnp.zeros((slots,), jnp.int32),
+        keys=jax.random.split(jax.random.key(0), slots),
+        drawn=jnp.zeros((slots,), jnp.int32),
+        sampling=SamplingParams(
+            temperature=jnp.zeros((slots,), jnp.float32),
+            top_k=jnp.zeros((slots,), jnp.int32),
+            top_p=jnp.ones((slots,), jnp.float32),
+            min_p=jnp.zeros((slots,), jnp.float32),
+        ),
+    )
+
+
+def _draw(keys, logits, sampling: SamplingParams, top: int) -> Draw:
+    token, _, model_logp = sample_rows(keys, logits, sampling)
+    if top:
+        top_logprobs, top_ids = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32)), top)
+    else:
+        top_logprobs = jnp.zeros((token.shape[0], 0), jnp.float32)
+        top_ids = jnp.zeros((token.shape[0], 0), jnp.int32)
+    return Draw(token, model_logp, top_ids.astype(jnp.int32), top_logprobs)
+
+
+def _rows(tree: Any, start, size: int) -> Any:
+    return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, 0), tree)
+
+
+def _put_rows(tree: Any, rows: Any, start) -> Any:
+    return jax.tree.map(lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, start, 0), tree, rows)
+
+
+def prefill(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    layers: tuple[nnx.State, ...],
+    state: EngineState,
+    slot: jax.Array,
+    prompt: jax.Array,
+    length: jax.Array,
+    key: jax.Array,
+    sampling: SamplingParams,
+    *,
+    top: int = 0,
+) -> tuple[EngineState, Draw]:
+    """Writes ``prompt`` (int32[P], right-padded; ``length`` real tokens) into slot ``slot`` (its previous
+    content is dropped) and draws the request's first token with ``fold_in(key, 0)``."""
+    model = nnx.merge(graphdef, params)
+    width = prompt.shape[0]
+    row = _rows(state.cache, slot, 1)
+    row = row.replace(
+        valid=jnp.zeros_like(row.valid), index=jnp.zeros_like(row.index), lengths=jnp.zeros_like(row.lengths)
+    )
+    real = (jnp.arange(width) < length)[None]
+    hidden, row = model.forward_hidden(prompt[None], attention_mask=real, cache=row, layers=layers)
+    # The padding after the prompt is masked (valid = False); the first decode step writes over it.
+    row = row.replace(index=jnp.full((1,), length, jnp.int32), lengths=jnp.full((1,), length, jnp.int32))
+    last = jax.lax.dynamic_slice_in_dim(hidden, length - 1, 1, axis=1)
+    logits = model.logits(last)[:, 0]
+    one = jax.tree.map(lambda x: jnp.asarray(x)[None], sampling)
+    draw = _draw(jax.random.fold_in(key, 0)[None], logits, one, top)
+    state = state.replace(
+        cache=_put_rows(state.cache, row, slot),
+        token=state.token.at[slot].set(draw.token[0]),
+        keys=state.keys.at[slot].set(key),
+        drawn=state.drawn.at[slot].set(1),
+        sampling=_put_rows(state.sampling, one, slot),
+    )
+    return state, draw
+
+
+def decode(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    layers: tuple[nnx.State, ...],
+    state: EngineState,
+    *,
+    rows: int,
+    top: int = 0,
+) -> tuple[EngineState, Draw]:
+    """One token for each of the first ``rows`` slots (the others are untouched)."""
+    model = nnx.merge(graphdef, params)
+    cache = _rows(state.cache, 0, rows)
+    token, drawn = state.token[:rows], state.drawn[:rows]
+    out = model.forward(
+        token[:, None], attention_mask=jnp.ones((rows, 1), jnp.int32), cache=cache, layers=layers
+    )
+    # A free slot decodes too (its output is ignored); its index stays inside the cache.
+    cache = out.cache.replace(index=jnp.minimum(out.cache.index, cache.max_len - 1))
+    keys = jax.vmap(jax.random.fold_in)(state.keys[:rows], drawn)
+    draw = _draw(keys, out.logits[:, -1], _rows(state.sampling, 0, rows), top)
+    state = state.replace(
+        cache=_put_rows(state.cache, cache, 0),
+        token=state.token.at[:rows].set(draw.token),
+        drawn=state.drawn.at[:rows].add(1),
+    )
+    return state, draw
+
+
+_prefill = jax.jit(prefill, static_argnums=(0,), static_argnames=("top",), donate_argnames=("state",))
+_decode = jax.jit(decode, static_argnums=(0,), static_argnames=("rows", "top"), donate_argnames=("state",))
+
+
+def decode_params(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, tuple[nnx.State, ...]]:
+    """``(graphdef, params, layers)`` for the jitted steps: the blocks' weights sliced per layer once (each
+    step would otherwise copy every stacked weight), and their stacked originals left out of ``params``
+    (empty placeholders), so the weights are held once."""
+    graphdef, params = nnx.split(model)
+    layers = model.layer_states()
+    flat = nnx.to_flat_state(params)
+    params = nnx.from_flat_state(
+        [
+            (path, v.replace(jnp.zeros((0,), v.get_value().dtype)) if path[0] == "blocks" else v)
+            for path, v in flat
+        ]
+    )
+    return graphdef, params, layers
+
+
+# ------------------------------------------------------------------------------------------------ host
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """A drawn token, reported to the request's callback (``token`` None on an end without a token).
+
+    ``finish_reason``: None while the request goes on, else ``"eos"``, ``"stop"``, ``"length"``,
+    ``"cancelled"`` or ``"error"`` (``error`` then says what went wrong).
+    """
+
+    token: int | None
+    logprob: float = 0.0
+    top: tuple[tuple[int, float], ...] = ()
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class Request:
+    """One generation: ``prompt`` token ids, at most ``max_new_tokens`` new ones.
+
+    ``seed`` None draws a fresh one; ``stop_ids`` are token sequences that end the answer (beside the
+    engine's EOS ids); ``top_logprobs`` alternatives per token (0..``MAX_TOP_LOGPROBS``).
+    ``on_event`` is called from the engine's thread for every token and once with a ``finish_reason``.
+    """
+
+    prompt: Sequence[int]
+    max_new_tokens: int
+    on_event: Callable[[Event], None]
+    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    seed: int | None = None
+    stop_ids: Sequence[Sequence[int]] = ()
+    top_logprobs: int = 0
+    ignore_eos: bool = False
+    # Set by the engine:
+    id: int = -1
+    cancelled: bool = False
+    generated: list[int] = dataclasses.field(default_factory=list)
+
+
+class Engine:
+    """Serves :class:`Request` s with continuous batching over ``slots`` slots of ``max_len`` tokens.
+
+    Args:
+      model: a ``CausalLM`` (``update`` swaps in new parameters).
+      slots: concurrent requests; more wait in a queue.
+      max_len: tokens per slot (prompt + answer); default the model's ``max_seq_len``.
+      eos_ids: ids that end an answer (the tokenizer's EOS and the template's end-of-turn).
+      mesh: run under this mesh (the cache sharded over it).
+    """
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        *,
+        slots: int = 32,
+        max_len: int | None = None,
+        eos_ids: Sequence[int] = (),
+        mesh: Any = None,
+    ):
+        self.max_len = int(max_len or model.cfg.max_seq_len)
+        if not 1 <= self.max_len <= model.cfg.max_seq_len:
+            raise ValueError(f"max_len {self.max_len} must be in [1, the model's {model.cfg.max_seq_len}]")
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        self.slots, self.eos_ids, self.mesh = slots, frozenset(int(e) for e in eos_ids), mesh
+        self.graphdef, self.params, self.layers = decode_params(model)
+        with self._mesh():
+            self.state = init_state(model, slots, self.max_len, mesh=mesh)
+        self._queue: deque[Request] = deque()
+        self._active: list[Request | None] = [None] * slots
+        self._ids = itertools.count()
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self.steps = 0  # decode steps run (for tests and benchmarks)
+
+    # -------------------------------------------------------------------------------- public interface
+
+    def update(self, model: nnx.Module) -> None:
+        """Generate with ``model``'s parameters from the next step on (same architecture)."""
+        with self._lock:
+            self.graphdef, self.params, self.layers = decode_params(model)
+
+    def check(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Raises ``ValueError`` when a request of this size cannot be served."""
+        if prompt_tokens < 1:
+            raise ValueError("the prompt is empty")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if prompt_tokens + max_new_tokens > self.max_len:
+            raise ValueError(
+                f"the prompt's {prompt_tokens} tokens + max_new_tokens {max_new_tokens} exceed the context of "
+                f"{self.max_len} tokens"
+            )
+
+    def submit(self, request: Request) -> Request:
+        """Queues ``request`` (checked first: ``ValueError`` when it cannot be served); returns it."""
+        self.check(len(request.prompt), request.max_new_tokens)
+        if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {request.top_logprobs}")
+        request.sampling.validate()
+        if request.seed is None:
+            request.seed = random.SystemRandom().randrange(2**31)
+        with self._lock:
+            request.id = next(self._ids)
+            self._queue.append(request)
+            self._lock.notify_all()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Ends ``request`` (a client that went away): its slot is free from the next step on."""
+        with self._lock:
+            request.cancelled = True
+            self._lock.notify_all()
+
+    @property
+    def busy_slots(self) -> int:
+        with self._lock:
+            return sum(r is not None for r in self._active)
+
+    @property
+    def waiting(self) -> int:
+        with self._lock:
+            return len(self._queue)
+
+    def start(self) -> Engine:
+        """Runs the loop in a background thread (``stop`` ends it)."""
+        if self._thread is None:
+            self._running = True
+            self._thread = threading.Thread(target=self._loop, name="jaxrl_llm-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            self._running = False
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def step(self) -> bool:
+        """One scheduler iteration (admit, decode, retire); False when there was nothing to do."""
+        self._retire_cancelled()
+        admitted = self._admit()
+        active = [i for i, r in enumerate(self._active) if r is not None]
+        if not active:
+            return admitted
+        rows = min(prompt_bucket(max(active) + 1, smallest=1), self.slots)
+        top = MAX_TOP_LOGPROBS if any(self._active[i].top_logprobs for i in active) else 0
+        with self._mesh():
+            self.state, draw = _decode(
+                self.graphdef, self.params, self.layers, self.state, rows=rows, top=top
+            )
+        draw = jax.device_get(draw)
+        self.steps += 1
+        for i in active:
+            self._record(i, draw, i)
+        return True
+
+    def generate(self, requests: Sequence[Request]) -> None:
+        """Runs ``requests`` to the end on the calling thread (no background loop)."""
+        for r in requests:
+            self.submit(r)
+        while any(self._active) or self._queue:
+            self.step()
+
+    # ------------------------------------------------------------------------------------------ internals
+
+    def _mesh(self):
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while self._running and not self._queue and not any(self._active):
+                    self._lock.wait()
+                if not self._running:
+                    break
+            try:
+                self.step()
+            except Exception as err:  # a failed step ends every request in flight, not the server
+                self._fail_all(f"{type(err).__name__}: {err}")
+
+    def _fail_all(self, message: str) -> None:
+        with self._lock:
+            failed = [r for r in self._active if r is not None] + list(self._queue)
+            self._active = [None] * self.slots
+            self._queue.clear()
+        for r in failed:
+            _notify(r, Event(None, finish_reason="error", error=message))
+
+    def _retire_cancelled(self) -> None:
+        with self._lock:
+            for i, r in enumerate(self._active):
+                if r is not None and r.cancelled:
+                    self._active[i] = None
+                    _notify(r, Event(None, finish_reason="cancelled"))
+            kept = deque(r for r in self._queue if not r.cancelled)
+            for r in self._queue:
+                if r.cancelled:
+                    _notify(r, Event(None, finish_reason="cancelled"))
+            self._queue = kept
+
+    def _admit(self) -> bool:
+        admitted = False
+        while True:
+            with self._lock:
+                free = [i for i, r in enumerate(self._active) if r is None]
+                if not free or not self._queue:
+                    return admitted
+                request = self._queue.popleft()
+                slot = free[0]
+                self._active[slot] = request
+            self._prefill(slot, request)
+            admitted = True
+
+    def _prefill(self, slot: int, request: Request) -> None:
+        length = len(request.prompt)
+        width = min(prompt_bucket(length), self.max_len)
+        prompt = np.zeros((width,), np.int32)
+        prompt[:length] = request.prompt
+        key = jax.random.key(int(request.seed))
+        top = MAX_TOP_LOGPROBS if request.top_logprobs else 0
+        with self._mesh():
+            self.state, draw = _prefill(
+                self.graphdef,
+                self.params,
+                self.layers,
+                self.state,
+                jnp.int32(slot),
+                jnp.asarray(prompt),
+                jnp.int32(length),
+                key,
+                request.sampling.as_arrays(),
+                top=top,
+            )
+        self._record(slot, jax.device_get(draw), 0)
+
+    def _record(self, slot: int, draw: Draw, row: int) -> None:
+        request = self._active[slot]
+        token = int(draw.token[row])
+        request.generated.append(token)
+        top = tuple(
+            (int(t), float(lp))
+            for t, lp in zip(
+                draw.top_ids[row][: request.top_logprobs],
+                draw.top_logprobs[row][: request.top_logprobs],
+                strict=True,
+            )
+        )
+        reason = self._finish_reason(request, token)
+        if reason is not None:
+            with self._lock:
+                self._active[slot] = None
+        _notify(request, Event(token, float(draw.logprob[row]), top, reason))
+
+    def _finish_reason(self, request: Request, token: int) -> str | None:
+        if token in self.eos_ids and not request.ignore_eos:
+            return "eos"
+        generated = request.generated
+        for seq in request.stop_ids:
+            if len(seq) and generated[-len(seq) :] == list(seq):
+                return "stop"
+        if len(generated) >= request.max_new_tokens:
+            return "length"
+        if request.cancelled:
+            return "cancelled"
+        return None
+
+
+def _notify(request: Request, event: Event) -> None:
+    try:
+        request.on_event(event)
+    except Exception:  # a callback's failure must not stop the other requests
+        request.cancelled = True
+
+
+__all__ = [
+    "Draw",
+    "Engine",
+    "EngineState",
+    "Event",
+    "MAX_TOP_LOGPROBS",
+    "Request",
+    "decode",
+    "decode_params",
+    "init_state",
+    "prefill",
+]
