@@ -3,6 +3,7 @@
     python -m jaxrl_llm.bench peak
     python -m jaxrl_llm.bench forward --model llama-30m --batch 8 --seq-len 256 [--compare-hf] [--json OUT]
     python -m jaxrl_llm.bench rollout --model llama-30m --batch 16 --prompt-len 64 --new-tokens 128 [--compare-hf]
+    python -m jaxrl_llm.bench serve --model llama-30m --streams 1,8,32 --prompt-len 64 --new-tokens 64 [--json OUT]
     python -m jaxrl_llm.bench train --objective sft --model llama-30m --batch 8 --seq-len 256 [--compare-trl] [--json OUT]
     python -m jaxrl_llm.bench train --objective dpo --model llama-30m --batch 4 --prompt-len 64 --completion-len 64 \
         [--reference live|precomputed] [--compare-trl] [--json OUT]
@@ -107,7 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     roll.add_argument("--sample", action="store_true", help="temperature-1 sampling instead of greedy")
     roll.add_argument("--repeats", type=int, default=3)
     roll.add_argument("--compare-hf", action="store_true", help="also run HF transformers generate")
-    for p in (peak, fwd, train, roll):
+    serve = sub.add_parser(
+        "serve", help="continuous-batching tokens/s and time to first token at N concurrent streams"
+    )
+    serve.add_argument("--model", default="llama-30m", help="preset name or HF checkpoint directory")
+    serve.add_argument("--streams", default="1,8,32", help="concurrent streams, comma-separated")
+    serve.add_argument("--prompt-len", type=int, default=64)
+    serve.add_argument("--new-tokens", type=int, default=64)
+    serve.add_argument("--slots", type=int, help="engine slots (default: the largest --streams)")
+    serve.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    serve.add_argument("--repeats", type=int, default=2)
+    for p in (peak, fwd, train, roll, serve):
         p.add_argument("--json", metavar="OUT", help="also write the result as one JSON object")
     args = parser.parse_args(argv)
     try:
@@ -138,6 +149,24 @@ def _run(args: argparse.Namespace) -> dict:
         import jax.numpy as jnp
 
         return machine_peaks(jnp.dtype(args.dtype))
+    if args.command == "serve":
+        from .serve import bench_serve
+
+        try:
+            streams = tuple(int(s) for s in args.streams.split(","))
+        except ValueError:
+            raise UserError(f"--streams {args.streams!r}: expected comma-separated integers") from None
+        if not streams or min(streams) < 1:
+            raise UserError(f"--streams {args.streams!r}: every count must be >= 1")
+        return bench_serve(
+            args.model,
+            streams=streams,
+            prompt_len=args.prompt_len,
+            new_tokens=args.new_tokens,
+            slots=args.slots,
+            dtype=args.dtype,
+            repeats=args.repeats,
+        )
     if args.command == "rollout":
         from .rollout import bench_rollout
 

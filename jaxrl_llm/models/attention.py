@@ -87,6 +87,9 @@ class Attention(nnx.Module):
             keys = write_slots(kv[0], keys.astype(kv[0].dtype), index, axis=3)
             values = write_slots(kv[1], values.astype(kv[1].dtype), index, axis=2)
             new_kv = (keys, values)
+            # A call over the leading rows of a larger slot cache reads those rows back (after the write, so
+            # the cache is updated in place, never copied whole).
+            keys, values = keys[: x.shape[0]], values[: x.shape[0]]
         b, t = q.shape[:2]
         groups = cfg.num_heads // cfg.num_kv_heads
         q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim).transpose(0, 2, 3, 1, 4)
@@ -106,9 +109,15 @@ class Attention(nnx.Module):
 
 def write_slots(cache: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
     """``new`` written into ``cache`` along ``axis`` from slot ``index``: one slot for every row (int32[]),
-    or each row's own (int32[B], a slot-per-request cache); in place under jit when the cache is donated."""
+    or each row's own (int32[B], a slot-per-request cache); in place under jit when the cache is donated.
+
+    In a slot cache ``new`` may cover only its leading rows (a decode step over the occupied slots): it is
+    padded with zeros, which land at the other rows' next slot, unused until those rows write there.
+    """
     if jnp.ndim(index) == 0:
         return jax.lax.dynamic_update_slice_in_dim(cache, new, index, axis)
+    if new.shape[0] < cache.shape[0]:
+        new = jnp.pad(new, [(0, cache.shape[0] - new.shape[0])] + [(0, 0)] * (new.ndim - 1))
     return jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis - 1))(cache, new, index)
 
 

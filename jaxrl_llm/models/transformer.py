@@ -162,7 +162,7 @@ class Decoder(nnx.Module):
         if segment_ids is not None:
             valid = valid & (segment_ids > 0)
         tokens = jnp.where(valid, tokens, 0)  # whatever id pads a row, it embeds as a real (masked) token
-        start = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
+        start = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths[:b]
         if positions is None and segment_ids is not None:
             positions = segment_positions(segment_ids)
         elif positions is None:
@@ -172,20 +172,21 @@ class Decoder(nnx.Module):
             mask = make_mask(positions, valid, positions, valid, jnp.arange(t), segment_ids, shared)
         else:
             per_row = cache.index.ndim == 1  # a slot-per-request cache: each row writes at its own index
-            slots = (cache.index[:, None] if per_row else cache.index) + jnp.arange(t)
+            slots = (cache.index[:b, None] if per_row else cache.index) + jnp.arange(t)
             cache = cache.replace(
                 valid=write_slots(cache.valid, valid, cache.index, axis=1),
                 positions=write_slots(cache.positions, positions, cache.index, axis=1),
             )
-            mask = make_mask(positions, valid, cache.positions, cache.valid, slots)
+            mask = make_mask(positions, valid, cache.positions[:b], cache.valid[:b], slots)
         x = constrain(self.embed(tokens), ("batch", "seq", "embed"))
         x, new_kv = self._run_blocks(x, positions, mask, cache, layers)
         if cache is not None:
+            written = valid.sum(axis=1, dtype=jnp.int32)
             cache = cache.replace(
                 k=new_kv[0],
                 v=new_kv[1],
                 index=cache.index + t,
-                lengths=cache.lengths + valid.sum(axis=1, dtype=jnp.int32),
+                lengths=cache.lengths.at[:b].add(written) if per_row else cache.lengths + written,
             )
         return self.final_norm(x), cache
 

@@ -125,20 +125,30 @@ def prefill(
     content is dropped) and draws the request's first token with ``fold_in(key, 0)``."""
     model = nnx.merge(graphdef, params)
     width = prompt.shape[0]
-    row = _rows(state.cache, slot, 1)
-    row = row.replace(
-        valid=jnp.zeros_like(row.valid), index=jnp.zeros_like(row.index), lengths=jnp.zeros_like(row.lengths)
-    )
+    # The prompt runs on a cache of its own width, then its keys and values are written into the slot's row
+    # in place; the row's older content is masked (valid = False), and the first decode step writes at
+    # ``length``, over the prompt's padding.
     real = (jnp.arange(width) < length)[None]
-    hidden, row = model.forward_hidden(prompt[None], attention_mask=real, cache=row, layers=layers)
-    # The padding after the prompt is masked (valid = False); the first decode step writes over it.
-    row = row.replace(index=jnp.full((1,), length, jnp.int32), lengths=jnp.full((1,), length, jnp.int32))
+    hidden, fresh = model.forward_hidden(
+        prompt[None], attention_mask=real, cache=model.init_cache(1, width), layers=layers
+    )
     last = jax.lax.dynamic_slice_in_dim(hidden, length - 1, 1, axis=1)
     logits = model.logits(last)[:, 0]
     one = jax.tree.map(lambda x: jnp.asarray(x)[None], sampling)
     draw = _draw(jax.random.fold_in(key, 0)[None], logits, one, top)
+    cache = state.cache
+    valid = jnp.zeros((1, cache.max_len), bool).at[:, :width].set(fresh.valid)
+    positions = jnp.zeros((1, cache.max_len), jnp.int32).at[:, :width].set(fresh.positions)
+    cache = cache.replace(
+        k=tuple(_put_rows(k, new, slot) for k, new in zip(cache.k, fresh.k, strict=True)),
+        v=tuple(_put_rows(v, new, slot) for v, new in zip(cache.v, fresh.v, strict=True)),
+        valid=_put_rows(cache.valid, valid, slot),
+        positions=_put_rows(cache.positions, positions, slot),
+        index=cache.index.at[slot].set(length),
+        lengths=cache.lengths.at[slot].set(length),
+    )
     state = state.replace(
-        cache=_put_rows(state.cache, row, slot),
+        cache=cache,
         token=state.token.at[slot].set(draw.token[0]),
         keys=state.keys.at[slot].set(key),
         drawn=state.drawn.at[slot].set(1),
@@ -158,17 +168,18 @@ def decode(
 ) -> tuple[EngineState, Draw]:
     """One token for each of the first ``rows`` slots (the others are untouched)."""
     model = nnx.merge(graphdef, params)
-    cache = _rows(state.cache, 0, rows)
     token, drawn = state.token[:rows], state.drawn[:rows]
+    # The model continues the cache's leading rows, written in place (slicing the rows out and putting them
+    # back made XLA copy the whole cache at every step).
     out = model.forward(
-        token[:, None], attention_mask=jnp.ones((rows, 1), jnp.int32), cache=cache, layers=layers
+        token[:, None], attention_mask=jnp.ones((rows, 1), jnp.int32), cache=state.cache, layers=layers
     )
-    # A free slot decodes too (its output is ignored); its index stays inside the cache.
-    cache = out.cache.replace(index=jnp.minimum(out.cache.index, cache.max_len - 1))
+    # A free slot's index stays inside the cache (its rows take the padding of the leading rows' writes).
+    cache = out.cache.replace(index=jnp.minimum(out.cache.index, out.cache.max_len - 1))
     keys = jax.vmap(jax.random.fold_in)(state.keys[:rows], drawn)
     draw = _draw(keys, out.logits[:, -1], _rows(state.sampling, 0, rows), top)
     state = state.replace(
-        cache=_put_rows(state.cache, cache, 0),
+        cache=cache,
         token=state.token.at[:rows].set(draw.token),
         drawn=state.drawn.at[:rows].add(1),
     )
