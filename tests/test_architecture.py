@@ -25,6 +25,8 @@ LAYERS = (
     "eval",
     "runs",
     "report",
+    "export",
+    "sanity",
     "bench",
 )
 

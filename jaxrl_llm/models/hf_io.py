@@ -7,6 +7,7 @@ directions, so load and save cannot drift apart.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -319,9 +320,67 @@ def _architecture(head: str, hf: dict) -> list[str]:
     ]
 
 
-def save_hf(model, path: str | os.PathLike, *, dtype=None, max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Writes ``config.json`` and safetensors (sharded past ``max_shard_bytes``) that HF transformers loads.
+GENERATION_CONFIG = "generation_config.json"
 
+
+@dataclasses.dataclass(frozen=True)
+class TokenIds:
+    """The special ids an export declares, so that HF transformers stops and pads as this project does.
+
+    Attributes:
+      bos: the beginning-of-sequence id; None keeps the model config's (unknown, or none).
+      eos: every id that ends a generated answer: the tokenizer's EOS ids and the chat template's
+        end-of-turn id (``jaxrl_llm.rollout.text.end_of_turn_ids``); empty keeps the model config's.
+      pad: the padding id (HF's sequence classifiers find each row's last token through it, and refuse
+        batches above 1 without one); None keeps the model config's.
+    """
+
+    bos: int | None = None
+    eos: tuple[int, ...] = ()
+    pad: int | None = None
+
+    def __post_init__(self):
+        for name, value in (("bos", self.bos), ("pad", self.pad), *(("eos", i) for i in self.eos)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"TokenIds.{name}: expected a token id (an int >= 0), got {value!r}")
+
+
+def _with_token_ids(hf: dict, ids: TokenIds | None) -> dict:
+    """``hf`` (config.json) with the ids of ``ids`` that are known; one EOS id as an int, several as a list."""
+    if ids is None:
+        return hf
+    known = {"bos_token_id": ids.bos, "pad_token_id": ids.pad}
+    if ids.eos:
+        eos = list(dict.fromkeys(ids.eos))
+        known["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    return {**hf, **{k: v for k, v in known.items() if v is not None}}
+
+
+def generation_config(hf: dict) -> dict | None:
+    """The ``generation_config.json`` HF ``generate`` reads its stop and pad ids from, for a ``config.json``
+    dict; None when the config names no EOS id. Greedy-neutral: no sampling settings (HF's defaults are
+    greedy decoding), only ``bos_token_id``, ``eos_token_id`` and ``pad_token_id``."""
+    if hf.get("eos_token_id") is None:
+        return None
+    keys = ("bos_token_id", "eos_token_id", "pad_token_id")
+    return {k: hf[k] for k in keys if hf.get(k) is not None}
+
+
+def save_hf(
+    model,
+    path: str | os.PathLike,
+    *,
+    token_ids: TokenIds | None = None,
+    dtype=None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Writes ``config.json``, ``generation_config.json`` and safetensors (sharded past ``max_shard_bytes``)
+    that HF transformers loads.
+
+    ``token_ids`` (the tokenizer's and chat template's, which the model config does not know) set
+    ``bos_token_id``, ``eos_token_id`` and ``pad_token_id``; without them, or for ids they leave unknown, the
+    model config's are written (those of the checkpoint it was loaded from, else null). Without an EOS id
+    HF ``generate`` runs past the end of the turn, so ``generation_config.json`` is written only with one.
     ``dtype`` (e.g. ``jnp.bfloat16``) converts on the way out; the default keeps the parameter dtype. In a
     multi-process run every process must call it (parameters are gathered collectively); process 0 writes
     and the others wait for it.
@@ -338,7 +397,7 @@ def save_hf(model, path: str | os.PathLike, *, dtype=None, max_shard_bytes: int 
         per_layer = list(array) if p[0] == "blocks" else [array]
         for key, x in zip(keys, per_layer, strict=True):
             tensors[key] = _to_hf(x, kind)
-    hf = to_hf_config(cfg)
+    hf = _with_token_ids(to_hf_config(cfg), token_ids)
     hf["architectures"] = _architecture(head, hf)
     if head == "score":
         hf["id2label"], hf["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
@@ -346,6 +405,9 @@ def save_hf(model, path: str | os.PathLike, *, dtype=None, max_shard_bytes: int 
     if is_main_process():
         path.mkdir(parents=True, exist_ok=True)
         (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        generation = generation_config(hf)
+        if generation is not None:
+            (path / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
         _write_safetensors(tensors, path, max_shard_bytes)
     barrier(f"save_hf {path}")  # no process reads the export before process 0 has written it
     return path

@@ -46,7 +46,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> list[str]:
-    from jaxrl_llm.runs import diff_lines, export_checkpoint, list_lines, resolve_run, show_lines
+    from jaxrl_llm.runs import (
+        diff_lines,
+        export_checkpoint,
+        export_lines,
+        list_lines,
+        resolve_run,
+        show_lines,
+    )
 
     if args.command == "list":
         return list_lines(args.dir)
@@ -56,16 +63,7 @@ def _run(args: argparse.Namespace) -> list[str]:
         return diff_lines(resolve_run(args.run_a), resolve_run(args.run_b))
     run_dir = resolve_run(args.run)
     out, digest = export_checkpoint(run_dir, args.step, Path(args.out) if args.out else None)
-    lines = [f"exported step {args.step} of {run_dir} to {out} (params sha256 {digest})"]
-    from jaxrl_llm.runs import load_run
-
-    art = load_run(run_dir)
-    final = art.get("final") or {}
-    if final.get("params_sha256") == digest:
-        lines.append(f"the same parameters as the run's final export ({final.get('path')})")
-    elif art.get("stage") == "ppo":
-        lines.append("the policy alone (summary.json's params_sha256 covers the policy and its critic)")
-    return lines
+    return export_lines(run_dir, args.step, out, digest)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,5 +1,7 @@
-"""``runs export RUN --step N``: any checkpoint of a run as an HF checkpoint directory (safetensors, config,
-tokenizer), the same files the run writes to ``final/`` for its last step.
+"""``runs export RUN --step N`` and ``python -m jaxrl_llm.export RUN [--step N] --out DIR``: any checkpoint
+of a run as an HF checkpoint directory (safetensors, ``config.json`` and ``generation_config.json`` with the
+stop and pad ids, the tokenizer with the run's chat template), the same files the run writes to ``final/``
+for its last step.
 
 The model graph comes from the run's ``train_config.json`` (abstractly: no weights are initialised or read
 from ``model.path``), and only the ``params`` subtree of the checkpoint's training state is read (Orbax
@@ -9,6 +11,7 @@ must fit one device's memory (or the host's, on CPU).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,17 @@ def _config(run_dir: Path) -> Any:
     cfg = ml_collections.ConfigDict(config)
     cfg.run_dir = str(run_dir)  # the tokenizer a run trained lives here, wherever the run was moved
     return cfg
+
+
+def latest_step(run_dir: Path) -> int:
+    """The step of the run's last complete checkpoint."""
+    steps = checkpoint_steps(run_dir)
+    if not steps:
+        raise RunError(
+            f"{run_dir}: no checkpoints (none saved yet, or train.save_every=0); its final model, if it "
+            "finished, is the HF checkpoint in final/"
+        )
+    return steps[-1]
 
 
 def _tokenizer(cfg: Any, run_dir: Path) -> Any:
@@ -100,11 +114,12 @@ def restore_params(run_dir: Path, step: int, abstract: Any, part: tuple[str, ...
     return restored
 
 
-def export_checkpoint(run_dir: Path, step: int, out: Path | None = None) -> tuple[Path, str]:
-    """Writes checkpoint ``step`` of ``run_dir`` as an HF checkpoint to ``out`` (default
-    ``<run_dir>/export-step-<step>``); returns ``(out, params_sha256)`` (the digest ``summary.json`` gives
-    for the final parameters)."""
+def export_checkpoint(run_dir: Path, step: int | None = None, out: Path | None = None) -> tuple[Path, str]:
+    """Writes checkpoint ``step`` (default: the last) of ``run_dir`` as an HF checkpoint to ``out`` (default
+    ``<run_dir>/export-step-<step>``), with the stop and pad ids and the chat template of the run's renderer;
+    returns ``(out, params_sha256)`` (the digest ``summary.json`` gives for the final parameters)."""
     steps = checkpoint_steps(run_dir)
+    step = latest_step(run_dir) if step is None else step
     if step not in steps:
         kept = ", ".join(map(str, steps)) if steps else "none"
         raise RunError(f"{run_dir}: no checkpoint of step {step} (available: {kept})")
@@ -112,6 +127,7 @@ def export_checkpoint(run_dir: Path, step: int, out: Path | None = None) -> tupl
 
     from jaxrl_llm.checkpoint import params_digest
     from jaxrl_llm.models import abstract_model
+    from jaxrl_llm.render import Renderer
     from jaxrl_llm.train.setup import hf_export
     from jaxrl_llm.train.stages import STAGES
 
@@ -119,10 +135,31 @@ def export_checkpoint(run_dir: Path, step: int, out: Path | None = None) -> tupl
     if cfg.stage not in STAGES:
         raise RunError(f"{run_dir}: stage {cfg.stage!r} is not one this version can rebuild")
     tokenizer = _tokenizer(cfg, run_dir)
+    renderer = Renderer.from_config(cfg, tokenizer)
     arch = _architecture(cfg, run_dir, tokenizer.vocab_size)
     graphdef, abstract = nnx.split(abstract_model(arch, head=STAGES[cfg.stage].head), nnx.Param)
     params = restore_params(run_dir, step, abstract, EXPORTED_PART.get(cfg.stage, ()))
     model = nnx.merge(graphdef, params)
     out = out if out is not None else run_dir / f"{EXPORT_PREFIX}{step}"
-    hf_export(tokenizer)(model, out)
+    hf_export(renderer)(model, out)
     return out, params_digest(nnx.state(model, nnx.Param))
+
+
+def export_lines(run_dir: Path, step: int, out: Path, digest: str) -> list[str]:
+    """What an export prints: where it went, and whether it holds the parameters of the run's ``final/``."""
+    lines = [f"exported step {step} of {run_dir} to {out} (params sha256 {digest})"]
+    hf = json.loads((out / "config.json").read_text())
+    ids = ", ".join(f"{k} {json.dumps(hf.get(k))}" for k in ("eos_token_id", "pad_token_id", "bos_token_id"))
+    has_generation = (out / "generation_config.json").is_file()
+    lines.append(
+        f"config.json and generation_config.json: {ids}"
+        if has_generation
+        else f"config.json: {ids} (no generation_config.json: no EOS id is known, so HF generate will not stop)"
+    )
+    art = load_run(run_dir)
+    final = art.get("final") or {}
+    if final.get("params_sha256") == digest:
+        lines.append(f"the same parameters as the run's final export ({final.get('path')})")
+    elif art.get("stage") == "ppo":
+        lines.append("the policy alone (summary.json's params_sha256 covers the policy and its critic)")
+    return lines

@@ -229,28 +229,55 @@ def start_stage(
     return StageRun(run_dir, mesh, tokenizer, renderer, loaded, train_records, eval_records, model)
 
 
-def hf_export(
-    tokenizer: Any, part: Callable[[Any], Any] = lambda model: model
-) -> Callable[[Any, Path], None]:
+def export_token_ids(renderer: Any) -> Any:
+    """The ``TokenIds`` an export of a model trained with ``renderer`` declares: the tokenizer's EOS ids and
+    the chat template's end-of-turn id (where our sampler stops), its pad id (else the first of those) and
+    its BOS id, so that HF ``generate`` stops at the end of the turn and HF's sequence classifiers pad."""
+    from jaxrl_llm.models import TokenIds
+    from jaxrl_llm.rollout.text import end_of_turn_ids
+
+    tok = renderer.tokenizer
+    eos = end_of_turn_ids(renderer)
+    pad = tok.pad_id if tok.pad_id is not None else (eos[0] if eos else None)
+    return TokenIds(bos=tok.bos_id, eos=tuple(eos), pad=pad)
+
+
+def hf_export(renderer: Any, part: Callable[[Any], Any] = lambda model: model) -> Callable[[Any, Path], None]:
     """``export(model, out)`` for ``run_loop``: ``part(model)`` (the model, or the policy of PPO's
-    actor-critic) as an HF checkpoint with its tokenizer beside it."""
+    actor-critic) as an HF checkpoint with the stop and pad ids of ``renderer`` (``export_token_ids``) in
+    its ``config.json`` and ``generation_config.json``, and its tokenizer with the chat template it was
+    trained with beside it."""
+    token_ids = export_token_ids(renderer)
+    # A built-in template replaces the tokenizer's own in the export; the tokenizer's own stays as it is
+    # (all of its named templates, when it has several).
+    template = renderer.template_text if renderer.template_name != "tokenizer" else None
 
     def export(model: Any, out: Path) -> None:
         from jaxrl_llm.models import save_hf
         from jaxrl_llm.parallel import is_main_process
 
-        save_hf(part(model), out)
+        save_hf(part(model), out, token_ids=token_ids)
         if is_main_process():
-            save_tokenizer(tokenizer, out)
+            save_tokenizer(renderer.tokenizer, out, chat_template=template)
 
     return export
 
 
-def save_tokenizer(tokenizer: Any, out: Path) -> None:
-    """The tokenizer next to the exported weights, so the export is a complete model directory."""
+def save_tokenizer(tokenizer: Any, out: Path, *, chat_template: str | None = None) -> None:
+    """The tokenizer next to the exported weights, so the export is a complete model directory.
+
+    ``chat_template`` (the run's, when it trained with a built-in one) is saved as the tokenizer's own, so
+    that HF ``apply_chat_template`` and a later run from the export render the prompts this one trained on.
+    """
     import shutil
 
     if tokenizer.hf is not None:
-        tokenizer.hf.save_pretrained(str(out))
+        own = tokenizer.hf.chat_template
+        if chat_template is not None:
+            tokenizer.hf.chat_template = chat_template
+        try:
+            tokenizer.hf.save_pretrained(str(out))
+        finally:
+            tokenizer.hf.chat_template = own
     elif Path(tokenizer.name_or_path).is_file():  # a SentencePiece .model
         shutil.copy(tokenizer.name_or_path, out / "tokenizer.model")

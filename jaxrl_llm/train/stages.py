@@ -247,7 +247,7 @@ def run_stage(cfg: Config) -> int:
         settings=resume_settings(cfg),
         peak_flops=mesh_peak_flops(cfg.train.peak_flops, cfg.model.dtype),
         evaluators=plan.evaluators,
-        export=setup.hf_export(run.tokenizer, row.policy),
+        export=setup.hf_export(run.renderer, row.policy),
         canary=canary,
     )
     if summary.get("stopped"):  # a signal or train.max_hours: checkpointed, to be continued
