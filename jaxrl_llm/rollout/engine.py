@@ -113,46 +113,51 @@ def prefill(
     params: nnx.State,
     layers: tuple[nnx.State, ...],
     state: EngineState,
-    slot: jax.Array,
-    prompt: jax.Array,
-    length: jax.Array,
-    key: jax.Array,
+    slots: jax.Array,
+    prompts: jax.Array,
+    lengths: jax.Array,
+    keys: jax.Array,
     sampling: SamplingParams,
     *,
     top: int = 0,
 ) -> tuple[EngineState, Draw]:
-    """Writes ``prompt`` (int32[P], right-padded; ``length`` real tokens) into slot ``slot`` (its previous
-    content is dropped) and draws the request's first token with ``fold_in(key, 0)``."""
+    """Writes ``prompts`` (int32[k, P], right-padded; ``lengths`` int32[k] real tokens) into the slots
+    ``slots`` (int32[k]; a slot out of range, e.g. the slot count, marks a padding row that writes nothing),
+    dropping what they held, and draws each request's first token with ``fold_in(keys[i], 0)``."""
     model = nnx.merge(graphdef, params)
-    width = prompt.shape[0]
-    # The prompt runs on a cache of its own width, then its keys and values are written into the slot's row
-    # in place; the row's older content is masked (valid = False), and the first decode step writes at
-    # ``length``, over the prompt's padding.
-    real = (jnp.arange(width) < length)[None]
+    rows, width = prompts.shape
+    # The prompts run on a cache of their own width; their keys and values are then scattered into the
+    # slots' rows in place. A row's older content is masked (valid = False), and its first decode step
+    # writes at ``length``, over the prompt's padding.
+    real = jnp.arange(width)[None] < lengths[:, None]
     hidden, fresh = model.forward_hidden(
-        prompt[None], attention_mask=real, cache=model.init_cache(1, width), layers=layers
+        prompts, attention_mask=real, cache=model.init_cache(rows, width), layers=layers
     )
-    last = jax.lax.dynamic_slice_in_dim(hidden, length - 1, 1, axis=1)
-    logits = model.logits(last)[:, 0]
-    one = jax.tree.map(lambda x: jnp.asarray(x)[None], sampling)
-    draw = _draw(jax.random.fold_in(key, 0)[None], logits, one, top)
+    last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)
+    draw = _draw(jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys), model.logits(last)[:, 0], sampling, top)
     cache = state.cache
-    valid = jnp.zeros((1, cache.max_len), bool).at[:, :width].set(fresh.valid)
-    positions = jnp.zeros((1, cache.max_len), jnp.int32).at[:, :width].set(fresh.positions)
+
+    blank = jnp.zeros((rows, cache.max_len), bool)
     cache = cache.replace(
-        k=tuple(_put_rows(k, new, slot) for k, new in zip(cache.k, fresh.k, strict=True)),
-        v=tuple(_put_rows(v, new, slot) for v, new in zip(cache.v, fresh.v, strict=True)),
-        valid=_put_rows(cache.valid, valid, slot),
-        positions=_put_rows(cache.positions, positions, slot),
-        index=cache.index.at[slot].set(length),
-        lengths=cache.lengths.at[slot].set(length),
+        k=tuple(
+            k.at[slots, :, :, :width].set(new, mode="drop") for k, new in zip(cache.k, fresh.k, strict=True)
+        ),
+        v=tuple(
+            v.at[slots, :, :width, :].set(new, mode="drop") for v, new in zip(cache.v, fresh.v, strict=True)
+        ),
+        valid=cache.valid.at[slots].set(blank.at[:, :width].set(fresh.valid), mode="drop"),
+        positions=cache.positions.at[slots].set(
+            jnp.zeros((rows, cache.max_len), jnp.int32).at[:, :width].set(fresh.positions), mode="drop"
+        ),
+        index=cache.index.at[slots].set(lengths, mode="drop"),
+        lengths=cache.lengths.at[slots].set(lengths, mode="drop"),
     )
     state = state.replace(
         cache=cache,
-        token=state.token.at[slot].set(draw.token[0]),
-        keys=state.keys.at[slot].set(key),
-        drawn=state.drawn.at[slot].set(1),
-        sampling=_put_rows(state.sampling, one, slot),
+        token=state.token.at[slots].set(draw.token, mode="drop"),
+        keys=state.keys.at[slots].set(keys, mode="drop"),
+        drawn=state.drawn.at[slots].set(1, mode="drop"),
+        sampling=jax.tree.map(lambda a, r: a.at[slots].set(r, mode="drop"), state.sampling, sampling),
     )
     return state, draw
 
@@ -310,7 +315,9 @@ class Engine:
             raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {request.top_logprobs}")
         request.sampling.validate()
         if request.seed is None:
-            request.seed = random.SystemRandom().randrange(2**31)
+            request.seed = random.SystemRandom().randrange(2**32)
+        elif not 0 <= request.seed < 2**32:
+            request.seed = int(request.seed) % 2**32  # the key takes 32 bits
         with self._lock:
             request.id = next(self._ids)
             self._queue.append(request)
@@ -413,39 +420,50 @@ class Engine:
             self._queue = kept
 
     def _admit(self) -> bool:
-        admitted = False
-        while True:
-            with self._lock:
-                free = [i for i, r in enumerate(self._active) if r is None]
-                if not free or not self._queue:
-                    return admitted
-                request = self._queue.popleft()
-                slot = free[0]
+        """Prefills waiting requests into free slots, as one batch (padded to a power of two of rows)."""
+        with self._lock:
+            free = [i for i, r in enumerate(self._active) if r is None]
+            batch = []
+            while free and self._queue:
+                request, slot = self._queue.popleft(), free.pop(0)
                 self._active[slot] = request
-            self._prefill(slot, request)
-            admitted = True
-
-    def _prefill(self, slot: int, request: Request) -> None:
-        length = len(request.prompt)
-        width = min(prompt_bucket(length), self.max_len)
-        prompt = np.zeros((width,), np.int32)
-        prompt[:length] = request.prompt
-        key = jax.random.key(int(request.seed))
-        top = MAX_TOP_LOGPROBS if request.top_logprobs else 0
+                batch.append((slot, request))
+        if not batch:
+            return False
+        rows = prompt_bucket(len(batch), smallest=1)
+        width = min(prompt_bucket(max(len(r.prompt) for _, r in batch)), self.max_len)
+        prompts = np.zeros((rows, width), np.int32)
+        lengths = np.ones((rows,), np.int32)
+        slots = np.full((rows,), self.slots, np.int32)  # padding rows write nowhere
+        seeds = np.zeros((rows,), np.uint32)
+        for i, (slot, request) in enumerate(batch):
+            prompts[i, : len(request.prompt)] = request.prompt
+            lengths[i], slots[i], seeds[i] = len(request.prompt), slot, request.seed
+        sampling = [r.sampling for _, r in batch] + [SamplingParams()] * (rows - len(batch))
+        sampling = SamplingParams(
+            *(
+                np.asarray([getattr(p, f) for p in sampling])
+                for f in ("temperature", "top_k", "top_p", "min_p")
+            )
+        ).as_arrays()
+        top = MAX_TOP_LOGPROBS if any(r.top_logprobs for _, r in batch) else 0
         with self._mesh():
             self.state, draw = _prefill(
                 self.graphdef,
                 self.params,
                 self.layers,
                 self.state,
-                jnp.int32(slot),
-                jnp.asarray(prompt),
-                jnp.int32(length),
-                key,
-                request.sampling.as_arrays(),
+                jnp.asarray(slots),
+                jnp.asarray(prompts),
+                jnp.asarray(lengths),
+                jax.vmap(jax.random.key)(jnp.asarray(seeds)),
+                sampling,
                 top=top,
             )
-        self._record(slot, jax.device_get(draw), 0)
+        draw = jax.device_get(draw)
+        for i, (slot, _) in enumerate(batch):
+            self._record(slot, draw, i)
+        return True
 
     def _record(self, slot: int, draw: Draw, row: int) -> None:
         request = self._active[slot]
