@@ -40,7 +40,34 @@ def main():
         np.testing.assert_array_equal(np.asarray(got.lengths), np.asarray(want.lengths))
         np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-5)
         np.testing.assert_allclose(np.asarray(got.model_logprobs), np.asarray(want.model_logprobs), atol=1e-5)
+    _engine(single.model, sharded.model, mesh, rs)
     print("8-device rollout checks passed")
+
+
+def _engine(model, sharded_model, mesh, rs):
+    """The continuous-batching engine under the mesh: the same tokens as on one device."""
+    from jaxrl_llm.rollout.engine import Engine, Request
+
+    def run(engine):
+        out = {}
+        requests = [
+            Request(
+                rs_prompt.tolist(),
+                6,
+                on_event=lambda e, i=i: out.setdefault(i, []).append(e.token),
+                sampling=SamplingParams(temperature=1.0) if i % 2 else SamplingParams.greedy(),
+                seed=i,
+            )
+            for i, rs_prompt in enumerate(prompts)
+        ]
+        engine.generate(requests)
+        return out
+
+    prompts = [rs.randint(4, 128, (n,)).astype(np.int32) for n in (5, 9, 3, 12, 7)]
+    want = run(Engine(model, slots=8, max_len=32, eos_ids=(3,)))
+    sharded = Engine(sharded_model, slots=8, max_len=32, eos_ids=(3,), mesh=mesh)
+    assert tuple(sharded.state.cache.k[0].sharding.spec)[:2] == (("data", "fsdp"), "tensor")
+    assert run(sharded) == want
 
 
 if __name__ == "__main__":
