@@ -27,6 +27,8 @@ LAYERS = (
     "report",
     "export",
     "sanity",
+    "serve",
+    "chat",
     "bench",
 )
 
