@@ -608,3 +608,16 @@ def test_request_tools_render_with_a_tool_template():
     with pytest.raises(APIError) as err:
         ChatCompletionRequest(messages=[{"role": "user", "name": "x"}]).canonical()
     assert err.value.param == "messages[0].content"
+
+
+def test_a_port_in_use_is_one_line_before_loading(capsys):
+    from jaxrl_llm.serve.__main__ import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # A checkpoint that does not exist: the port is checked first, so the model is never loaded.
+        assert main(["--checkpoint", "/nonexistent", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port}" in err, err

@@ -11,6 +11,7 @@ clean shutdown (Ctrl-C), 2 a usage mistake or a checkpoint that cannot be served
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -56,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads (uvicorn serves on it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, reuse_port=False)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from jaxrl_llm.errors import EXIT_USER_ERROR, UserError
@@ -71,6 +78,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0 <= args.port < 65536:
         print(f"{PROG}: --port must be in [0, 65535], got {args.port}", file=sys.stderr)
         return EXIT_USER_ERROR
+    try:  # the address first: a port in use is one line before minutes of loading, not uvicorn's exit 3
+        sock = _listen(args.host, args.port)
+    except OSError as err:
+        print(f"{PROG}: cannot listen on {args.host}:{args.port}: {err.strerror or err}", file=sys.stderr)
+        return EXIT_USER_ERROR
     from jaxrl_llm.serve.service import Service
 
     try:
@@ -83,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             timeout=args.timeout,
         )
     except (UserError, OSError) as err:
+        sock.close()
         print(f"{PROG}: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     import uvicorn
@@ -97,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     try:
-        uvicorn.run(create_app(service), host=args.host, port=args.port, log_level=args.log_level)
+        config = uvicorn.Config(create_app(service), host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
         service.stop()
     return 0
