@@ -96,6 +96,20 @@ def test_rollout_bench_writes_json(tmp_path):
     assert result["tokens_per_s"] > 0 and result["peer_tokens_per_s"] > 0
 
 
+@pytest.mark.slow
+def test_serve_bench_writes_json(tmp_path, capsys):
+    out = tmp_path / "serve.json"
+    args = ["serve", "--model", "llama-tiny", "--streams", "1,3", "--prompt-len", "8", "--new-tokens", "4"]
+    assert main([*args, "--repeats", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["slots"] == 3
+    for c in (1, 3):
+        for key in ("engine_tokens_per_s", "engine_ttft_s", "sampler_tokens_per_s", "sampler_ttft_s"):
+            assert result[f"{key}@{c}"] > 0, (key, c)
+    assert main(["serve", "--streams", "1,x"]) == 2
+    assert "--streams '1,x'" in capsys.readouterr().err
+
+
 PAIR_ARGS = ["--model", "llama-tiny", "--batch", "2", "--prompt-len", "6", "--completion-len", "10"]
 
 

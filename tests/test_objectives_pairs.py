@@ -116,6 +116,7 @@ def test_dpo_objective_is_dpo_loss_on_the_pairs(setup, loss_type):
     assert float(metrics["rewards/accuracies"]) == pytest.approx(float((chosen_r > rejected_r).mean()))
 
 
+@pytest.mark.slow  # ~24 s
 def test_simpo_orpo_and_rm_objectives(setup):
     _, _, pairs, batch, cfg = setup
     model = create_model(cfg, seed=0)
