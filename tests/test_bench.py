@@ -99,7 +99,18 @@ def test_rollout_bench_writes_json(tmp_path):
 @pytest.mark.slow
 def test_serve_bench_writes_json(tmp_path, capsys):
     out = tmp_path / "serve.json"
-    args = ["serve", "--model", "llama-tiny", "--streams", "1,3", "--prompt-len", "8", "--new-tokens", "4"]
+    args = [
+        "serve",
+        "--model",
+        "llama-tiny",
+        "--streams",
+        "1,3",
+        "--prompt-len",
+        "8",
+        "--new-tokens",
+        "8",
+        "--uneven",
+    ]
     assert main([*args, "--repeats", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["slots"] == 3

@@ -3,7 +3,7 @@
     python -m jaxrl_llm.bench peak
     python -m jaxrl_llm.bench forward --model llama-30m --batch 8 --seq-len 256 [--compare-hf] [--json OUT]
     python -m jaxrl_llm.bench rollout --model llama-30m --batch 16 --prompt-len 64 --new-tokens 128 [--compare-hf]
-    python -m jaxrl_llm.bench serve --model llama-30m --streams 1,8,32 --prompt-len 64 --new-tokens 64 [--json OUT]
+    python -m jaxrl_llm.bench serve --model llama-30m --streams 1,8,32 --prompt-len 64 --new-tokens 64 [--uneven --requests-per-stream 4] [--json OUT]
     python -m jaxrl_llm.bench train --objective sft --model llama-30m --batch 8 --seq-len 256 [--compare-trl] [--json OUT]
     python -m jaxrl_llm.bench train --objective dpo --model llama-30m --batch 4 --prompt-len 64 --completion-len 64 \
         [--reference live|precomputed] [--compare-trl] [--json OUT]
@@ -118,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--slots", type=int, help="engine slots (default: the largest --streams)")
     serve.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     serve.add_argument("--repeats", type=int, default=2)
+    serve.add_argument(
+        "--uneven", action="store_true", help="answer budgets drawn from [N/8, N] instead of all N"
+    )
+    serve.add_argument(
+        "--requests-per-stream", type=int, default=1, help="requests each stream sends one after the other"
+    )
     for p in (peak, fwd, train, roll, serve):
         p.add_argument("--json", metavar="OUT", help="also write the result as one JSON object")
     args = parser.parse_args(argv)
@@ -156,6 +162,8 @@ def _run(args: argparse.Namespace) -> dict:
             streams = tuple(int(s) for s in args.streams.split(","))
         except ValueError:
             raise UserError(f"--streams {args.streams!r}: expected comma-separated integers") from None
+        if args.requests_per_stream < 1:
+            raise UserError(f"--requests-per-stream must be >= 1, got {args.requests_per_stream}")
         if not streams or min(streams) < 1:
             raise UserError(f"--streams {args.streams!r}: every count must be >= 1")
         return bench_serve(
@@ -166,6 +174,8 @@ def _run(args: argparse.Namespace) -> dict:
             slots=args.slots,
             dtype=args.dtype,
             repeats=args.repeats,
+            uneven=args.uneven,
+            waves=args.requests_per_stream,
         )
     if args.command == "rollout":
         from .rollout import bench_rollout

@@ -1,12 +1,20 @@
 """Serving throughput: the continuous-batching engine at 1, 8, 32 concurrent streams against the one-shot
 ``Sampler`` on the same checkpoint, and the time to first token.
 
-For each concurrency ``c``: ``c`` requests of ``prompt_len`` random tokens arrive at once and each makes
-exactly ``new_tokens`` tokens (no EOS, greedy). The engine streams: its time to first token (TTFT) is the
-mean time from submission to a request's first token, and its tokens/s is ``c * new_tokens`` over the wall
-time until the last request ends. The one-shot sampler generates the same ``c`` rows as one batch; nothing
-arrives before the whole batch is done, so its TTFT is that time. Compilation is excluded from both (one
-warm-up round first). The engine is measured in process (no HTTP): the server adds its own overhead.
+``c`` streams (clients) each send ``waves`` requests one after the other: a stream's next request goes out
+when its previous answer has ended. A request is ``prompt_len`` random tokens and makes exactly
+``new_tokens`` tokens (no EOS, greedy), or with ``uneven`` a budget drawn from ``[new_tokens // 8,
+new_tokens]`` (answers end at different lengths, as real ones do). Tokens/s counts the tokens the requests
+asked for, over the wall time until the last one ended.
+
+- The engine streams, and a freed slot takes the stream's next request at once. Its time to first token
+  (TTFT) is the mean time from a request's submission to its first token.
+- The one-shot sampler serves the same requests wave by wave: the ``c`` requests of a wave as one batch,
+  run to the wave's longest budget, the next wave after it. Nothing arrives before a whole batch is done,
+  so its TTFT is the mean batch time.
+
+Compilation is excluded from both (one warm-up first). The engine is measured in process (no HTTP): the
+server adds its own overhead.
 """
 
 from __future__ import annotations
@@ -21,39 +29,72 @@ import numpy as np
 from .forward import _model
 
 
-def _engine_round(engine, prompts: np.ndarray, new_tokens: int) -> tuple[float, list[float]]:
-    """(wall seconds until every request ended, each request's time to first token)."""
+def _engine_run(engine, prompts: np.ndarray, budgets: np.ndarray) -> tuple[float, list[float]]:
+    """``prompts`` [waves, c, P] and ``budgets`` [waves, c] through the engine, stream ``j`` sending request
+    ``(w, j)`` when ``(w - 1, j)`` has ended: (wall seconds, each request's time to first token)."""
     from ..rollout import SamplingParams
     from ..rollout.engine import Request
 
+    waves, streams = budgets.shape
     done = threading.Event()
-    first: dict[int, float] = {}
-    ended: list[int] = []
+    ttft: list[float] = []
+    finished = [0]
     lock = threading.Lock()
-    start = time.perf_counter()
 
-    def on_event(event, i):
-        with lock:
-            first.setdefault(i, time.perf_counter() - start)
+    def send(w: int, j: int) -> None:
+        sent = time.perf_counter()
+        first = []
+
+        def on_event(event):
+            if not first:
+                first.append(True)
+                with lock:
+                    ttft.append(time.perf_counter() - sent)
             if event.finish_reason:
-                ended.append(i)
-                if len(ended) == len(prompts):
-                    done.set()
+                if w + 1 < waves:
+                    send(w + 1, j)  # from the engine's thread: the slot is already free
+                with lock:
+                    finished[0] += 1
+                    if finished[0] == waves * streams:
+                        done.set()
 
-    for i, prompt in enumerate(prompts):
         engine.submit(
             Request(
-                prompt.tolist(),
-                new_tokens,
-                on_event=lambda e, i=i: on_event(e, i),
+                prompts[w, j].tolist(),
+                int(budgets[w, j]),
+                on_event=on_event,
                 sampling=SamplingParams.greedy(),
-                seed=i,
+                seed=w * streams + j,
                 ignore_eos=True,
             )
         )
+
+    start = time.perf_counter()
+    for j in range(streams):
+        send(0, j)
     if not done.wait(3600):
         raise RuntimeError("the engine did not finish the benchmark's requests within an hour")
-    return time.perf_counter() - start, [first[i] for i in range(len(prompts))]
+    return time.perf_counter() - start, ttft
+
+
+def _sampler_run(sampler, prompts: np.ndarray, budgets: np.ndarray) -> tuple[float, list[float]]:
+    """The same requests wave by wave through the one-shot sampler: (wall seconds, each wave's time)."""
+    from ..rollout import SamplingParams
+
+    times = []
+    start = time.perf_counter()
+    for wave, budget in zip(prompts, budgets, strict=True):
+        began = time.perf_counter()
+        rollout = sampler.sample(
+            wave,
+            np.ones_like(wave),
+            key=jax.random.key(0),
+            max_new_tokens=int(budget.max()),  # one batch runs to its longest answer
+            sampling=SamplingParams.greedy(),
+        )
+        jax.block_until_ready(rollout.tokens)
+        times.append(time.perf_counter() - began)
+    return time.perf_counter() - start, times
 
 
 def bench_serve(
@@ -65,9 +106,10 @@ def bench_serve(
     slots: int | None = None,
     dtype: str = "float32",
     repeats: int = 2,
+    waves: int = 1,
+    uneven: bool = False,
 ) -> dict:
     from ..models import count_params
-    from ..rollout import SamplingParams
     from ..rollout.engine import Engine
     from ..rollout.sampler import Sampler
 
@@ -83,40 +125,28 @@ def bench_serve(
         "family": cfg.family,
         "parameters": count_params(model),
         "prompt_len": prompt_len,
-        "new_tokens": new_tokens,
+        "new_tokens": f"{max(1, new_tokens // 8)}-{new_tokens} (uneven)" if uneven else new_tokens,
+        "requests_per_stream": waves,
         "slots": slots,
         "dtype": dtype,
         "device": jax.devices()[0].device_kind,
     }
     try:
         for c in streams:
-            prompts = rs.randint(1, cfg.vocab_size, (c, prompt_len)).astype(np.int32)
-            _engine_round(engine, prompts, new_tokens)  # compiles the prefill and the decode row buckets
-            rounds = [_engine_round(engine, prompts, new_tokens) for _ in range(repeats)]
-            wall = statistics.median(r[0] for r in rounds)
-            ttft = statistics.median(statistics.mean(r[1]) for r in rounds)
-
-            def one_shot(prompts=prompts):
-                return sampler.sample(
-                    prompts,
-                    np.ones_like(prompts),
-                    key=jax.random.key(0),
-                    max_new_tokens=new_tokens,
-                    sampling=SamplingParams.greedy(),
-                ).tokens
-
-            jax.block_until_ready(one_shot())
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                jax.block_until_ready(one_shot())
-                times.append(time.perf_counter() - start)
-            batch_s = statistics.median(times)
-            result[f"engine_tokens_per_s@{c}"] = c * new_tokens / wall
-            result[f"engine_ttft_s@{c}"] = ttft
-            result[f"sampler_tokens_per_s@{c}"] = c * new_tokens / batch_s
-            result[f"sampler_ttft_s@{c}"] = batch_s
-            result[f"engine/sampler@{c}"] = batch_s / wall
+            prompts = rs.randint(1, cfg.vocab_size, (waves, c, prompt_len)).astype(np.int32)
+            budgets = np.full((waves, c), new_tokens)
+            if uneven:
+                budgets = rs.randint(max(1, new_tokens // 8), new_tokens + 1, (waves, c))
+            useful = int(budgets.sum())  # the tokens the requests asked for
+            for run, name, runner in ((_engine_run, "engine", engine), (_sampler_run, "sampler", sampler)):
+                run(runner, prompts, budgets)  # compiles (prefill and decode buckets, sampler programs)
+                rounds = [run(runner, prompts, budgets) for _ in range(repeats)]
+                wall = statistics.median(r[0] for r in rounds)
+                result[f"{name}_tokens_per_s@{c}"] = useful / wall
+                result[f"{name}_ttft_s@{c}"] = statistics.median(statistics.mean(r[1]) for r in rounds)
+            result[f"engine/sampler@{c}"] = (
+                result[f"engine_tokens_per_s@{c}"] / result[f"sampler_tokens_per_s@{c}"]
+            )
     finally:
         engine.stop()
     return result
