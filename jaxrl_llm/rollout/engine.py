@@ -4,8 +4,9 @@ The one-shot ``Sampler`` generates a batch of prompts from start to finish in on
 for the longest. The engine instead keeps ``slots`` rows of a per-row KV cache (``KVCache(per_row=True)``:
 each row writes at its own index) and runs, on the host, a loop of
 
-1. **admit**: a waiting request is prefilled into a free slot (one compiled prefill per prompt-length
-   bucket; its first token is drawn there), while the other slots keep their state;
+1. **admit**: the waiting requests are prefilled into free slots as one batch (one compiled prefill per
+   power-of-two rows x prompt-length bucket; their first tokens are drawn there), while the other slots
+   keep their state;
 2. **decode**: one jitted step draws the next token of every occupied slot (compiled for the smallest
    power of two of leading rows that covers the occupied slots, so one stream does not pay for 32);
 3. **retire**: a slot whose request ended (an EOS id, a stop token sequence, its token budget) or was
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import random
 import threading
 from collections import deque
@@ -81,12 +81,7 @@ def init_state(model: Any, slots: int, max_len: int, *, mesh: Any = None) -> Eng
         token=jnp.zeros((slots,), jnp.int32),
         keys=jax.random.split(jax.random.key(0), slots),
         drawn=jnp.zeros((slots,), jnp.int32),
-        sampling=SamplingParams(
-            temperature=jnp.zeros((slots,), jnp.float32),
-            top_k=jnp.zeros((slots,), jnp.int32),
-            top_p=jnp.ones((slots,), jnp.float32),
-            min_p=jnp.zeros((slots,), jnp.float32),
-        ),
+        sampling=jax.tree.map(lambda v: jnp.full((slots,), v), SamplingParams.greedy().as_arrays()),
     )
 
 
@@ -102,10 +97,6 @@ def _draw(keys, logits, sampling: SamplingParams, top: int) -> Draw:
 
 def _rows(tree: Any, start, size: int) -> Any:
     return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, 0), tree)
-
-
-def _put_rows(tree: Any, rows: Any, start) -> Any:
-    return jax.tree.map(lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, start, 0), tree, rows)
 
 
 def prefill(
@@ -137,7 +128,9 @@ def prefill(
     draw = _draw(jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys), model.logits(last)[:, 0], sampling, top)
     cache = state.cache
 
-    blank = jnp.zeros((rows, cache.max_len), bool)
+    def full_rows(x):  # [k, P] -> [k, max_len]: the slots past the prompt's width are zero (not valid)
+        return jnp.zeros((rows, cache.max_len), x.dtype).at[:, :width].set(x)
+
     cache = cache.replace(
         k=tuple(
             k.at[slots, :, :, :width].set(new, mode="drop") for k, new in zip(cache.k, fresh.k, strict=True)
@@ -145,10 +138,8 @@ def prefill(
         v=tuple(
             v.at[slots, :, :width, :].set(new, mode="drop") for v, new in zip(cache.v, fresh.v, strict=True)
         ),
-        valid=cache.valid.at[slots].set(blank.at[:, :width].set(fresh.valid), mode="drop"),
-        positions=cache.positions.at[slots].set(
-            jnp.zeros((rows, cache.max_len), jnp.int32).at[:, :width].set(fresh.positions), mode="drop"
-        ),
+        valid=cache.valid.at[slots].set(full_rows(fresh.valid), mode="drop"),
+        positions=cache.positions.at[slots].set(full_rows(fresh.positions), mode="drop"),
         index=cache.index.at[slots].set(lengths, mode="drop"),
         lengths=cache.lengths.at[slots].set(lengths, mode="drop"),
     )
@@ -171,7 +162,8 @@ def decode(
     rows: int,
     top: int = 0,
 ) -> tuple[EngineState, Draw]:
-    """One token for each of the first ``rows`` slots (the others are untouched)."""
+    """One token for each of the first ``rows`` slots. The other slots are free: their cache rows take the
+    zero padding of this step's writes at their own index, overwritten before they are ever read."""
     model = nnx.merge(graphdef, params)
     token, drawn = state.token[:rows], state.drawn[:rows]
     # The model continues the cache's leading rows, written in place (slicing the rows out and putting them
@@ -247,7 +239,6 @@ class Request:
     top_logprobs: int = 0
     ignore_eos: bool = False
     # Set by the engine:
-    id: int = -1
     cancelled: bool = False
     generated: list[int] = dataclasses.field(default_factory=list)
 
@@ -283,7 +274,6 @@ class Engine:
             self.state = init_state(model, slots, self.max_len, mesh=mesh)
         self._queue: deque[Request] = deque()
         self._active: list[Request | None] = [None] * slots
-        self._ids = itertools.count()
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._running = False
@@ -319,7 +309,6 @@ class Engine:
         elif not 0 <= request.seed < 2**32:
             request.seed = int(request.seed) % 2**32  # the key takes 32 bits
         with self._lock:
-            request.id = next(self._ids)
             self._queue.append(request)
             self._lock.notify_all()
         return request
@@ -440,12 +429,7 @@ class Engine:
             prompts[i, : len(request.prompt)] = request.prompt
             lengths[i], slots[i], seeds[i] = len(request.prompt), slot, request.seed
         sampling = [r.sampling for _, r in batch] + [SamplingParams()] * (rows - len(batch))
-        sampling = SamplingParams(
-            *(
-                np.asarray([getattr(p, f) for p in sampling])
-                for f in ("temperature", "top_k", "top_p", "min_p")
-            )
-        ).as_arrays()
+        sampling = jax.tree.map(lambda *v: np.asarray(v), *sampling).as_arrays()  # [rows] leaves
         top = MAX_TOP_LOGPROBS if any(r.top_logprobs for _, r in batch) else 0
         with self._mesh():
             self.state, draw = _prefill(
