@@ -166,6 +166,7 @@ TOOLS = [
         ('<tool_call>{"name": "add", "arguments": {"a": "1", "b": 2}}</tool_call>', False, 0.0),  # wrong type
         ('<tool_call>{"name": "mul", "arguments": {"a": 1, "b": 2}}</tool_call>', False, 0.0),  # undeclared
         ("<tool_call>{not json}</tool_call>", False, 0.0),
+        ("<tool_call>" + "[" * 100_000 + "</tool_call>", False, 0.0),  # nested past the JSON parser's depth
         ("The answer is 3.", False, None),  # no call: does not apply
         ("The answer is 3.", True, 0.0),
     ],

@@ -70,16 +70,17 @@ def think_answer_format(
     return float(_compiled(pattern, re.DOTALL).fullmatch(completion) is not None)
 
 
-_TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+TOOL_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)  # Qwen/Hermes
 
 
 def parse_tool_calls(completion: str) -> list[Any]:
-    """The JSON of each ``<tool_call>...</tool_call>`` block (Qwen/Hermes format); unparsable -> the text."""
+    """The JSON of each ``<tool_call>...</tool_call>`` block (Qwen/Hermes format); unparsable (or nested
+    past the JSON parser's depth) -> the text."""
     calls = []
-    for body in _TOOL_CALL.findall(completion):
+    for body in TOOL_CALL_BLOCK.findall(completion):
         try:
             calls.append(json.loads(body))
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             calls.append(body)
     return calls
 

@@ -77,13 +77,13 @@ class TextStream:
             self.stopped = next(s for s in self.stops if pending.find(s) == cut)
             out, self._held = pending[:cut], ""
         else:
-            keep = 0 if final else _partial_stop(pending, self.stops)
+            keep = 0 if final else partial_match(pending, self.stops)
             out, self._held = pending[: len(pending) - keep], pending[len(pending) - keep :]
         self.text += out
         return out
 
 
-def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
+def partial_match(text: str, stops: tuple[str, ...]) -> int:
     """The length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
     best = 0
     for stop in stops:

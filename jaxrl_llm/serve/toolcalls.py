@@ -11,19 +11,18 @@ as content and ``calls`` is empty: a malformed call is shown to the client rathe
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from typing import Any
 
-OPEN, CLOSE = "<tool_call>", "</tool_call>"
-_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+from ..reward.host import TOOL_CALL_BLOCK, parse_tool_calls
+from .textstream import partial_match
+
+OPEN = "<tool_call>"
 
 
-def _call(body: str) -> dict[str, Any] | None:
-    try:
-        call = json.loads(body)
-    except (ValueError, RecursionError):
-        return None
+def _call(call: Any) -> dict[str, Any] | None:
+    """An OpenAI tool call from a parsed block (``parse_tool_calls``: a JSON value, or the text when it was
+    not JSON); None when it is not a call."""
     if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"]:
         return None
     args = call.get("arguments", call.get("parameters", {}))
@@ -44,13 +43,13 @@ def _call(body: str) -> dict[str, Any] | None:
 
 def split_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
     """``(content, tool_calls)`` of a generated answer (see the module docstring)."""
-    bodies = _BLOCK.findall(text)
-    if not bodies:
+    parsed = parse_tool_calls(text)
+    if not parsed:
         return text, []
-    calls = [_call(body) for body in bodies]
+    calls = [_call(call) for call in parsed]
     if any(c is None for c in calls):
         return text, []
-    content = _BLOCK.sub("", text).strip()
+    content = TOOL_CALL_BLOCK.sub("", text).strip()
     return content or None, calls
 
 
@@ -74,9 +73,7 @@ class ToolCallGate:
             self._rest, self._held = pending[at:], ""
             out = pending[:at]
         else:
-            keep = next(
-                (n for n in range(min(len(OPEN) - 1, len(pending)), 0, -1) if pending.endswith(OPEN[:n])), 0
-            )
+            keep = partial_match(pending, (OPEN,))
             out, self._held = pending[: len(pending) - keep], pending[len(pending) - keep :]
         self.shown += out
         return out
