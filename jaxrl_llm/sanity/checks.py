@@ -211,6 +211,17 @@ def _token(renderer: Any, token_id: int | None) -> str:
     return "<end>" if token_id is None else repr(renderer.tokenizer.decode([token_id]))
 
 
+def _first_difference(
+    ours: list[int], hf: list[int], renderer: Any
+) -> tuple[int, int | None, int | None, str]:
+    """Where two id lists first differ: ``(index, our id, HF's id, "index: ours vs HF")`` (an id is None
+    where its list has already ended)."""
+    k = next((j for j, (a, b) in enumerate(zip(ours, hf, strict=False)) if a != b), min(len(ours), len(hf)))
+    a = ours[k] if k < len(ours) else None
+    b = hf[k] if k < len(hf) else None
+    return k, a, b, f"{k}: {_token(renderer, a)} vs {_token(renderer, b)}"
+
+
 def _template_check(model_dir, renderer, conversations, generation_prompt: bool, transformers) -> Check:
     """HF's own ``apply_chat_template`` on the checkpoint's tokenizer gives the ids we render (with the run's
     template): an HF user prompts the model as training did."""
@@ -226,14 +237,10 @@ def _template_check(model_dir, renderer, conversations, generation_prompt: bool,
                 renderer.render_prompt(messages) if generation_prompt else renderer.render_ids(messages)
             ).tolist()
             if got != want:
-                k = next((j for j, (a, b) in enumerate(zip(want, got, strict=False)) if a != b), None)
-                k = min(len(want), len(got)) if k is None else k
-                a = want[k] if k < len(want) else None
-                b = got[k] if k < len(got) else None
                 return Check(
                     name,
                     "FAIL",
-                    diverge=f"{k}: {_token(renderer, a)} vs {_token(renderer, b)}",
+                    diverge=_first_difference(want, got, renderer)[3],
                     note=f"HF apply_chat_template renders prompt {i} unlike the {renderer.template_name} "
                     "template the model was trained with",
                 )
@@ -348,12 +355,7 @@ def _greedy_check(i, prompt, completion, hf_ids, budget, renderer, our_logits, s
         if completion.finish_reason == "length":
             return Check(name, "pass", note=f"{_short(text(mine))}; neither stopped within {budget} tokens")
         return Check(name, "pass", note=f"{_short(text(mine))}; both stop at {_token(renderer, mine[-1])}")
-    k = next(
-        (j for j, (a, b) in enumerate(zip(mine, hf_ids, strict=False)) if a != b), min(len(mine), len(hf_ids))
-    )
-    a = mine[k] if k < len(mine) else None
-    b = hf_ids[k] if k < len(hf_ids) else None
-    diverge = f"{k}: {_token(renderer, a)} vs {_token(renderer, b)}"
+    k, a, b, diverge = _first_difference(mine, hf_ids, renderer)
     shown = f"ours {_short(text(mine))}, HF {_short(text(hf_ids))}"
     if a is None:  # the same tokens up to our stop id, and HF went on
         return Check(name, "FAIL", diverge=diverge, note=f"HF generate ran past the end of the turn: {shown}")
