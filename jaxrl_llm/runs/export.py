@@ -150,7 +150,9 @@ def export_lines(run_dir: Path, step: int, out: Path, digest: str) -> list[str]:
     lines = [f"exported step {step} of {run_dir} to {out} (params sha256 {digest})"]
     hf = json.loads((out / "config.json").read_text())
     ids = ", ".join(f"{k} {json.dumps(hf.get(k))}" for k in ("eos_token_id", "pad_token_id", "bos_token_id"))
-    has_generation = (out / "generation_config.json").is_file()
+    from jaxrl_llm.models.hf_io import GENERATION_CONFIG
+
+    has_generation = (out / GENERATION_CONFIG).is_file()
     lines.append(
         f"config.json and generation_config.json: {ids}"
         if has_generation
