@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec
 
+from ..parallel import fitting_axes, logical_to_spec
 from .config import ModelConfig, RopeScaling
 
 INIT_STD = 0.02  # HF's default `initializer_range`, so from-scratch models match HF's init scale.
@@ -82,9 +84,7 @@ class Embed(nnx.Module):
         An id outside [0, V) (negative ones included) embeds as NaN rather than wrapping or clipping to
         another token's row, so a tokenizer/model vocabulary mismatch fails loudly.
         """
-        vocab = self.embedding.shape[0]
-        tokens = jnp.where(tokens < 0, vocab, tokens)
-        x = jnp.take(self.embedding[...], tokens, axis=0, mode="fill", fill_value=jnp.nan).astype(self.dtype)
+        x = embed_lookup(self.embedding[...], tokens).astype(self.dtype)
         if self.scale is not None:
             # Gemma rounds the scale to the compute dtype before multiplying; so do we.
             x = x * jnp.asarray(self.scale, self.dtype)
@@ -93,6 +93,44 @@ class Embed(nnx.Module):
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied output projection: float[B, T, E] -> float32[B, T, V]."""
         return dense(x, self.embedding[...].T, out_dtype=jnp.float32)
+
+
+def embed_lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Rows of ``table`` [V, E] for ``tokens`` int32[B, T] -> [B, T, E]; NaN rows for ids outside [0, V).
+
+    Under a mesh that splits the table, each device looks up the ids in its own vocabulary shard (zeros for
+    the others' ids) and the shards' partial rows are summed over the vocabulary axes (``shard_map`` +
+    ``psum``): a plain gather from a vocab-sharded table makes XLA all-gather the whole table first.
+    """
+    vocab = table.shape[0]
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        tokens = jnp.where(tokens < 0, vocab, tokens)
+        return jnp.take(table, tokens, axis=0, mode="fill", fill_value=jnp.nan)
+    vocab_axes, embed_axes = (
+        fitting_axes(e, d, mesh)
+        for e, d in zip(logical_to_spec(("vocab", "embed")), table.shape, strict=True)
+    )
+    # Rows go over the batch axes the table does not use: a device holds every row its embed columns serve.
+    rows = fitting_axes(logical_to_spec(("batch",))[0], tokens.shape[0], mesh)
+    batch_axes = fitting_axes(
+        tuple(a for a in rows if a not in vocab_axes + embed_axes), tokens.shape[0], mesh
+    )
+    spec = lambda *entries: PartitionSpec(*(e if e else None for e in entries))  # noqa: E731
+
+    def local(table, tokens):  # table [V/v, E/e], tokens [B/b, T]
+        rows = table.shape[0]
+        ids = tokens - jax.lax.axis_index(vocab_axes) * rows if vocab_axes else tokens
+        here = (ids >= 0) & (ids < rows)
+        x = jnp.where(here[..., None], jnp.take(table, jnp.where(here, ids, 0), axis=0), 0)
+        x = jax.lax.psum(x, vocab_axes) if vocab_axes else x
+        return jnp.where(((tokens < 0) | (tokens >= vocab))[..., None], jnp.nan, x)
+
+    return jax.shard_map(
+        local,
+        in_specs=(spec(vocab_axes, embed_axes), spec(batch_axes, None)),
+        out_specs=spec(batch_axes, None, embed_axes),
+    )(table, tokens)
 
 
 class MLP(nnx.Module):

@@ -5,6 +5,7 @@ from .mesh import MESH_AXES, MeshError, make_mesh, mesh_from_config, resolve_axi
 from .rules import (
     DEFAULT_RULES,
     constrain,
+    fitting_axes,
     logical_to_spec,
     named_sharding,
     state_shardings,

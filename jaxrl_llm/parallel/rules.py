@@ -74,6 +74,17 @@ def _fit_to_shape(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, what: s
     return PartitionSpec(*fitted)
 
 
+def fitting_axes(entry: str | tuple[str, ...] | None, dim: int, mesh) -> tuple[str, ...]:
+    """The mesh axes of one ``PartitionSpec`` entry whose product divides ``dim`` (leading ones first), for
+    code that shards by hand (``shard_map``) and must not log as ``_fit_to_shape`` does."""
+    keep, size = [], 1
+    for a in (entry,) if isinstance(entry, str) else tuple(entry or ()):
+        if dim % (size * mesh.shape[a]) == 0:
+            keep.append(a)
+            size *= mesh.shape[a]
+    return tuple(keep)
+
+
 def named_sharding(
     axes: LogicalAxes, shape: Sequence[int], mesh: Mesh, rules: Rules = DEFAULT_RULES, what: str = "array"
 ) -> NamedSharding:
