@@ -190,6 +190,16 @@ FIELDS: tuple[Field, ...] = (
         ("none", "full", "dots"),
     ),
     Field("model.scan_layers", False, "Run the decoder blocks under one lax.scan (faster compiles).", bool),
+    Field(
+        "model.attention",
+        "auto",
+        "Attention kernel. auto: cuDNN flash attention on NVIDIA GPUs (bfloat16/float16) and the Pallas splash "
+        "kernel on TPU where a call's shapes allow, the einsum path otherwise (CPU); xla: the einsum path "
+        "everywhere; cudnn, splash: that kernel, falling back to the einsum path (logged once, with why) where "
+        "it cannot run (e.g. Gemma 2's soft-capping on cuDNN). Decode steps always read only the filled cache.",
+        str,
+        ("auto", "xla", "cudnn", "splash"),
+    ),
     # Tokenizer.
     Field(
         "tokenizer.path",

@@ -1,14 +1,21 @@
-"""Grouped-query attention with RoPE, optional q/k norm, soft-capping and sliding windows."""
+"""Grouped-query attention with RoPE, optional q/k norm, soft-capping and sliding windows.
+
+The projections live here; the attention itself runs on the kernel ``cfg.attention`` picks for each call
+(the einsum path, cuDNN or splash; see ``attention_kernels``).
+"""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
 from ..parallel import constrain
+from . import attention_kernels as kernels
 from .config import ModelConfig
-from .layers import RMSNorm, apply_rope, dense, dtype_of, param, softcap
+from .layers import RMSNorm, apply_rope, dense, dtype_of, param
 
 
 @struct.dataclass
@@ -17,10 +24,13 @@ class AttentionMask:
 
     ``allowed``: bool[B, T, S], key slot is a real token at or before the query's slot.
     ``distance``: int32[B, T, S], query position minus key position (for sliding windows).
+    ``segments``: int32[B, T] (forwards without a cache and without a shared prompt, else None): the same
+    mask as causality + segment ids, 0 for padding, for kernels that take segment ids (splash).
     """
 
     allowed: jax.Array
     distance: jax.Array
+    segments: jax.Array | None = None
 
     def for_window(self, window: jax.Array) -> jax.Array:
         """bool[B, T, S]; ``window`` is an int32 scalar, 0 meaning global attention."""
@@ -61,12 +71,14 @@ class Attention(nnx.Module):
         self,
         x: jax.Array,
         positions: jax.Array,
-        mask: jax.Array,
+        mask: AttentionMask,
+        window: jax.Array,
         inv_freq: jax.Array,
         kv: tuple[jax.Array, jax.Array] | None = None,
         index: jax.Array | None = None,
     ):
-        """x: [B, T, E]; positions: int32[B, T]; mask: bool[B, T, S]; inv_freq: float32[D/2] (this layer's RoPE).
+        """x: [B, T, E]; positions: int32[B, T]; window: int32[] this layer's sliding window (0 = global);
+        inv_freq: float32[D/2] (this layer's RoPE).
 
         Without ``kv`` the keys are this call's tokens (S = T) and ``None`` is returned for them. With ``kv``
         (this layer's cache: keys [B, K, D, S], values [B, K, S, D]; see ``KVCache``) the new keys and values
@@ -79,6 +91,8 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        b, t = q.shape[:2]
+        kernel = self._kernel(x.dtype, t, kv, mask)
         # Heads-major from here on (queries [B, K, G, T, D], keys [B, K, D, S], values [B, K, S, D]): both
         # products are plain per-head matmuls (on XLA CPU the [B, T, K, D] layouts were 2-10x slower).
         keys, values = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
@@ -89,22 +103,77 @@ class Attention(nnx.Module):
             new_kv = (keys, values)
             # A call over the leading rows of a larger slot cache reads those rows back (after the write, so
             # the cache is updated in place, never copied whole).
-            keys, values = keys[: x.shape[0]], values[: x.shape[0]]
-        b, t = q.shape[:2]
-        groups = cfg.num_heads // cfg.num_kv_heads
-        q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim).transpose(0, 2, 3, 1, 4)
-        q = constrain(q, ("batch", "kv_heads", None, "seq", "head_dim"))
-        scores = jnp.einsum("bkgtd,bkds->bkgts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
-        scores = softcap(scores * cfg.attn_scale, cfg.attn_logit_softcap)
-        # A finite minimum (not -inf) keeps fully masked rows (padding queries) free of NaNs.
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        out = jnp.einsum("bkgts,bksd->bkgtd", probs, values.astype(x.dtype))
-        out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads, cfg.head_dim)
+            keys, values = keys[:b], values[:b]
+        if kernel == "cudnn":
+            if kv is not None:  # the kernel's layout, [B, S, K, D]
+                k, v = keys.transpose(0, 3, 1, 2), values.transpose(0, 2, 1, 3)
+            implementation = kernels.DPA_IMPLEMENTATION["cudnn"]
+            out = kernels.attend_dpa(
+                q,
+                k,
+                v,
+                mask.for_window(window),
+                scale=cfg.attn_scale,
+                causal=kv is None,
+                implementation=implementation,
+            )
+        elif kernel == "splash":
+            out = self._splash(q, k, v, mask.segments, window)
+        else:
+            out = self._einsum(q, keys, values, mask.for_window(window), kv is not None, index)
         out = dense(out, self.o[...], 2)
         if cfg.attention_out_bias:
             out = out + self.o_bias[...].astype(x.dtype)
         return out, new_kv
+
+    def _kernel(self, dtype, t: int, kv, mask: AttentionMask) -> str:
+        """Which kernel runs this call (``attention_kernels.choose_kernel``); an explicit request that
+        cannot be met is logged once."""
+        platform, capability = kernels.platform_facts()
+        facts = kernels.CallFacts(
+            platform=platform,
+            dtype=jnp.dtype(dtype).name,
+            head_dim=self.cfg.head_dim,
+            q_len=t,
+            kv_len=t if kv is None else kv[1].shape[2],
+            cached=kv is not None,
+            softcap=self.cfg.attn_logit_softcap is not None,
+            segments=mask.segments is not None,
+            gpu_capability=capability,
+        )
+        kernel, why = kernels.choose_kernel(self.cfg.attention, facts)
+        kernels.log_fallback(self.cfg.attention, why)
+        return kernel
+
+    def _einsum(self, q, keys, values, allowed, cached: bool, index) -> jax.Array:
+        """The einsum path: q [B, T, H, D] -> [B, T, H, D]; a cached call reads only the filled slots."""
+        cfg = self.cfg
+        b, t = q.shape[:2]
+        groups = cfg.num_heads // cfg.num_kv_heads
+        q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim).transpose(0, 2, 3, 1, 4)
+        q = constrain(q, ("batch", "kv_heads", None, "seq", "head_dim"))
+        scale, cap = cfg.attn_scale, cfg.attn_logit_softcap
+        if cached:  # no query sees past the highest slot written by this call
+            filled = jnp.max(index[:b] if jnp.ndim(index) else index) + t
+            out = kernels.attend_cached(q, keys, values, allowed, filled, scale=scale, cap=cap)
+        else:
+            out = kernels.attend_reference(q, keys, values, allowed, scale=scale, cap=cap)
+        return out.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads, cfg.head_dim)
+
+    def _splash(self, q, k, v, segments, window) -> jax.Array:
+        """The splash kernel with this layer's window, which must be static: a switch over the model's
+        distinct windows when layers differ (scanned layers carry their window as data)."""
+        windows = sorted({w or 0 for w in self.cfg.layer_windows()})
+        branches = [
+            functools.partial(
+                kernels.attend_splash, scale=self.cfg.attn_scale, cap=self.cfg.attn_logit_softcap, window=w
+            )
+            for w in windows
+        ]
+        if len(branches) == 1:
+            return branches[0](q, k, v, segments)
+        which = jnp.argmax(jnp.asarray(windows, jnp.int32) == window)
+        return jax.lax.switch(which, branches, q, k, v, segments)
 
 
 def write_slots(cache: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:

@@ -17,6 +17,7 @@ def model_config(section) -> ModelConfig:
         dtype=section.dtype,
         remat=section.remat,
         scan_layers=bool(section.scan_layers),
+        attention=_attention(section),
     )
     if section.path:
         return from_hf_config(read_hf_config(section.path), **execution)
@@ -40,8 +41,14 @@ def build_model(
             head=head,
             remat=section.remat,
             scan_layers=bool(section.scan_layers),
+            attention=_attention(section),
         )
     arch = model_config(section)
     if section.vocab_size is None and vocab_size is not None:
         arch = arch.replace(vocab_size=vocab_size)
     return create_model(arch, seed=seed, mesh=mesh, head=head)
+
+
+def _attention(section) -> str:
+    """``model.attention``; "auto" for configs written before the key existed (older runs' snapshots)."""
+    return getattr(section, "attention", None) or "auto"

@@ -45,6 +45,8 @@ _HF_ARCHITECTURES = {
     "gemma3": "Gemma3ForCausalLM",
 }
 _DTYPES = ("float32", "bfloat16")
+# model.attention: see attention_kernels (config.schema mirrors it; a test keeps them equal).
+ATTENTION_KERNELS = ("auto", "xla", "cudnn", "splash")
 # transformers' class defaults for the fields we read that a config.json may leave out (published Gemma 2
 # files, for one, carry no layer_types): a missing key must mean what it means to HF.
 _HF_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -119,6 +121,9 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; logits and log-softmax are always float32
     remat: str = "none"  # "none" | "full" | "dots"
     scan_layers: bool = False
+    # Attention kernel: "auto" (cuDNN on GPU, splash on TPU, where the call allows), "xla" (the einsum
+    # path), "cudnn" or "splash" (the einsum path where they cannot run, logged); see attention_kernels.
+    attention: str = "auto"
 
     def __post_init__(self):
         problems = []
@@ -138,6 +143,8 @@ class ModelConfig:
                 problems.append(f"{name}={getattr(self, name)!r}; supported: {', '.join(_DTYPES)}")
         if self.remat not in ("none", "full", "dots"):
             problems.append(f"remat={self.remat!r}; supported: none, full, dots")
+        if self.attention not in ATTENTION_KERNELS:
+            problems.append(f"attention={self.attention!r}; supported: {', '.join(ATTENTION_KERNELS)}")
         if self.sliding_windows is not None and len(self.sliding_windows) != self.num_layers:
             problems.append(
                 f"sliding_windows has {len(self.sliding_windows)} entries for {self.num_layers} layers"

@@ -35,8 +35,8 @@ class Block(nnx.Module):
             self.mlp_post_norm = RMSNorm(cfg.hidden_size, cfg)
         self.post_norms = cfg.post_norms
 
-    def __call__(self, x, positions, mask, inv_freq, kv=None, index=None):
-        h, kv = self.attn(self.attn_norm(x), positions, mask, inv_freq, kv, index)
+    def __call__(self, x, positions, mask, window, inv_freq, kv=None, index=None):
+        h, kv = self.attn(self.attn_norm(x), positions, mask, window, inv_freq, kv, index)
         if self.post_norms:
             h = self.attn_post_norm(h)
         x = x + h
@@ -105,9 +105,7 @@ class Decoder(nnx.Module):
 
         def layer(x, xs):
             block_state, window, inv_freq, kv = xs
-            return nnx.merge(graphdef, block_state)(
-                x, positions, mask.for_window(window), inv_freq, kv, index
-            )
+            return nnx.merge(graphdef, block_state)(x, positions, mask, window, inv_freq, kv, index)
 
         if self.cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.cfg.remat])
@@ -170,6 +168,9 @@ class Decoder(nnx.Module):
         positions = positions.astype(jnp.int32)
         if cache is None:
             mask = make_mask(positions, valid, positions, valid, jnp.arange(t), segment_ids, shared)
+            if shared is None:  # the same mask as segment ids, for the kernels that take them
+                segments = valid.astype(jnp.int32) if segment_ids is None else segment_ids
+                mask = mask.replace(segments=jnp.where(valid, segments, 0).astype(jnp.int32))
         else:
             per_row = cache.index.ndim == 1  # a slot-per-request cache: each row writes at its own index
             slots = (cache.index[:b, None] if per_row else cache.index) + jnp.arange(t)
