@@ -11,10 +11,15 @@
         [--compare-trl] [--json OUT]
     python -m jaxrl_llm.bench train --objective grpo --model llama-30m --prompts 4 --group 4 --prompt-len 64 \
         --new-tokens 64 [--dtype bfloat16] [--rollout-dtype bfloat16] [--compare-trl] [--json OUT]
+    python -m jaxrl_llm.bench memory --preset llama3.1-8b --mesh data=1,fsdp=8,tensor=1 --stage sft --batch 8 \
+        --seq-len 2048 [--lora] [--remat none|full|dots] [--param-dtype bfloat16] [--no-compile] [--json OUT]
 
 ``--model`` is a preset name (random weights) or an HF checkpoint directory. For ``train``, ``--batch`` counts
 rows for ``sft`` and preference pairs for ``dpo`` and ``rm`` (each side prompt + completion tokens, all counted);
 ``grpo`` takes ``--prompts`` x ``--group`` completions of ``--new-tokens`` each per iteration instead.
+``memory`` times nothing: it plans the bytes per device of any training stage (``--stage sft`` ... ``ppo``) from
+shapes and a compile for simulated CPU devices (``jaxrl_llm.bench.memory``; its RL stages take ``--batch``
+prompts, ``--prompt-len``, ``--new-tokens`` and ``--group``; docs/memory.md).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import sys
 
 from ..errors import EXIT_USER_ERROR, UserError
 from .forward import bench_forward
+from .memory_cli import add_arguments as add_memory_arguments
 from .peak import machine_peaks
 from .train import (
     DEFAULT_COMPLETION_LEN,
@@ -124,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument(
         "--requests-per-stream", type=int, default=1, help="requests each stream sends one after the other"
     )
-    for p in (peak, fwd, train, roll, serve):
+    memory = sub.add_parser("memory", help="bytes per device of a training stage, planned from shapes")
+    add_memory_arguments(memory)
+    for p in (peak, fwd, train, roll, serve, memory):
         p.add_argument("--json", metavar="OUT", help="also write the result as one JSON object")
     args = parser.parse_args(argv)
     try:
@@ -134,7 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except _ArgumentError as err:  # flags of `train` that do not go together: its usage, exit status 2
         train.error(str(err))
-    _print(result)
+    if args.command == "memory":
+        from .memory_cli import format_table
+
+        print(format_table(result))
+    else:
+        _print(result)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
@@ -155,6 +168,11 @@ def _run(args: argparse.Namespace) -> dict:
         import jax.numpy as jnp
 
         return machine_peaks(jnp.dtype(args.dtype))
+    if args.command == "memory":
+        from .memory import plan_memory
+        from .memory_cli import spec_from_args
+
+        return plan_memory(spec_from_args(args), compile=args.compile)
     if args.command == "serve":
         from .serve import bench_serve
 

@@ -1,0 +1,152 @@
+"""The memory planner (``python -m jaxrl_llm.bench memory``): per-device figures from shapes and the sharding
+rules, a compiled figure on simulated devices, LoRA, and its errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import pytest
+
+from jaxrl_llm.bench.__main__ import main
+from jaxrl_llm.bench.memory import RL_STAGES, STAGES, MemorySpec, abstract_figures, lora_adapters
+from jaxrl_llm.bench.memory_compile import compiled_figures
+from jaxrl_llm.models import get_preset
+from tests.simulated_devices import run_on_cpu_devices
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_parameters_and_optimizer_state_shrink_as_fsdp_grows():
+    figures = [abstract_figures(MemorySpec("llama-tiny", (1, f, 1))) for f in (1, 2, 4)]
+    for name in ("parameters", "gradients", "optimizer_state"):
+        one, two, four = (f[name] for f in figures)
+        assert one > two > four, name
+        # Every matrix splits over fsdp; only the norm vectors (and Adam's step counts) are replicated.
+        assert two < 0.52 * one and four < 0.27 * one, name
+    assert figures[0]["parameters"] == 4 * get_preset("llama-tiny").num_params()  # float32, one device
+
+
+def test_figures_equal_really_created_sharded_arrays():
+    run_on_cpu_devices([str(ROOT / "tests" / "memory_4dev.py")], 4, "memory planner checks passed")
+
+
+def test_lora_adapters_by_hand_and_what_they_save():
+    cfg = get_preset("llama3.1-8b")
+    e, kv, m, r = 4096, 8 * 128, 14336, 16
+    per_layer = (e + e) + 2 * (e + kv) + (e + e) + 3 * (e + m)  # q, k, v, o, gate, up, down: in + out
+    adapters = lora_adapters(cfg, r)
+    assert sum(x.size for x in jax.tree.leaves(adapters)) == 32 * r * per_layer
+    full = abstract_figures(MemorySpec("llama3.1-8b", (1, 8, 1), stage="dpo"))
+    lora = abstract_figures(MemorySpec("llama3.1-8b", (1, 8, 1), stage="dpo", lora_rank=r))
+    assert lora["trained_param_count"] == 32 * r * per_layer
+    # 0.5% of the parameters; more of a device's share, since B's output axes have no fsdp rule.
+    assert lora["optimizer_state"] < 0.05 * full["optimizer_state"]
+    assert lora["gradients"] < 0.05 * full["gradients"]
+    assert full["parameters"] < lora["parameters"] < 1.05 * full["parameters"]  # the base stays, frozen
+    assert full["reference"] == full["parameters"] and lora["reference"] == 0  # the base is the reference
+
+
+def test_bfloat16_parameters_halve_parameters_and_moments_not_gradients():
+    f32 = abstract_figures(MemorySpec("llama-tiny"))
+    bf16 = abstract_figures(MemorySpec("llama-tiny", param_dtype="bfloat16"))
+    assert bf16["parameters"] * 2 == f32["parameters"]
+    assert bf16["gradients"] == f32["gradients"]  # the step casts gradients to float32
+    assert bf16["optimizer_state"] < 0.51 * f32["optimizer_state"]  # optax keeps moments in the param dtype
+
+
+def test_rl_stages_size_the_rollout_cache_and_ppo_its_critic():
+    grpo = abstract_figures(
+        MemorySpec("llama-tiny", stage="grpo", batch=2, group=4, prompt_len=8, new_tokens=24)
+    )
+    cfg = get_preset("llama-tiny")  # 2 layers x (k + v) x rows x KV heads x head_dim x slots, float32
+    assert grpo["kv_cache"] >= 2 * 2 * 8 * cfg.num_kv_heads * cfg.head_dim * 32 * 4
+    assert grpo["reference"] == 0  # rl.beta = 0 by default: no reference
+    ppo = abstract_figures(MemorySpec("llama-tiny", stage="ppo"))
+    sft = abstract_figures(MemorySpec("llama-tiny"))
+    assert ppo["reference"] == sft["parameters"] < ppo["parameters"] < 2 * sft["parameters"]
+
+
+def test_cli_table_and_json_with_the_compiled_figure(tmp_path, capsys):
+    jax.devices()  # this process's one device: the compile runs here, no child process
+    out = tmp_path / "memory.json"
+    args = ["memory", "--preset", "llama-tiny", "--batch", "2", "--seq-len", "16", "--no-scan-layers"]
+    assert main([*args, "--lora", "--json", str(out)]) == 0  # LoRA: the gradient program only (no step)
+    table = capsys.readouterr().out
+    for label in ("parameters", "gradients", "optimizer state", "activations (compiled temp)", "total"):
+        assert label in table
+    result = json.loads(out.read_text())
+    rows = result["bytes_per_device"]
+    assert rows["activations"] == result["compiled"]["gradients"]["temp"] > 0
+    assert result["compiled"]["step"] is None
+    assert rows["total"] == sum(v for k, v in rows.items() if k != "total")
+    assert result["settings"]["micro_batch"] == {"rows": 2, "length": 16}
+    assert result["settings"]["lora_rank"] == 16
+
+
+@pytest.mark.slow
+def test_compile_in_a_child_process_with_more_devices():
+    spec = MemorySpec("llama-tiny", (1, 2, 1), batch=2, seq_len=16)
+    compiled = compiled_figures(spec)  # 2 devices: more than this process has
+    gradients = abstract_figures(spec)["gradients"]
+    assert 0 <= compiled["gradients"]["output"] - gradients <= 256  # the sharded gradients, and the loss
+    assert compiled["step"]["peak"] > compiled["step"]["argument"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_compiles_its_gradients_and_its_step(stage):
+    jax.devices()
+    rl = dict(prompt_len=8, new_tokens=8, group=2) if stage in RL_STAGES else dict(seq_len=16)
+    reference = True if stage == "grpo" else None  # grpo's KL penalty: the batch carries ref_logps
+    spec = MemorySpec(
+        "llama-tiny", batch=2, accum=2 if stage == "sft" else 1, reference=reference, scan_layers=False, **rl
+    )
+    compiled = compiled_figures(spec)
+    assert compiled["gradients"]["temp"] > 0 and compiled["step"]["peak"] > compiled["gradients"]["argument"]
+
+
+def test_devices_fill_a_minus_one_axis(capsys):
+    args = [
+        "memory",
+        "--preset",
+        "llama-tiny",
+        "--mesh",
+        "fsdp=-1,tensor=2",
+        "--devices",
+        "8",
+        "--no-compile",
+    ]
+    assert main(args) == 0
+    assert "data=1,fsdp=4,tensor=2 (8 devices)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "llama-tiyn"], "Did you mean 'llama-tiny'"),
+        (["--preset", "llama-tiny", "--mesh", "fsdp=0"], "every size must be >= 1"),
+        (["--preset", "llama-tiny", "--mesh", "model=2"], "axis=size pairs"),
+        (["--preset", "llama-tiny", "--mesh", "fsdp=4,tensor=2", "--devices", "4"], "need 8 devices but 4"),
+        (["--preset", "llama-tiny", "--mesh", "fsdp=-1,tensor=3", "--devices", "8"], "not divisible by 3"),
+        (
+            ["--preset", "llama-tiny", "--mesh", "fsdp=4", "--batch", "6"],
+            "cannot be split over data x fsdp = 4",
+        ),
+        (
+            ["--preset", "llama-tiny", "--mesh", "fsdp=2", "--accum", "2", "--batch", "6"],
+            "in 2 micro-batches",
+        ),
+        (["--preset", "llama-tiny", "--stage", "grpo", "--mesh", "data=4", "--batch", "2"], "2 prompts"),
+        (["--preset", "llama-tiny", "--group", "4"], "--group: stage 'sft' does not take it"),
+        (["--preset", "llama-tiny", "--stage", "grpo", "--seq-len", "9"], "--seq-len: stage 'grpo'"),
+        (["--preset", "llama-tiny", "--stage", "kto", "--no-reference"], "always reads its reference"),
+        (["--preset", "llama-tiny", "--reference"], "stage 'sft' has no reference"),
+        (["--preset", "llama-tiny", "--batch", "0"], "--batch=0: must be at least 1"),
+    ],
+)
+def test_mistakes_are_one_line_and_exit_2(args, message, capsys):
+    assert main(["memory", *args, "--no-compile"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
