@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .create import create_model
+from .lora import ADAPTER_STATE
 
 
 class ActorCritic(nnx.Module):
@@ -33,10 +34,10 @@ class ActorCritic(nnx.Module):
 
 def critic_like(policy: nnx.Module, *, mesh=None) -> nnx.Module:
     """A ``ScoreModel`` with a copy of ``policy``'s embeddings, blocks and final norm (each parameter's sharding
-    kept) and a zero value head."""
+    kept; without a LoRA policy's adapters) and a zero value head."""
     critic = create_model(policy.cfg, mesh=mesh, head="score")
     state = nnx.state(critic)
-    source = nnx.state(policy)
+    source = nnx.state(policy, nnx.Not(ADAPTER_STATE))  # the base weights: a LoRA policy's adapters stay
     for part in ("embed", "blocks", "final_norm"):
         state[part] = jax.tree.map(jnp.copy, source[part])
     state["score"] = jax.tree.map(jnp.zeros_like, state["score"])
