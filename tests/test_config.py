@@ -436,8 +436,22 @@ def test_docs_config_reference_is_current():
             "raw text has no answers to compare with",
         ),
         (
-            {"data.packing": "bucket", "parallel.num_processes": 2, "parallel.coordinator_address": "h:1"},
-            "use data.packing='pack' for multi-process runs",
+            {
+                "data.packing": "bucket",
+                "data.process_split": "records",
+                "parallel.num_processes": 2,
+                "parallel.coordinator_address": "h:1",
+            },
+            "data.packing='bucket', parallel.num_processes=2: processes reading their own records",
+        ),
+        (
+            {
+                "stage": "dpo",
+                "data.process_split": "records",
+                "parallel.num_processes": 2,
+                "parallel.coordinator_address": "h:1",
+            },
+            "stage='dpo', parallel.num_processes=2: processes reading their own records",
         ),
         ({"data.eval_path": "e.jsonl", "data.eval_split": 0.1}, "not both"),
     ],

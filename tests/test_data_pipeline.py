@@ -174,13 +174,30 @@ def test_several_processes_refuse_bucketing_and_finite_epochs():
     counts: both would break multi-host training, so both are refused with what to use instead."""
     records = make_records(n=40)
     shard = {"process_index": 0, "process_count": 2}
-    with pytest.raises(DataError, match='mode="bucket" cannot be used by 2 processes.*mode="pack"'):
+    with pytest.raises(DataError, match='mode="bucket" cannot be used by 2 processes.*process_split="rows"'):
         pipeline(records, mode="bucket", num_epochs=None, **shard)
     for epochs in (1, 3):
         with pytest.raises(DataError, match=f"num_epochs={epochs} cannot be used by 2 processes.*None"):
             pipeline(records, num_epochs=epochs, **shard)
+    with pytest.raises(DataError, match="process_split='shards'"):
+        pipeline(records, process_split="shards")
     pipeline(records, num_epochs=None, **shard)  # the multi-host form
     pipeline(records, mode="bucket", process_index=0, process_count=1)  # one process: all modes
+
+
+@pytest.mark.parametrize("mode", ["pack", "bucket"])
+def test_rows_split_gives_every_process_its_rows_of_the_one_process_batches(mode):
+    """process_split="rows": whatever the process count, the global batches (the processes' rows in
+    process order) are the one-process batches, in every mode and with a finite number of epochs."""
+    records = make_records(n=41)
+    kw = {"mode": mode, "batch_size": 4, "num_epochs": 2, "process_split": "rows"}
+    whole = list(pipeline(records, process_index=0, process_count=1, **kw))
+    parts = [list(pipeline(records, process_index=i, process_count=2, **kw)) for i in (0, 1)]
+    assert len(parts[0]) == len(parts[1]) == len(whole)
+    for one, first, second in zip(whole, *parts, strict=True):
+        assert first["tokens"].shape[0] == second["tokens"].shape[0] == 2
+        for key, value in one.items():
+            np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), value)
 
 
 def test_bad_arguments_are_clear_errors():

@@ -395,6 +395,30 @@ def test_the_sharded_iteration_on_8_devices_equals_one_device(fused_run, tmp_pat
 
 
 @pytest.mark.slow
+def test_rollouts_on_a_mesh_of_their_own_equal_the_collocated_run(fused_run, tmp_path):
+    """8 devices split 4 + 4: training on data=2 x fsdp=2, rollouts on data=2 x tensor=2 with the weights
+    resharded each iteration, equal the one-device run; one step off-policy (the next rollout overlapping the
+    update, corrected by rl.rollout_is) starts the same and then learns from one-step-stale samples."""
+    run_on_cpu_devices(["-m", "tests.rl_8dev", str(tmp_path), "split"], 8, "split-mesh RL runs finished")
+    split, stale = tmp_path / "split", tmp_path / "off_policy"
+    want = final_params(fused_run[0])
+    for name, value in final_params(split).items():
+        np.testing.assert_allclose(value, want[name], atol=5e-5, err_msg=name)
+    ours, theirs = metrics(split), metrics(fused_run[0])
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs]
+    for a, b in zip(ours, theirs, strict=True):
+        assert a["reward/total/mean"] == pytest.approx(b["reward/total/mean"], abs=1e-6)
+        assert a["time/reshard_s"] > 0 and "time/reshard_s" not in b
+    off = metrics(stale)
+    assert len(off) == len(ours) and all(r["time/reshard_s"] > 0 and np.isfinite(r["loss"]) for r in off)
+    # On-policy the sampler's log-probs are the trainer's up to float noise; one update stale they are not.
+    assert ours[-1]["rollout/mismatch_max"] < 1e-4 < off[-1]["rollout/mismatch_max"]
+    assert not np.allclose(
+        final_params(stale)["model.embed_tokens.weight"], want["model.embed_tokens.weight"]
+    )
+
+
+@pytest.mark.slow
 def test_the_gsm8k_recipe_runs_on_a_tiny_model_with_the_qwen_tokenizer(tmp_path):
     """configs/gsm8k_grpo.py as written (bf16 compute and rollouts, rollout correction, remat, the tokenizer's
     own chat template, GSM8K through the data layer, math_verify), with only its size shrunk for a CPU."""

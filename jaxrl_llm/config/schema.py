@@ -484,6 +484,16 @@ FIELDS: tuple[Field, ...] = (
         ("pack", "bucket"),
     ),
     Field(
+        "data.process_split",
+        "rows",
+        "How the processes of a multi-process run share the data: rows (every process encodes every record "
+        "and feeds its rows of the same global batches: results do not depend on the process count; needed "
+        "by bucketing, the pair stages and RL) or records (a disjoint shard of the records each: no host "
+        "encodes more than its share; packed sft/pt only, a fixed number of steps).",
+        str,
+        ("rows", "records"),
+    ),
+    Field(
         "data.workers",
         0,
         "Grain worker processes that render and tokenize (0 = in the training process).",
@@ -638,6 +648,23 @@ FIELDS: tuple[Field, ...] = (
         "rl.rollout_is (rollout correction) matters.",
         str,
         ("", "float32", "bfloat16"),
+    ),
+    Field(
+        "rollout.mesh",
+        "",
+        "A mesh of its own for the RL rollouts, e.g. 'data=4' or 'fsdp=2,tensor=2': it takes the last devices "
+        "and training the ones before (parallel.* sizes them; -1 fills them); the policy's weights are "
+        "resharded from the training layout to the rollout layout every iteration (time/reshard_s). Empty = "
+        "rollouts share the training mesh. Single-process runs.",
+        str,
+    ),
+    Field(
+        "rollout.off_policy",
+        False,
+        "One-step off-policy RL (needs rollout.mesh): iteration k+1's rollouts are generated on the rollout "
+        "mesh by the weights before iteration k's update while that update runs, so each update learns from "
+        "samples one step stale; rl.rollout_is (the rollout correction) must be on.",
+        bool,
     ),
     # RL.
     Field(

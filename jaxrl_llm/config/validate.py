@@ -393,11 +393,19 @@ def _data(good: dict[str, Any]) -> list[str]:
     if generate and good.get("stage") == "pt":
         return [f"train.eval_generate={generate!r}, stage='pt': raw text has no answers to compare with"]
     processes = good.get("parallel.num_processes")
-    if good.get("data.packing") == "bucket" and processes is not None and processes > 1:
-        return [
-            f"data.packing='bucket', parallel.num_processes={processes!r}: processes would pick different "
-            "row lengths on the same step; use data.packing='pack' for multi-process runs"
-        ]
+    if good.get("data.process_split") == "records" and processes is not None and processes > 1:
+        bucketed = good.get("stage") not in ("sft", "pt") or good.get("data.packing") == "bucket"
+        if bucketed:
+            what = (
+                "data.packing='bucket'"
+                if good.get("data.packing") == "bucket"
+                else f"stage={good.get('stage')!r}"
+            )
+            return [
+                f"data.process_split='records', {what}, parallel.num_processes={processes!r}: processes reading "
+                "their own records would pick different row lengths on the same step; use "
+                "data.process_split='rows'"
+            ]
     info, name = good.get("data.dataset_info"), good.get("data.name")
     if info is None or name is None:
         return []
@@ -445,6 +453,7 @@ def _rl(good: dict[str, Any]) -> list[str]:
                     + "; raise rl.group_size or choose another "
                     + key
                 )
+    problems += _rollout_mesh(good)
     p, g, m = (good.get(k) for k in ("rl.prompts_per_iteration", "rl.group_size", "rl.minibatches"))
     accum = good.get("train.grad_accum_steps")
     if None not in (p, g, m, accum):
@@ -460,6 +469,41 @@ def _rl(good: dict[str, Any]) -> list[str]:
                 "evenly into the micro-batches"
             )
     return problems
+
+
+def _rollout_mesh(good: dict[str, Any]) -> list[str]:
+    """A rollout mesh of its own: a readable shape, one process, and one-step off-policy only with it and
+    with the rollout correction."""
+    from jaxrl_llm.parallel.mesh import MeshError, parse_mesh
+
+    mesh, off_policy = good.get("rollout.mesh"), good.get("rollout.off_policy")
+    if mesh:
+        try:
+            parse_mesh(mesh, "rollout.mesh")
+        except MeshError as err:
+            return [str(err)]
+        processes = good.get("parallel.num_processes")
+        if processes is not None and processes > 1:
+            return [
+                f"rollout.mesh={mesh!r}, parallel.num_processes={processes!r}: a rollout mesh of its own is "
+                "single-process for now; leave rollout.mesh empty to share the training mesh"
+            ]
+    if off_policy and not mesh:
+        return [
+            "rollout.off_policy=True, rollout.mesh='': off-policy rollouts overlap the update on devices of "
+            "their own; set rollout.mesh (e.g. 'data=4')"
+        ]
+    if off_policy and good.get("rl.dynamic_sampling"):
+        return [
+            "rollout.off_policy=True, rl.dynamic_sampling=True: refill rounds wait for their own rollouts, "
+            "so nothing would overlap the update; turn one of them off"
+        ]
+    if off_policy and good.get("rl.rollout_is") == "none":
+        return [
+            "rollout.off_policy=True, rl.rollout_is='none': samples one step stale need the rollout "
+            "correction; set rl.rollout_is='token' (or 'sequence')"
+        ]
+    return []
 
 
 def _observe(good: dict[str, Any]) -> list[str]:

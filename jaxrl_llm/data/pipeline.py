@@ -2,7 +2,7 @@
 
 ``make_pipeline`` builds, for this JAX process::
 
-    MapDataset.source(records)[process shard]     every process reads a disjoint, equal-sized shard
+    MapDataset.source(records)[process shard]     process_split="records": a disjoint, equal shard each
       .shuffle(seed).repeat(num_epochs)           Grain reshuffles each epoch (seed + epoch)
       .map(encode)                                render/tokenize: the expensive, picklable part
       .to_iter_dataset() [.mp_prefetch(workers)]  encode runs in worker processes when worker_count > 0
@@ -11,6 +11,7 @@
       -> pairs: the same with a preference pair per row, ``prompt | chosen | rejected`` (the prompt read once)
       -> kto: the same with rows built per batch: ``prompt | completion | the batch's previous completion``
          (the mismatched pair of KTO's KL term), ``desirable`` [B_local]
+      -> [process_split="rows": this process's slice of every global batch's rows]
 
 Everything stateful (truncation, packing, bucketing) runs after ``mp_prefetch``, in the main process, as
 Grain advises: the batches are then the same for any ``worker_count``. Batches are dicts of numpy arrays
@@ -23,10 +24,18 @@ dict and ``set_state`` resumes at exactly the next batch, inside a half-emitted 
 examples waiting in bucket buffers (both are rebuilt by replaying the stream from a saved point), so it
 can be saved with ``grain.checkpoint.CheckpointSave`` in an Orbax checkpoint.
 
-With several processes only ``mode="pack"`` with ``num_epochs=None`` is accepted: bucketing lets
-processes emit different row lengths on the same step (their global arrays would not agree), and a finite
-``num_epochs`` can leave processes with different numbers of packed batches (the others hang at the end).
-Multi-host training runs a fixed number of steps over the endless stream.
+Several processes split the data one of two ways (``process_split``):
+
+- ``"rows"``: every process reads and encodes every record, builds the same global batches and keeps its
+  own slice of their rows (as accelerate's batch-sampler shards do). The batches, and so the training run,
+  are the same for any number of processes, every mode works (each bucketed step has one row length
+  everywhere) and a finite ``num_epochs`` ends on the same step everywhere. The cost: each host encodes
+  all the data.
+- ``"records"``: each process reads a disjoint, equal shard of the records and packs its own rows: no
+  host encodes more than its share, but the batches depend on the process count. Only ``mode="pack"``
+  with ``num_epochs=None`` is accepted (bucketing would let processes emit different row lengths on the
+  same step; a finite ``num_epochs`` different numbers of batches, leaving the others hanging), so such a
+  run is a fixed number of steps over the endless stream.
 """
 
 from __future__ import annotations
@@ -62,6 +71,7 @@ MODES = ("pack", "bucket", "pairs", "kto")
 # Per-example integers an encoder (or the pipeline) may add beside the token arrays. Bucketed batches carry
 # BATCH_SCALARS as [B_local] arrays (0 in filler rows); prompt_len only lays out pair and KTO rows.
 SCALARS = ("desirable", "prompt_len", "index")
+PROCESS_SPLITS = ("rows", "records")
 BATCH_SCALARS = ("desirable", "index")
 Batch = dict[str, np.ndarray]
 
@@ -303,15 +313,24 @@ def _mark_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def _shard(shard_by_process: bool, process_index: int | None, process_count: int | None) -> tuple[int, int]:
-    if not shard_by_process:
-        return 0, 1
-    default = grain.sharding.ShardByJaxProcess()
-    index = default.shard_index if process_index is None else process_index
-    count = default.shard_count if process_count is None else process_count
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
     if not 0 <= index < count:
         raise DataError(f"process_index={index} must be in [0, {count}) for process_count={count}")
     return index, count
+
+
+@dataclasses.dataclass(frozen=True)
+class _RowsOf:
+    """Process ``index`` of ``count``'s slice of a global batch's rows (``process_split="rows"``)."""
+
+    index: int
+    count: int
+
+    def __call__(self, batch: Batch) -> Batch:
+        size = len(next(iter(batch.values()))) // self.count
+        return {k: v[self.index * size : (self.index + 1) * size] for k, v in batch.items()}
 
 
 def _check_arguments(records: Any, encode: Any, *, batch_size: Any, seq_len: Any) -> None:
@@ -344,7 +363,7 @@ def make_pipeline(
     worker_count: int = 0,
     overlong: str = "truncate",
     num_packing_bins: int | None = None,
-    shard_by_process: bool = True,
+    process_split: str = "records",
     process_index: int | None = None,
     process_count: int | None = None,
     with_index: bool = False,
@@ -375,8 +394,10 @@ def make_pipeline(
       overlong: ``"truncate"`` (counted in ``num_truncated``) or ``"drop"`` examples longer than a row.
       num_packing_bins: rows packed together before they are emitted (default: the per-process batch);
         more bins waste less padding but reorder data further.
-      shard_by_process: split records across JAX processes; ``process_index``/``process_count`` override
-        ``jax.process_index()``/``jax.process_count()`` (tests simulate several processes with them).
+      process_split: how JAX processes share the data (module docstring): ``"records"`` (a disjoint shard
+        each) or ``"rows"`` (the same global batches everywhere, each process keeping its rows).
+        ``process_index``/``process_count`` override ``jax.process_index()``/``jax.process_count()``
+        (tests simulate several processes with them).
       with_index: each example carries ``index``, its position in ``records`` (bucketed batches: an
         ``index`` [B] array), e.g. to look up values precomputed per record.
     """
@@ -393,20 +414,27 @@ def make_pipeline(
             f"seq_len={seq_len}, batch_size={batch_size}, num_epochs={num_epochs} must be >= 1 "
             f"and worker_count={worker_count} >= 0"
         )
-    index, count = _shard(shard_by_process, process_index, process_count)
+    if process_split not in PROCESS_SPLITS:
+        raise DataError(
+            f"process_split={process_split!r}: expected one of {', '.join(map(repr, PROCESS_SPLITS))}"
+        )
+    index, count = _process(process_index, process_count)
     if batch_size % count:
         raise DataError(f"batch_size={batch_size} is not divisible by the {count} processes sharing it")
+    rows = _RowsOf(index, count) if process_split == "rows" and count > 1 else None
+    if rows is not None:  # the one-process pipeline, then this process's rows of each batch
+        index, count = 0, 1
     if count > 1 and mode != "pack":
         raise DataError(
-            f'mode="{mode}" cannot be used by {count} processes: each picks its batch\'s bucket length on its '
-            "own, so on the same step they would emit rows of different lengths and the global arrays would "
-            'not agree; use mode="pack" with num_epochs=None and run a fixed number of steps'
+            f'mode="{mode}" cannot be used by {count} processes with process_split="records": each picks its '
+            "batch's bucket length on its own, so on the same step they would emit rows of different lengths "
+            'and the global arrays would not agree; use process_split="rows"'
         )
     if count > 1 and num_epochs is not None:
         raise DataError(
-            f"num_epochs={num_epochs} cannot be used by {count} processes: packing can leave them with "
-            "different numbers of batches, and the processes that finish first would leave the others "
-            "hanging; use num_epochs=None and run a fixed number of steps"
+            f'num_epochs={num_epochs} cannot be used by {count} processes with process_split="records": '
+            "packing can leave them with different numbers of batches, and the processes that finish first "
+            'would leave the others hanging; use num_epochs=None and a fixed number of steps, or process_split="rows"'
         )
     local_batch = batch_size // count
 
@@ -435,7 +463,7 @@ def make_pipeline(
         if buckets[-1] > limit:
             raise DataError(f"buckets={buckets}: every bucket must be <= {limit} (seq_len={seq_len})")
         max_side = min(seq_len, buckets[-1]) if two_sided else None
-        return _BucketBatchIterDataset(it, buckets, local_batch, overlong, mode, max_side)
+        return _rows_of(_BucketBatchIterDataset(it, buckets, local_batch, overlong, mode, max_side), rows)
 
     if overlong == "drop":
         it = it.filter(_FitsIn(seq_len))
@@ -447,7 +475,11 @@ def make_pipeline(
         shuffle_bins=shuffle,
         meta_features=("num_truncated",),
     )
-    return packed.map(_from_packer).batch(local_batch, batch_fn=_StackPadded(local_batch))
+    return _rows_of(packed.map(_from_packer).batch(local_batch, batch_fn=_StackPadded(local_batch)), rows)
+
+
+def _rows_of(batches: grain.IterDataset, rows: _RowsOf | None) -> grain.IterDataset:
+    return batches if rows is None else batches.map(rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -473,4 +505,4 @@ def to_device(batch: Mapping[str, np.ndarray], mesh: Mesh, rules=DEFAULT_RULES) 
     return out
 
 
-__all__ = ["MODES", "ROW_KEYS", "Encode", "batch_axes", "make_pipeline", "to_device"]
+__all__ = ["MODES", "PROCESS_SPLITS", "ROW_KEYS", "Encode", "batch_axes", "make_pipeline", "to_device"]

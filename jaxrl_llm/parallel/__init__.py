@@ -1,7 +1,15 @@
 """Device meshes, logical-axis sharding rules and multi-process start-up, shared by every layer."""
 
 from .distributed import barrier, initialize, is_main_process, to_host
-from .mesh import MESH_AXES, MeshError, make_mesh, mesh_from_config, resolve_axis_sizes
+from .mesh import (
+    MESH_AXES,
+    MeshError,
+    make_mesh,
+    mesh_from_config,
+    parse_mesh,
+    resolve_axis_sizes,
+    split_meshes,
+)
 from .rules import (
     DEFAULT_RULES,
     constrain,
@@ -17,6 +25,7 @@ from .shardings import (
     batch_shardings,
     frozen_copy,
     place,
+    put,
     rows_shardings,
     tree_shardings,
 )

@@ -9,6 +9,7 @@ process count and this process's id are given explicitly, from config or from th
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import jax
 import numpy as np
@@ -62,11 +63,16 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def to_host(x: jax.Array) -> np.ndarray:
-    """The whole value of a (possibly multi-process sharded) array as a numpy array, on every process.
+def to_host(tree: Any) -> Any:
+    """The whole value of every (possibly multi-process sharded) array of ``tree`` as numpy, on every
+    process.
 
-    A collective when the array spans processes: every process must call it, in the same order.
+    A collective when an array spans processes: every process must call it, in the same order.
     """
+    return jax.tree.map(_leaf_to_host, tree)
+
+
+def _leaf_to_host(x: Any) -> np.ndarray:
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(jax.device_get(x))
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))

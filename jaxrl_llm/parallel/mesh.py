@@ -55,3 +55,31 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices: Sequen
 def mesh_from_config(parallel) -> Mesh:
     """The mesh named by a config's ``parallel`` section (``data``, ``fsdp``, ``tensor``)."""
     return make_mesh(int(parallel.data), int(parallel.fsdp), int(parallel.tensor))
+
+
+def parse_mesh(text: str, what: str = "mesh") -> tuple[int, int, int]:
+    """``"data=4,fsdp=2"`` -> ``(4, 2, 1)``: named axis sizes (each >= 1), the axes not named 1."""
+    sizes = dict.fromkeys(MESH_AXES, 1)
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        if name.strip() not in sizes or not value.strip().isdigit() or int(value) < 1:
+            raise MeshError(
+                f"{what}={text!r}: expected comma-separated axis=size with axes {', '.join(MESH_AXES)} and "
+                "sizes >= 1, e.g. 'data=4' or 'fsdp=2,tensor=2'"
+            )
+        sizes[name.strip()] = int(value)
+    return tuple(sizes[a] for a in MESH_AXES)
+
+
+def split_meshes(parallel, role_shape: tuple[int, int, int], role: str) -> tuple[Mesh, Mesh]:
+    """A training mesh (``parallel.*``) and a mesh of its own for another role (``role_shape``): the role
+    takes the last devices, training the ones before (``-1`` in ``parallel`` fills those)."""
+    devices = list(jax.devices())
+    need = math.prod(role_shape)
+    if need >= len(devices):
+        raise MeshError(
+            f"{role}: a mesh of {need} devices leaves none of the {len(devices)} for training; make it smaller "
+            f"or leave {role} empty to share the training mesh"
+        )
+    train = make_mesh(int(parallel.data), int(parallel.fsdp), int(parallel.tensor), devices=devices[:-need])
+    return train, make_mesh(*role_shape, devices=devices[-need:])

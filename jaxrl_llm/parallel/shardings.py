@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -57,7 +58,27 @@ def rows_shardings(tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
 
 def place(tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
     """``tree`` placed by :func:`tree_shardings` (a no-op for arrays already there)."""
-    return jax.device_put(tree, tree_shardings(tree, mesh, rules))
+    return put(tree, tree_shardings(tree, mesh, rules))
+
+
+def put(tree: Any, shardings: Any) -> Any:
+    """``jax.device_put(tree, shardings)`` that also works when a sharding spans several processes, where
+    ``device_put`` refuses: a leaf not yet spread over the processes (numpy, or an array on this process's
+    devices) must hold the same value on every process, and each process keeps its devices' part of it; a
+    leaf already spread over them is resharded by a compiled copy (every process must call this)."""
+    return jax.tree.map(_put_leaf, tree, shardings)
+
+
+def _put_leaf(x: Any, sharding: Any) -> Any:
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return x if x.sharding == sharding else jax.jit(lambda v: v, out_shardings=sharding)(x)
+    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = _put_leaf(jax.random.key_data(x), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    value = np.asarray(x)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 def frozen_copy(tree: Any) -> Any:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..parallel import named_sharding
+from ..parallel import named_sharding, put
 from .generate import FINISH_REASONS, Rollout, generate, stop_table
 from .sampling import SamplingParams
 
@@ -112,7 +112,7 @@ class Sampler:
             prompt_ids, prompt_mask = jnp.asarray(prompt_ids), jnp.asarray(prompt_mask)
         else:  # prompts arrive split over the data axes, like the cache
             rows = named_sharding(("batch", None), prompt_ids.shape, self.mesh)
-            prompt_ids, prompt_mask = jax.device_put(prompt_ids, rows), jax.device_put(prompt_mask, rows)
+            prompt_ids, prompt_mask = put((prompt_ids, prompt_mask), (rows, rows))
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             return compiled_generate(
                 self.graphdef,

@@ -152,7 +152,7 @@ def _stats_fn(graphdef: nnx.GraphDef, policy: Callable[[Any], Any], reference: s
         entropy = (-(jnp.exp(logp) * logp).sum(-1) * weight).sum() / count
         kl = jnp.float32(jnp.nan)
         if reference is not None:
-            ref = frozen.models()[reference](ids, positions=positions, segment_ids=segments)
+            ref = frozen.bind(params).models()[reference](ids, positions=positions, segment_ids=segments)
             ref_logp = jax.nn.log_softmax(ref[:, :-1].astype(jnp.float32), axis=-1)
             kl = ((jnp.exp(logp) * (logp - ref_logp)).sum(-1) * weight).sum() / count
         return entropy, kl
@@ -298,6 +298,11 @@ def canary_for_stage(
     c = CanaryConfig.from_config(cfg)
     if not c.enabled:
         return None
+    if jax.process_count() > 1:  # its rules halt or roll back: every process would have to decide alike
+        raise UserError(
+            f"canary.every={c.every}: the canary runs in single-process runs only for now; set canary.every=0 "
+            "for a multi-process run"
+        )
     if c.max_kl is not None and "reference" not in frozen.names:
         from jaxrl_llm.parallel import frozen_copy
 

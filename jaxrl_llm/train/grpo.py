@@ -34,7 +34,8 @@ from .eval_sets import eval_set_evaluators
 from .iteration import Plan, StageContext
 from .loop import log
 from .rl_data import PromptTable
-from .rl_iteration import PolicyAccess, RLIteration, RLParts, data_split, evaluator
+from .rl_eval import evaluator
+from .rl_iteration import PolicyAccess, RLIteration, RLParts, data_split
 from .rl_step import RLConfig, learn
 
 
@@ -140,11 +141,12 @@ def rl_plan(
     """An RL stage's plan: settings, prompts and rewards made and checked here, the stage's own ``RLParts``
     (its ``learn``, where its policy sits, its FLOPs) from ``parts(cfg, rewards, table)``."""
     c, run = ctx.cfg, ctx.run
-    if jax.process_count() > 1:
-        raise UserError(
-            f"stage={c.stage!r} runs in one process for now (multi-host RL arrives with the scale-out issue)"
-        )
     check_mesh(c, run.mesh)
+    if run.rollout_mesh is not None and int(c.rl.prompts_per_iteration) % data_split(run.rollout_mesh):
+        raise UserError(
+            f"rl.prompts_per_iteration = {c.rl.prompts_per_iteration} rows cannot be split over the rollout mesh's "
+            f"{data_split(run.rollout_mesh)} data-parallel devices (rollout.mesh={c.rollout.mesh!r})"
+        )
     cfg = rl_config(c, run.renderer)
     table = PromptTable(run.train_records, run.renderer, pad_id=cfg.pad_id, what="data.path")
     limit = run.model.cfg.max_seq_len
@@ -164,12 +166,16 @@ def rl_plan(
         seed=c.seed,
         log_samples=int(c.rl.log_samples),
         samples_path=run.run_dir / "samples.jsonl",
+        rollout_mesh=run.rollout_mesh,
+        off_policy=bool(c.rollout.off_policy),
     )
-    programs = (
-        "one compiled program (device rewards)"
-        if it.fused
-        else "rollout and update programs, host rewards between"
-    )
+    if it.fused:
+        programs = "one compiled program (device rewards)"
+    elif run.rollout_mesh is not None:
+        stale = ", one step off-policy" if c.rollout.off_policy else ""
+        programs = f"rollouts on their own mesh {dict(run.rollout_mesh.shape)}{stale}, scored on the host"
+    else:
+        programs = "rollout and update programs, host rewards between"
     log(
         f"rl: {describe}, {it.prompts} prompts x {cfg.group_size} samples an iteration, {cfg.updates} update(s); "
         f"{programs}"

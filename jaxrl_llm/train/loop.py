@@ -44,7 +44,7 @@ from jaxrl_llm.checkpoint.run_info import SUMMARY_NAME
 from jaxrl_llm.errors import UserError
 from jaxrl_llm.models.hf_io import RUN_EXPORT_DIRNAME
 from jaxrl_llm.observe import MetricWriter, Progress, Reporting, mfu
-from jaxrl_llm.parallel import abstract, is_main_process
+from jaxrl_llm.parallel import abstract, is_main_process, put
 
 from .canary import CANARY_FILE, CanaryHalted, format_samples
 from .faults import (
@@ -398,7 +398,7 @@ def run_loop(
             return None
         restored, saved = checkpointer.restore(steps[-1], abstract(current), iteration.data)
         scale = restored.lr_scale * policy.lr_factor
-        state = restored.replace(lr_scale=jax.device_put(scale, restored.lr_scale.sharding))
+        state = restored.replace(lr_scale=put(scale, restored.lr_scale.sharding))
         back = int(saved.get("loop_step", steps[-1]))
         rollbacks.append({"at_step": done, "to_step": back, "lr_scale": float(scale), "reason": reason})
         counters.update({k: float(saved.get(k, 0.0)) for k in counters})

@@ -30,12 +30,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxrl_llm.data.packing import pair_buckets
 from jaxrl_llm.data.pipeline import make_pipeline, to_device
-from jaxrl_llm.data.records import DataError
 from jaxrl_llm.models.flops import forward_flops
 from jaxrl_llm.objectives import reference_logps
+from jaxrl_llm.parallel import put, to_host
 
 from .eval_sets import eval_set_evaluators
 from .evaluate import LossEvaluator
@@ -67,14 +69,14 @@ def _precomputed_reference(frozen: Frozen, mesh, record_sets, pipeline):
     offset, passes = 0, 0
     for records in record_sets:
         for host in pipeline(records, train=False):
-            real = host["loss_mask"].any(-1)  # filler rows: no targets
-            values = np.asarray(jax.device_get(ref(frozen, to_device(host, mesh))))
-            table[host["index"][real] + offset] = values[real]
+            batch = to_device(host, mesh)  # the global batch: every process fills the whole table
+            values, index = to_host(ref(frozen, batch)), to_host(batch["index"])
+            real = to_host(batch["loss_mask"]).any(-1)  # filler rows: no targets
+            table[index[real] + offset] = values[real]
             passes += 1
         offset += len(records)
     log(f"reference log-probs precomputed for {len(table)} records ({passes} batches)")
-    with jax.set_mesh(mesh):
-        device_table = jnp.asarray(table)
+    device_table = put(table, NamedSharding(mesh, P()))  # replicated, on every process
     lookup = jax.jit(lambda t, i: t[i])
 
     def prepare(batch: dict[str, Any]) -> dict[str, Any]:
@@ -107,6 +109,7 @@ def _pipeline(
         num_epochs=1 if one_pass or not train else None,
         worker_count=cfg.data.workers if train and not one_pass else 0,
         with_index=with_index,
+        process_split=cfg.data.process_split,
     )
 
 
@@ -120,10 +123,6 @@ def pairs_plan(ctx: StageContext) -> Plan:
     cfg, run = ctx.cfg, ctx.run
     if cfg.pref.precompute_ref and cfg.stage != "dpo":
         log(f"note: pref.precompute_ref applies to stage=dpo only; stage={cfg.stage!r} ignores it")
-    if jax.process_count() > 1:  # known once start_stage has joined the processes
-        raise DataError(
-            f"stage={cfg.stage!r} batches pairs by length bucket: single-process runs only for now"
-        )
     kto = cfg.stage == "kto"
     precompute = bool(ctx.frozen.names) and cfg.stage == "dpo" and cfg.pref.precompute_ref
     buckets = pair_buckets(cfg.train.seq_len)
@@ -133,7 +132,9 @@ def pairs_plan(ctx: StageContext) -> Plan:
 
     frozen, prepare = ctx.frozen, None
     if precompute:  # the reference runs once here, then its weights go with the frozen copy
-        prepare = _precomputed_reference(frozen, run.mesh, (run.train_records, run.eval_records), pipeline)
+        prepare = _precomputed_reference(
+            frozen.bind(run.model), run.mesh, (run.train_records, run.eval_records), pipeline
+        )
         frozen = NO_FROZEN
     update = ctx.update(cfg.train.grad_accum_steps)
     model_cfg = run.model.cfg

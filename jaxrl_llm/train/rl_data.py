@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import grain
-import jax
 import numpy as np
 from flax import struct
 
@@ -99,6 +98,6 @@ def prompt_batches(count: int, batch: int, seed: int) -> grain.IterDataset:
 
 def on_mesh(prompts: Prompts, mesh: Any) -> Prompts:
     """Host prompts as global arrays on ``mesh``, rows over the data axes."""
-    from jaxrl_llm.parallel import rows_shardings
+    from jaxrl_llm.parallel import put, rows_shardings
 
-    return jax.device_put(prompts, rows_shardings(prompts, mesh))
+    return put(prompts, rows_shardings(prompts, mesh))

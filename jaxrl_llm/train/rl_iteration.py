@@ -1,4 +1,4 @@
-"""The RL iteration a loop step runs (stages grpo and ppo), and the held-out evaluation of RL runs.
+"""The RL iteration a loop step runs (stages grpo and ppo).
 
 ``RLIteration`` draws the iteration's prompts (``rl_data``), then either runs one compiled program (every
 reward a device reward: ``rl_step.iteration``, sampling, scoring, advantages and the updates with no host
@@ -7,12 +7,21 @@ stage's ``learn`` (one device -> host -> device trip an iteration; with dynamic 
 timed as ``time/rollout_s``, ``time/reward_s`` and ``time/update_s``. What a stage adds is its ``learn``
 (GRPO's group advantages, PPO's critic and GAE) and where the policy sits in the trained parameters.
 
-``on_log`` writes histograms of the last iteration's rewards (``rl/reward``, ``rl/reward/<component>``),
+``rollout.mesh`` gives the rollouts a mesh of their own: each iteration reshards the policy's weights from
+the training layout to the rollout layout (``time/reshard_s``) before the rollout program runs there; the
+samples come back through the host like host rewards' (so the iteration is never the fused program). With
+``rollout.off_policy`` the next iteration's rollout is dispatched with the weights before this iteration's
+update and runs on its mesh while the update runs on the training mesh: every update learns from samples one
+update stale (the first two batches both come from the initial weights), corrected by ``rl.rollout_is``. A
+rollout in flight is not checkpointed: a resumed run draws its next batch afresh, on-policy.
+
+With several processes every one draws the same prompts, fetches the whole rollout and scores every
+completion, so the host rewards (and their metrics) agree everywhere; the arrays on the mesh hold each
+process's rows on its devices. ``on_log`` writes histograms of the last iteration's rewards (``rl/reward``, ``rl/reward/<component>``),
 advantages (``rl/advantage``) and completion lengths (``rl/completion_length``), and a few of its
 completions to TensorBoard (text) and ``<run_dir>/samples.jsonl``; the iteration's per-sample arrays stay
-on the device (``IterationLog``) until a log step fetches them. ``evaluator`` answers the held-out prompts
-greedily and scores them with the configured rewards: ``eval/reward/<name>`` per component and
-``eval/exact_match`` (the first ``math_verify`` or ``answer_match`` component's mean).
+on the device (``IterationLog``) until a log step fetches them. The held-out evaluation of RL runs is
+``rl_eval``'s.
 """
 
 from __future__ import annotations
@@ -28,9 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxrl_llm.parallel import abstract, is_main_process, rows_shardings, tree_shardings
+from jaxrl_llm.parallel import abstract, is_main_process, put, rows_shardings, to_host, tree_shardings
 from jaxrl_llm.reward import RewardSet
-from jaxrl_llm.rollout import FINISH_REASONS, SamplingParams, completion_text, generate
+from jaxrl_llm.rollout import FINISH_REASONS, SamplingParams, completion_text
 
 from .loop import log
 from .rl_data import Prompts, PromptTable, on_mesh, prompt_batches
@@ -38,8 +47,17 @@ from .rl_groups import Sampled, Scores, filling_metrics, mark_unfilled, refill
 from .rl_step import IterationLog, RLConfig, iteration, rollout, sample_arrays
 from .step import compile_program
 
-VERIFIERS = ("math_verify", "answer_match")  # rewards whose mean is eval/exact_match
 LearnFn = Callable[..., tuple[Any, dict[str, jax.Array], jax.Array]]  # (state, frozen, sampled, key)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Launched:
+    """A dispatched rollout: its prompts' records, the rollout arrays (maybe still being computed) and the
+    seconds the policy's weights took to reach the rollout mesh."""
+
+    index: np.ndarray
+    rollout: Any
+    reshard_s: float
 
 
 def data_split(mesh: Any) -> int:
@@ -86,6 +104,7 @@ class RLIteration:
       sampling: the rollouts' ``SamplingParams``.
       seed: the prompt order's seed.
       log_samples: completions written at each log step; samples_path: where.
+      rollout_mesh: the rollouts' own mesh (None: ``mesh``); off_policy: one-step off-policy rollouts on it.
     """
 
     def __init__(
@@ -99,21 +118,30 @@ class RLIteration:
         seed: int,
         log_samples: int,
         samples_path: Any,
+        rollout_mesh: Any = None,
+        off_policy: bool = False,
     ):
         self.parts, self.cfg, self.rewards, self.table = parts, parts.cfg, parts.rewards, parts.table
         self.mesh, self.frozen, self.tokenizer, self.prompts = mesh, parts.frozen, tokenizer, prompts
+        self.rollout_mesh = mesh if rollout_mesh is None else rollout_mesh
+        self.off_policy = off_policy
+        if off_policy and self.rollout_mesh is mesh:
+            raise ValueError("off_policy rollouts need a rollout_mesh of their own")
         self.data = iter(prompt_batches(len(self.table), prompts * self.cfg.rounds, seed))
         self.sampling = sampling.as_arrays()
-        self.fused = all(s.reward.kind == "device" for s in self.rewards.specs)
+        self.fused = self.rollout_mesh is mesh and all(s.reward.kind == "device" for s in self.rewards.specs)
+        self._to_rollout: Any = None  # the policy's shardings on the rollout mesh, when it has its own
+        self._pending: _Launched | None = None  # off-policy: the next iteration's rollout, in flight
+        self._reshard_s = 0.0  # this iteration's weight transfers to the rollout mesh
         self.log_samples, self.samples_path, self.flops = log_samples, samples_path, parts.flops
         self._programs: dict[str, Any] = {}
         self._last: IterationLog | None = None
 
     # --------------------------------------------------------------------------------------- compile
 
-    def _example(self, batches: int) -> Prompts:
+    def _example(self, batches: int, mesh: Any = None) -> Prompts:
         return abstract(
-            on_mesh(self.table.batch(np.arange(batches * self.prompts) % len(self.table)), self.mesh)
+            on_mesh(self.table.batch(np.arange(batches * self.prompts) % len(self.table)), mesh or self.mesh)
         )
 
     def compile(self, state) -> float:
@@ -143,22 +171,26 @@ class RLIteration:
                 donate_argnums=(0,),
             )
         else:
-            prompts = self._example(1)
+            where = self.rollout_mesh
+            prompts = self._example(1, where)
             roll = functools.partial(rollout, self.parts.policy.graphdef, cfg=cfg)
             policy = self.parts.policy.of(state.params)
+            policy_sh = self.parts.policy.of(state_sh.params)
+            if where is not mesh:  # compiled for the weights as they will arrive there
+                policy_sh = self._to_rollout = tree_shardings(policy, where)
+                policy = jax.tree.map(
+                    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), policy, policy_sh
+                )
             rolled = jax.eval_shape(roll, policy, prompts, key, self.sampling)
+            there = NamedSharding(where, PartitionSpec())
             self._programs["rollout"] = compile_program(
                 roll,
                 (policy, prompts, key, self.sampling),
-                (
-                    self.parts.policy.of(state_sh.params),
-                    rows_shardings(prompts, mesh),
-                    replicated,
-                    replicated,
-                ),
-                rows_shardings(rolled, mesh),
-                mesh,
+                (policy_sh, rows_shardings(prompts, where), there, there),
+                rows_shardings(rolled, where),
+                where,
             )
+            prompts = self._example(1)
             sampled = Sampled(prompts, rolled, self._score_spec(rolled.lengths.shape[0]))
             fn = self.parts.learn
             advantages = jax.ShapeDtypeStruct(rolled.lengths.shape, jnp.float32)
@@ -191,7 +223,16 @@ class RLIteration:
             )
             return state, {**metrics, "flops": self.flops}
         sample_key, learn_key = jax.random.split(rng)  # as the fused program splits it
-        sampled, host_metrics = self._sample(state, index, sample_key)
+        self._reshard_s = 0.0
+        if self.off_policy:
+            first = self._pending or self._launch(state, index, sample_key)
+            # The next batch's rollout, by the weights before this update, runs while the update does.
+            self._pending = self._launch(state, next(self.data), jax.random.fold_in(sample_key, 1))
+            sampled, host_metrics = self._sample(state, first.index, sample_key, launched=first)
+        else:
+            sampled, host_metrics = self._sample(state, index, sample_key)
+        if self._to_rollout is not None:
+            host_metrics["time/reshard_s"] = self._reshard_s
         start = time.perf_counter()
         state, metrics, advantages = self._programs["learn"](state, self.frozen, sampled, learn_key)
         jax.block_until_ready(advantages)
@@ -199,9 +240,26 @@ class RLIteration:
         self._last = IterationLog.of(sampled, advantages)
         return state, {**metrics, **host_metrics, "flops": self.flops}
 
-    def _sample(self, state, index: np.ndarray, key: jax.Array) -> tuple[Sampled, dict[str, float]]:
+    def _launch(self, state, index: np.ndarray, key: jax.Array) -> _Launched:
+        """Dispatches a rollout of the prompts ``index`` on the rollout mesh (the policy resharded there when
+        it has its own) without waiting for it."""
+        policy = self.parts.policy.of(state.params)
+        reshard_s = 0.0
+        if self._to_rollout is not None:
+            start = time.perf_counter()
+            policy = jax.block_until_ready(jax.device_put(policy, self._to_rollout))
+            reshard_s = time.perf_counter() - start
+            self._reshard_s += reshard_s
+            key = jax.device_put(key, NamedSharding(self.rollout_mesh, PartitionSpec()))  # was on training
+        prompts = on_mesh(self.table.batch(index), self.rollout_mesh)
+        return _Launched(index, self._programs["rollout"](policy, prompts, key, self.sampling), reshard_s)
+
+    def _sample(
+        self, state, index: np.ndarray, key: jax.Array, launched: _Launched | None = None
+    ) -> tuple[Sampled, dict[str, float]]:
         """Rollout rounds scored on the host (one round, or dynamic sampling's refills) -> the batch on the
-        mesh, with the rounds' timing and the host rewards' error counts."""
+        mesh, with the rounds' timing and the host rewards' error counts. ``launched``: the first round,
+        already dispatched (off-policy)."""
         cfg, p = self.cfg, self.prompts
         timing = {"time/rollout_s": 0.0, "time/reward_s": 0.0}
         errors: dict[str, float] = {}
@@ -209,13 +267,15 @@ class RLIteration:
         for k in range(cfg.rounds):
             rows = index[k * p : (k + 1) * p]
             start = time.perf_counter()
-            prompts = on_mesh(self.table.batch(rows), self.mesh)
             round_key = key if k == 0 else jax.random.fold_in(key, k)
-            policy = self.parts.policy.of(state.params)
-            host = jax.device_get(self._programs["rollout"](policy, prompts, round_key, self.sampling))
+            resharding = 0.0
+            if k > 0 or launched is None:
+                launched = self._launch(state, rows, round_key)
+                resharding = launched.reshard_s
+            host = to_host(launched.rollout)
             scoring = time.perf_counter()
             scores, errs = self._score(rows, host)
-            timing["time/rollout_s"] += scoring - start
+            timing["time/rollout_s"] += scoring - start - resharding
             timing["time/reward_s"] += time.perf_counter() - scoring
             tokens += int(host.lengths.sum())
             for name, count in errs.items():
@@ -234,7 +294,7 @@ class RLIteration:
             extra = jax.device_get(filling_metrics(first, filled, k + 1, cfg.group_size))
             buffer = mark_unfilled(buffer, filled, cfg.group_size)
         timing["time/rollout_tokens_per_s"] = tokens / max(timing["time/rollout_s"], 1e-9)
-        sampled = jax.device_put(buffer, rows_shardings(buffer, self.mesh))
+        sampled = put(buffer, rows_shardings(buffer, self.mesh))
         return sampled, {**timing, **errors, **extra}
 
     def _score(self, index: np.ndarray, host: Any) -> tuple[Scores, dict[str, float]]:
@@ -271,10 +331,12 @@ class RLIteration:
     def on_log(self, step: int, writer: Any) -> None:
         """The last iteration's histograms, and a few of its completions as TensorBoard text and lines of
         ``samples.jsonl``: its only device -> host fetch of per-sample values, at log steps alone."""
-        if self._last is None or not is_main_process():
+        if self._last is None:
             return
         last = self._last if self.log_samples else self._last.replace(tokens=None)  # tokens: samples only
-        last = jax.device_get(last)
+        last = to_host(last)  # a collective across processes: all fetch, process 0 writes
+        if not is_main_process():
+            return
         for tag, values in self.histograms(last).items():
             writer.write_histogram(step, tag, values)
         if self.log_samples:
@@ -313,77 +375,3 @@ class RLIteration:
                 }
             )
         writer.write_samples(step, samples, self.samples_path)
-
-
-def _eval_program(it: RLIteration, table: PromptTable, batch: int, params: Any):
-    """Greedy answers to ``batch`` held-out prompts at a time: one compiled generation."""
-    mesh, cfg = it.mesh, it.cfg
-    replicated = NamedSharding(mesh, PartitionSpec())
-    fn = functools.partial(
-        generate,
-        it.parts.policy.graphdef,
-        n=1,
-        max_new_tokens=cfg.max_new_tokens,
-        eos_ids=cfg.eos_ids,
-        stops=cfg.stops,
-        pad_id=cfg.pad_id,
-    )
-    example = on_mesh(table.batch(np.arange(batch) % len(table)), mesh)
-    params = abstract(params)
-    sampling = SamplingParams.greedy().as_arrays()
-    args = (params, example.ids, example.mask, jax.random.key(0), sampling)
-    out = jax.eval_shape(fn, *args)
-    rows = rows_shardings(example.ids, mesh)
-    return compile_program(
-        fn,
-        args,
-        (tree_shardings(params, mesh), rows, rows, replicated, replicated),
-        rows_shardings(out, mesh),
-        mesh,
-    ), sampling
-
-
-def evaluator(it: RLIteration, records: list[dict], renderer: Any):
-    """``eval(state, step)``: greedy answers to the held-out ``records``, scored by every reward component."""
-    cfg, rewards, iteration_ = it.cfg, it.rewards, it
-    table = PromptTable(records, renderer, pad_id=cfg.pad_id, what="evaluation prompts")
-    split = data_split(it.mesh)
-    batch = min(iteration_.prompts * cfg.group_size, -(-len(table) // split) * split)  # padded by repeats
-    compiled: dict[str, Any] = {}
-    verifier = next((s.key for s in rewards.specs if s.name in VERIFIERS), None)
-
-    def evaluate(state, step: int) -> dict[str, float]:
-        if "program" not in compiled:
-            compiled["program"], compiled["sampling"] = _eval_program(
-                it, table, batch, it.parts.policy.of(state.params)
-            )
-        values: dict[str, list[float]] = {}
-        totals: list[float] = []
-        for start in range(0, len(table), batch):
-            index = np.arange(start, start + batch) % len(table)
-            real = min(batch, len(table) - start)
-            prompts = on_mesh(table.batch(index), it.mesh)
-            policy = it.parts.policy.of(state.params)
-            out = compiled["program"](
-                policy, prompts.ids, prompts.mask, jax.random.key(0), compiled["sampling"]
-            )
-            host = jax.device_get(out)
-            texts = iteration_.texts(host)[:real]
-            recs = [table.records[i] for i in index[:real]]
-            arrays = sample_arrays(
-                jax.tree.map(np.asarray, table.batch(index[:real])),
-                jax.tree.map(lambda x, real=real: x[:real], host),
-                1,
-            )
-            result = rewards(texts, recs, arrays)
-            totals += result.total.tolist()
-            for key, v in result.components.items():
-                values.setdefault(key, []).extend(v[result.applies[key]].tolist())
-        metrics = {f"reward/{k}": float(np.mean(v)) if v else 0.0 for k, v in values.items()}
-        metrics["reward/total"] = float(np.mean(totals))
-        if verifier is not None:
-            metrics["exact_match"] = metrics[f"reward/{verifier}"]
-        metrics["samples"] = float(len(table))
-        return metrics
-
-    return evaluate

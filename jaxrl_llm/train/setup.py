@@ -158,6 +158,7 @@ class StageRun(NamedTuple):
     train_records: list[dict]
     eval_records: list[dict]
     model: Any
+    rollout_mesh: Any = None  # rollout.mesh: the RL rollouts' own mesh (None: they share ``mesh``)
 
 
 def resolve_epochs(cfg: ml_collections.ConfigDict, per_epoch: int, updates_per_step: int = 1) -> None:
@@ -189,9 +190,11 @@ def start_stage(
     the tokenizer (``check_kind(stage, kind)`` refuses data the stage cannot train on, before a tokenizer is
     trained on it), render and split the data, resolve ``train.epochs`` into ``train.steps`` with
     ``epoch_steps(train_records, renderer)``, build the model with ``head``, write ``run_info.json``."""
+    import jax
+
     from jaxrl_llm.checkpoint import write_run_info
     from jaxrl_llm.models import count_params
-    from jaxrl_llm.parallel import initialize, mesh_from_config
+    from jaxrl_llm.parallel import initialize, mesh_from_config, parse_mesh, split_meshes
     from jaxrl_llm.render import Renderer
 
     from .loop import log
@@ -199,7 +202,16 @@ def start_stage(
     initialize(cfg.parallel.coordinator_address, cfg.parallel.num_processes, cfg.parallel.process_id)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    mesh = mesh_from_config(cfg.parallel)
+    if cfg.rollout.mesh and cfg.stage in ("grpo", "ppo"):
+        if jax.process_count() > 1:
+            raise SetupError(
+                f"rollout.mesh={cfg.rollout.mesh!r}: a rollout mesh of its own is single-process for now"
+            )
+        mesh, rollout_mesh = split_meshes(
+            cfg.parallel, parse_mesh(cfg.rollout.mesh, "rollout.mesh"), "rollout.mesh"
+        )
+    else:
+        mesh, rollout_mesh = mesh_from_config(cfg.parallel), None
     raw = None
     if not (cfg.tokenizer.path or cfg.model.path):  # the tokenizer is trained on the data
         raw = raw_records(cfg)
@@ -217,6 +229,8 @@ def start_stage(
     model = build_model(cfg, tokenizer, mesh, head=head)
     params = count_params(model)
     log(f"model: {model.cfg.family} ({head} head), {params:,} parameters on mesh {dict(mesh.shape)}")
+    if rollout_mesh is not None:
+        log(f"rollouts on a mesh of their own: {dict(rollout_mesh.shape)}")
     write_run_info(
         run_dir,
         config_dict=cfg.to_dict(),
@@ -226,7 +240,9 @@ def start_stage(
         data_manifests={"train": loaded.manifest},
         extra={"model": {"family": model.cfg.family, "parameters": params, "head": head}},
     )
-    return StageRun(run_dir, mesh, tokenizer, renderer, loaded, train_records, eval_records, model)
+    return StageRun(
+        run_dir, mesh, tokenizer, renderer, loaded, train_records, eval_records, model, rollout_mesh
+    )
 
 
 def export_token_ids(renderer: Any) -> Any:

@@ -64,10 +64,16 @@ def _pipeline(cfg: Any, records: list[dict], encoder: Any, *, train: bool, one_p
         mode=cfg.data.packing if train else "pack",
         seed=cfg.seed,
         shuffle=train and not one_pass,
-        num_epochs=1 if one_pass else None if train or jax.process_count() > 1 else 1,
+        num_epochs=1 if one_pass else None if train or _endless_eval(cfg) else 1,
         worker_count=cfg.data.workers if train and not one_pass else 0,
-        shard_by_process=True,
+        process_split=cfg.data.process_split,
     )
+
+
+def _endless_eval(cfg: Any) -> bool:
+    """Processes reading their own records can end a pass on different steps: their evaluation stream is
+    endless and cut at ``eval_steps`` (with ``process_split="rows"`` every process ends together)."""
+    return jax.process_count() > 1 and cfg.data.process_split == "records"
 
 
 def epoch_steps(cfg: Any, records: list[dict], encoder: Any) -> int:
@@ -80,7 +86,7 @@ def _evaluators(ctx: StageContext) -> list:
     if not run.eval_records:
         return eval_set_evaluators(ctx)
     eval_steps = cfg.train.eval_steps
-    if eval_steps is None and jax.process_count() > 1:
+    if eval_steps is None and _endless_eval(cfg):
         # Processes must run the same number of eval batches, so the pass is endless and cut: about one
         # pass (a packed row holds at least one record).
         eval_steps = max(1, len(run.eval_records) // cfg.train.batch_size)
