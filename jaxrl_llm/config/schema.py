@@ -64,6 +64,9 @@ DPO_LOSS_TYPES = (
     "discopop",
 )
 RENDER_MASKS = ("all", "last")
+# Mirror jaxrl_llm.models.lora.PROJECTIONS and DEFAULT_TARGETS (a test keeps them equal).
+LORA_MODULES = ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/gate", "mlp/up", "mlp/down")
+LORA_TARGETS = r"(attn/(q|k|v|o)|mlp/(gate|up|down))$"
 # Mirror jaxrl_llm.objectives (RL_ALGORITHMS, BASELINES, SCALES, POLICY_LOSSES, LOSS_AGGS, IMPORTANCE_LEVELS,
 # KL_ESTIMATORS, rl.ROLLOUT_IS; a test keeps them equal), so that reading the table never loads JAX.
 RL_ALGORITHMS = ("grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp", "cispo")
@@ -309,6 +312,49 @@ FIELDS: tuple[Field, ...] = (
         "Regex on '/'-joined parameter paths (e.g. 'embed|blocks/attn'): matching parameters are frozen "
         "(zero update, no optimizer state). Empty = train every parameter.",
         str,
+    ),
+    # LoRA (jaxrl_llm.models.lora).
+    Field(
+        "lora.rank",
+        0,
+        "LoRA rank r: > 0 trains low-rank adapters (y = W x + B A dropout(x) * alpha / r, B zero at the start) "
+        "on the targeted projections of a frozen base, in every stage; only the adapters (and a new score or "
+        "value head) get gradients, optimizer state and checkpoints, and a reference model is the base with "
+        "the adapters off. 0 = train the weights themselves.",
+        int,
+        lo=0,
+    ),
+    Field(
+        "lora.alpha",
+        None,
+        "LoRA alpha (the adapters' scale is alpha / rank). None = 2 x lora.rank.",
+        float,
+        lo=0,
+        lo_open=True,
+        nullable=True,
+    ),
+    Field(
+        "lora.dropout",
+        0.0,
+        "Dropout on the adapters' input while training (not on attn/o, whose adapter is added to its weight).",
+        float,
+        lo=0,
+        hi=1,
+        hi_open=True,
+    ),
+    Field(
+        "lora.targets",
+        LORA_TARGETS,
+        "Regex searched in each projection's path: blocks/attn/{q,k,v,o} and blocks/mlp/{gate,up,down} (e.g. "
+        "'attn/(q|v)$'); the default targets all seven.",
+        str,
+    ),
+    Field(
+        "lora.save_adapter",
+        True,
+        "Besides the merged HF checkpoint in <run_dir>/final, write the adapters to <run_dir>/adapter in "
+        "PEFT's format (peft.PeftModel.from_pretrained(base, dir) loads them onto model.path).",
+        bool,
     ),
     # Training loop.
     Field("train.steps", 1000, "Optimizer steps to run.", int, lo=1),
@@ -992,6 +1038,7 @@ SECTIONS = {
     "render": "Chat template and loss mask (jaxrl_llm.render)",
     "parallel": "Device mesh (product of the axes = number of devices)",
     "optimizer": "Optimizer and learning-rate schedule",
+    "lora": "LoRA adapters on a frozen base (jaxrl_llm.models.lora)",
     "train": "Training loop",
     "observe": "Metric loggers beside TensorBoard and metrics.jsonl (jaxrl_llm.observe)",
     "data": "Dataset, validation and quality filters (python -m jaxrl_llm.data validate checks one)",

@@ -18,7 +18,7 @@ from typing import Any
 
 from jaxrl_llm.errors import UserError
 
-from .schema import FIELDS, FIELDS_BY_KEY, MODEL_SIZES, Field, section_of
+from .schema import FIELDS, FIELDS_BY_KEY, LORA_MODULES, MODEL_SIZES, Field, section_of
 
 _SECTIONS = {section_of(f.key) for f in FIELDS} - {""}
 _MISSING = object()
@@ -46,10 +46,12 @@ def show(value: Any) -> str:
 def suggest(name: str, candidates: Iterable[str]) -> str | None:
     """The closest candidate to ``name``, also matching on the last dotted part (``lr`` -> ``optimizer.lr``)."""
     candidates = list(candidates)
+    tails = {c.rpartition(".")[2]: c for c in candidates}
+    if "." not in name and name in tails:  # a key's exact last part before a merely similar name (lr: lora)
+        return tails[name]
     close = difflib.get_close_matches(name, candidates, n=1)
     if close:
         return close[0]
-    tails = {c.rpartition(".")[2]: c for c in candidates}
     close = difflib.get_close_matches(name.rpartition(".")[2], tails, n=1, cutoff=0.75)
     return tails[close[0]] if close else None
 
@@ -198,6 +200,7 @@ def _combinations(good: dict[str, Any]) -> list[str]:
         + _tokenizer(good)
         + _run_dir(good)
         + _freeze_pattern(good)
+        + _lora(good)
         + _data(good)
         + _rl(good)
         + _canary(good)
@@ -257,6 +260,21 @@ def _freeze_pattern(good: dict[str, Any]) -> list[str]:
         return [f"optimizer.freeze={show(pattern)}: not a valid regular expression ({err})"]
     except (RecursionError, OverflowError) as err:  # groups nested too deep, a repeat count too large
         return [f"optimizer.freeze={show(pattern)}: not a usable regular expression ({err})"]
+    return []
+
+
+def _lora(good: dict[str, Any]) -> list[str]:
+    """``lora.targets`` must be a regex that finds at least one projection (named when it finds none)."""
+    targets = good.get("lora.targets")
+    if not good.get("lora.rank") or not targets:
+        return []
+    try:
+        regex = re.compile(targets)
+    except (re.error, RecursionError, OverflowError) as err:
+        return [f"lora.targets={show(targets)}: not a valid regular expression ({err})"]
+    paths = [f"blocks/{m}" for m in LORA_MODULES]
+    if not any(regex.search(p) for p in paths):
+        return [f"lora.targets={show(targets)}: matches none of the projections; they are {', '.join(paths)}"]
     return []
 
 
