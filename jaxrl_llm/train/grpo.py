@@ -130,8 +130,9 @@ def rollout_graphdef(graphdef: Any, model: Any, dtype: str) -> Any:
     from flax import nnx
 
     from jaxrl_llm.models.create import abstract_model
+    from jaxrl_llm.models.lora import like
 
-    other = abstract_model(model.cfg.replace(dtype=dtype))
+    other = like(model, abstract_model(model.cfg.replace(dtype=dtype)))  # a LoRA policy's adapters too
     return nnx.split(other, nnx.Param)[0]
 
 

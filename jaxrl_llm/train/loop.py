@@ -242,11 +242,13 @@ def _restore(
             f"run_dir={str(run_dir)!r} holds a checkpoint at step {latest}, past train.steps={loop.steps}: "
             "raise train.steps to continue, or use a new run_dir"
         )
-    target = abstract(state)
+    # A LoRA run's checkpoints hold its adapters only: the base weights stay (``untrained``).
+    target, untrained = abstract(state.checkpointed()), state.untrained()
     del state  # restore into the abstract shapes: never two copies of the state in memory
     for i, step in enumerate(reversed(steps)):
         try:
             state, meta = checkpointer.restore(step, target, iteration.data)
+            state = state.with_untrained(untrained)
             break
         except CheckpointDamagedError as err:
             if i == len(steps) - 1:
@@ -373,7 +375,7 @@ def run_loop(
             "canary_last_good": canary_state["last_good"],
             **results,
         }
-        checkpointer.save(done, state, iteration.data, saved, force=True)
+        checkpointer.save(done, state.checkpointed(), iteration.data, saved, force=True)
         if is_main_process():  # artifacts.json lists the checkpoint with the metrics it was saved with
             write_artifacts(run_dir, checkpoint={"step": done, **saved})
 
@@ -396,7 +398,8 @@ def run_loop(
         steps = [s for s in checkpointer.all_steps() if at_or_before is None or s <= at_or_before]
         if not steps or len(rollbacks) >= policy.max_rollbacks:
             return None
-        restored, saved = checkpointer.restore(steps[-1], abstract(current), iteration.data)
+        restored, saved = checkpointer.restore(steps[-1], abstract(current.checkpointed()), iteration.data)
+        restored = restored.with_untrained(current.untrained())
         scale = restored.lr_scale * policy.lr_factor
         state = restored.replace(lr_scale=put(scale, restored.lr_scale.sharding))
         back = int(saved.get("loop_step", steps[-1]))

@@ -39,6 +39,7 @@ from .rl_data import PromptTable
 from .rl_groups import Sampled
 from .rl_iteration import PolicyAccess, RLParts
 from .rl_step import RLConfig, counted, epochs, logps_pass, no_grad_pass, rl_batch, sample_metrics
+from .setup import with_lora
 from .state import Frozen, TrainState
 from .step import UpdateFn
 
@@ -85,7 +86,8 @@ def trainable(cfg: Any, run: Any) -> ActorCritic:
     else:
         critic = critic_like(run.model, mesh=run.mesh)
         log("ppo: critic initialised from the policy's backbone with a zero value head")
-    return ActorCritic(run.model, critic)
+    # With LoRA the critic gets adapters of its own on its (frozen) backbone; its value head trains fully.
+    return ActorCritic(run.model, with_lora(cfg, critic, run.mesh))
 
 
 def initial_extra(cfg: Any) -> dict[str, jax.Array]:
@@ -114,7 +116,8 @@ def ppo_learn(
     values = _values_pass(lambda: model().critic, batch, chunks)
     coef = state.extra["kl_coef"]
     if "reference" in frozen.names:
-        ref_logps = logps_pass(lambda: frozen.models()["reference"], batch, chunks, temperature)
+        bound = frozen.bind(state.params)  # a LoRA reference is the policy's own weights, adapters off
+        ref_logps = logps_pass(lambda: bound.models()["reference"], batch, chunks, temperature)
     else:
         ref_logps = old_logps
     rewards = kl_shaped_rewards(jnp.where(valid, scores.total, 0.0), old_logps, ref_logps, mask, kl_coef=coef)

@@ -320,7 +320,8 @@ def learn(
     if cfg.recompute_old:
         batch["old_logps"] = logps_pass(lambda: nnx.merge(graphdef, state.params), batch, chunks, temperature)
     if cfg.policy.beta > 0:
-        batch["ref_logps"] = logps_pass(lambda: frozen.models()["reference"], batch, chunks, temperature)
+        bound = frozen.bind(state.params)  # a LoRA reference is the policy's own weights, adapters off
+        batch["ref_logps"] = logps_pass(lambda: bound.models()["reference"], batch, chunks, temperature)
     state, metrics = epochs(update, cfg, state, batch, key)
     return state, {**metrics, **sample_metrics(sampled, advantages, valid, g)}, advantages
 

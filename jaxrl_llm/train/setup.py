@@ -22,6 +22,8 @@ from jaxrl_llm.models.hf_io import checkpoint_dir
 
 TOKENIZER_DIRNAME = "tokenizer"
 EVAL_MANIFEST_NAME = "eval_data_manifest.json"
+LORA_BASE_NAME = "lora_base.json"  # the base model a LoRA run's adapters were trained on
+ADAPTER_DIRNAME = "adapter"  # a LoRA run's PEFT adapter, beside final/
 
 
 class SetupError(UserError):
@@ -140,13 +142,48 @@ def load_datasets(cfg: ml_collections.ConfigDict, renderer: Any) -> tuple[Any, l
 
 
 def build_model(cfg: ml_collections.ConfigDict, tokenizer: Any, mesh: Any, *, head: str = "lm"):
-    """The model ``cfg.model`` names, checked against the tokenizer. A model from scratch without an
-    explicit ``model.vocab_size`` takes the tokenizer's vocabulary size."""
+    """The model ``cfg.model`` names, checked against the tokenizer, with ``cfg.lora``'s adapters when
+    ``lora.rank > 0``. A model from scratch without an explicit ``model.vocab_size`` takes the tokenizer's
+    vocabulary size."""
     from jaxrl_llm.models import build_model as build
 
     model = build(cfg.model, seed=cfg.seed, mesh=mesh, head=head, vocab_size=tokenizer.vocab_size)
     tokenizer.check_fits(model.cfg.vocab_size)
-    return model
+    return with_lora(cfg, model, mesh)
+
+
+def with_lora(cfg: ml_collections.ConfigDict, model: Any, mesh: Any = None) -> Any:
+    """``model`` with ``cfg.lora``'s adapters (unchanged when ``lora.rank`` is 0 or the config predates it)."""
+    from jaxrl_llm.models.lora import LoRAConfig, apply_lora
+
+    return apply_lora(model, LoRAConfig.from_config(cfg.get("lora")), seed=cfg.seed, mesh=mesh)
+
+
+def record_lora_base(cfg: ml_collections.ConfigDict, run_dir: Path, model: Any) -> None:
+    """A LoRA run's checkpoints hold its adapters only, the base coming again from ``model.path``: the
+    base's fingerprint goes to ``<run_dir>/lora_base.json`` when the run starts, and a run resuming from
+    checkpoints made on another base is refused (naming the weights that differ)."""
+    from jaxrl_llm.checkpoint.registry import checkpoint_steps
+    from jaxrl_llm.models.lora_io import base_fingerprint, fingerprint_differences
+    from jaxrl_llm.parallel import barrier, is_main_process
+
+    record = run_dir / LORA_BASE_NAME
+    now = base_fingerprint(model)
+    if checkpoint_steps(run_dir) and record.is_file():
+        saved = json.loads(record.read_text())
+        differ = fingerprint_differences(saved.get("weights", {}), now)
+        if differ:
+            raise SetupError(
+                f"{run_dir} holds LoRA checkpoints trained on another base model: {len(differ)} of "
+                f"{len(now)} base weights differ from {record} (e.g. {differ[0]}; that base: model.path="
+                f"{saved.get('model.path')!r}, model.preset={saved.get('model.preset')!r}). Point model.path "
+                "at the base the adapters were trained on, or use a new run_dir"
+            )
+        return
+    if is_main_process():
+        source = {"model.path": cfg.model.path, "model.preset": "" if cfg.model.path else cfg.model.preset}
+        record.write_text(json.dumps({**source, "seed": cfg.seed, "weights": now}, indent=1) + "\n")
+    barrier("lora base")
 
 
 class StageRun(NamedTuple):
@@ -194,6 +231,7 @@ def start_stage(
 
     from jaxrl_llm.checkpoint import write_run_info
     from jaxrl_llm.models import count_params
+    from jaxrl_llm.models.lora import adapters, config_of, has_lora, trained_count
     from jaxrl_llm.parallel import initialize, mesh_from_config, parse_mesh, split_meshes
     from jaxrl_llm.render import Renderer
 
@@ -229,6 +267,14 @@ def start_stage(
     model = build_model(cfg, tokenizer, mesh, head=head)
     params = count_params(model)
     log(f"model: {model.cfg.family} ({head} head), {params:,} parameters on mesh {dict(mesh.shape)}")
+    if has_lora(model):
+        record_lora_base(cfg, run_dir, model)
+        lora = config_of(model)
+        log(
+            f"lora: rank {lora.rank}, alpha {lora.lora_alpha:g}, dropout {lora.dropout:g} on "
+            + ", ".join(p for p, _ in adapters(model))
+            + f": {trained_count(model):,} trained parameters, the base frozen"
+        )
     if rollout_mesh is not None:
         log(f"rollouts on a mesh of their own: {dict(rollout_mesh.shape)}")
     write_run_info(
@@ -260,9 +306,9 @@ def export_token_ids(renderer: Any) -> Any:
 
 def hf_export(renderer: Any, part: Callable[[Any], Any] = lambda model: model) -> Callable[[Any, Path], None]:
     """``export(model, out)`` for ``run_loop``: ``part(model)`` (the model, or the policy of PPO's
-    actor-critic) as an HF checkpoint with the stop and pad ids of ``renderer`` (``export_token_ids``) in
-    its ``config.json`` and ``generation_config.json``, and its tokenizer with the chat template it was
-    trained with beside it."""
+    actor-critic; LoRA adapters merged into the weights) as an HF checkpoint with the stop and pad ids of
+    ``renderer`` (``export_token_ids``) in its ``config.json`` and ``generation_config.json``, and its
+    tokenizer with the chat template it was trained with beside it."""
     token_ids = export_token_ids(renderer)
     # A built-in template replaces the tokenizer's own in the export; the tokenizer's own stays as it is
     # (all of its named templates, when it has several).
@@ -270,13 +316,39 @@ def hf_export(renderer: Any, part: Callable[[Any], Any] = lambda model: model) -
 
     def export(model: Any, out: Path) -> None:
         from jaxrl_llm.models import save_hf
+        from jaxrl_llm.models.lora import merged
         from jaxrl_llm.parallel import is_main_process
 
-        save_hf(part(model), out, token_ids=token_ids)
+        save_hf(merged(part(model)), out, token_ids=token_ids)
         if is_main_process():
             save_tokenizer(renderer.tokenizer, out, chat_template=template)
 
     return export
+
+
+def adapter_export(
+    renderer: Any, part: Callable[[Any], Any] = lambda model: model, base_model: str | None = None
+) -> Callable[[Any, Path], None]:
+    """``export(model, out)``: the LoRA adapters of ``part(model)`` as a PEFT adapter directory
+    (``models.lora_io.save_peft``; ``base_model`` its ``base_model_name_or_path``) with the tokenizer and
+    the run's chat template beside them."""
+    template = renderer.template_text if renderer.template_name != "tokenizer" else None
+
+    def export(model: Any, out: Path) -> None:
+        from jaxrl_llm.models.lora_io import save_peft
+        from jaxrl_llm.parallel import is_main_process
+
+        save_peft(part(model), out, base_model=base_model)
+        if is_main_process():
+            save_tokenizer(renderer.tokenizer, out, chat_template=template)
+
+    return export
+
+
+def lora_base_model(cfg: ml_collections.ConfigDict) -> str | None:
+    """The HF checkpoint directory a LoRA run adapts (absolute), for a PEFT adapter's config; None for a
+    model built from scratch (PEFT cannot rebuild it)."""
+    return str(checkpoint_dir(cfg.model.path).absolute()) if cfg.model.path else None
 
 
 def save_tokenizer(tokenizer: Any, out: Path, *, chat_template: str | None = None) -> None:

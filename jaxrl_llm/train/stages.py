@@ -2,7 +2,8 @@
 
 Every stage runs the same way (``run_stage``): ``setup.start_stage`` loads the data (refusing record kinds
 the stage does not train on), the tokenizer, the renderer and the model with the stage's head; the frozen
-models the stage names are copied from the initial policy; the optimizer and the ``TrainState`` are made;
+models the stage names are copied from the initial policy (with LoRA: views of the policy's own weights
+with the adapters off, ``frozen_models``); the optimizer and the ``TrainState`` are made;
 the stage's ``plan`` builds its iteration and evaluators; ``loop.run_loop`` runs them. A stage is one row:
 
 - ``kinds``: the canonical record kinds it trains on;
@@ -197,20 +198,63 @@ def resume_settings(cfg: Config) -> dict[str, Any]:
     return json.loads(json.dumps(flat, default=str))
 
 
+def frozen_models(names: tuple[str, ...], policy: Any, model: Any) -> Any:
+    """The stage's frozen models ``names`` (``reference``): copies of the initial ``policy``, made before the
+    first update donates its buffers (each keeps its parameter's sharding); with LoRA, views of the trained
+    ``model``'s own parameters at the policy's place under a graph definition with the adapters off (the
+    base: no copy of any weight)."""
+    from flax import nnx
+
+    from jaxrl_llm.models.lora import adapters_off, has_lora
+    from jaxrl_llm.parallel import frozen_copy
+
+    from .state import Frozen
+
+    if not has_lora(policy):
+        graphdef, initial = nnx.split(policy)
+        return Frozen(
+            states={name: frozen_copy(initial) for name in names},
+            graphdefs=tuple((name, graphdef) for name in names),
+        )
+    path = next(tuple(map(str, p)) for p, node in nnx.iter_graph(model) if node is policy)
+    off = adapters_off(policy)
+    return Frozen(
+        states={}, graphdefs=tuple((name, off) for name in names), views=tuple((name, path) for name in names)
+    )
+
+
+def _export(cfg: Config, run: Any, row: Stage, lora: bool) -> Callable[[Any, Any], None]:
+    """The run's export to ``final/`` (LoRA merged); with ``lora.save_adapter``, a LoRA causal LM's adapters
+    also go to ``<run_dir>/adapter`` in PEFT's format."""
+    from . import setup
+
+    merged = setup.hf_export(run.renderer, row.policy)
+    if not lora or not cfg.lora.save_adapter or row.head != "lm":
+        return merged
+    adapter = setup.adapter_export(run.renderer, row.policy, setup.lora_base_model(cfg))
+
+    def export(model: Any, out: Any) -> None:
+        merged(model, out)
+        adapter(model, out.parent / setup.ADAPTER_DIRNAME)
+
+    return export
+
+
 def run_stage(cfg: Config) -> int:
     """Runs ``cfg.stage`` (validated, so it is in the table); returns the process exit code."""
     row = STAGES[cfg.stage]
     import jax
     from flax import nnx
 
+    from jaxrl_llm.models.lora import TRAINABLE, has_lora
     from jaxrl_llm.observe import mesh_peak_flops
-    from jaxrl_llm.parallel import frozen_copy, place
+    from jaxrl_llm.parallel import place
 
     from . import setup
     from .canary import canary_for_stage
     from .loop import LoopConfig, run_loop
     from .optimizer import OptimizerConfig, make_optimizer, make_schedule
-    from .state import Frozen, TrainState
+    from .state import TrainState
 
     LoopConfig.from_config(cfg)  # its mistakes (observe.report_to=wandb, no wandb) before the model loads
 
@@ -221,20 +265,21 @@ def run_stage(cfg: Config) -> int:
         cfg, check_kind, head=row.head, epoch_steps=epoch_steps, updates_per_step=row.updates_per_step(cfg)
     )
     graphdef0, initial = nnx.split(run.model)
-    # Copied before the first update donates the policy's buffers; each keeps its parameter's sharding.
-    frozen = Frozen(
-        states={name: frozen_copy(initial) for name in row.frozen(cfg)},
-        graphdefs=tuple((name, graphdef0) for name in row.frozen(cfg)),
-    )
     model = row.trainable(cfg, run) if row.trainable is not None else run.model
+    lora = has_lora(run.model)
+    frozen = frozen_models(row.frozen(cfg), run.model, model)
     opt = OptimizerConfig.from_config(cfg, updates_per_step=row.updates_per_step(cfg))
-    tx = make_optimizer(opt, nnx.state(model, nnx.Param))
-    graphdef, state = TrainState.create(model, tx, jax.random.key(cfg.seed), row.extra(cfg))
+    trainable = TRAINABLE if lora else nnx.Param  # LoRA: the adapters (and new heads), never the base
+    tx = make_optimizer(opt, nnx.state(model, trainable))
+    graphdef, state = TrainState.create(model, tx, jax.random.key(cfg.seed), row.extra(cfg), trainable)
     state = place(state, run.mesh)
     encoder = row.encoder(run.renderer) if row.encoder is not None else None
     ctx = StageContext(cfg, run, encoder, row.objective(cfg), graphdef, tx, make_schedule(opt), frozen)
     plan = row.plan(ctx)
-    canary = canary_for_stage(cfg, run, graphdef, frozen, row.policy, initial=(graphdef0, initial))
+    canary_frozen = frozen
+    if lora and cfg.canary.max_kl is not None and "reference" not in frozen.names:
+        canary_frozen = frozen_models(("reference",), run.model, model)  # no copy of the base for it either
+    canary = canary_for_stage(cfg, run, graphdef, canary_frozen, row.policy, initial=(graphdef0, initial))
     loop = LoopConfig.from_config(cfg)
     if plan.eval_at_start:
         loop = dataclasses.replace(loop, eval_at_start=True)
@@ -247,7 +292,7 @@ def run_stage(cfg: Config) -> int:
         settings=resume_settings(cfg),
         peak_flops=mesh_peak_flops(cfg.train.peak_flops, cfg.model.dtype),
         evaluators=plan.evaluators,
-        export=setup.hf_export(run.renderer, row.policy),
+        export=_export(cfg, run, row, lora),
         canary=canary,
     )
     if summary.get("stopped"):  # a signal or train.max_hours: checkpointed, to be continued

@@ -29,6 +29,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxrl_llm.models.lora import use_dropout
 from jaxrl_llm.objectives.base import Objective, combine_sums, identity_sums
 from jaxrl_llm.parallel import batch_shardings, constrain, tree_shardings
 
@@ -61,6 +62,9 @@ def build_update(
 ) -> UpdateFn:
     """The pure update (not jitted; see :func:`compile_update`).
 
+    Only ``state.trainable``'s parameters are differentiated (a LoRA run's adapters: no gradient for the
+    base weights); a model with LoRA dropout draws its masks from the micro-batch's key.
+
     Metrics (all scalars): the objective's (``loss`` first), ``grad_norm`` (global norm of the gradients
     before clipping, frozen parameters' included), ``skipped`` (1 when the loss or the gradient norm was not
     finite: then the parameters and optimizer state are left as they were), ``learning_rate`` (the
@@ -75,14 +79,17 @@ def build_update(
         state: TrainState, batch: Batch, rng: jax.Array, frozen: Frozen = NO_FROZEN
     ) -> tuple[TrainState, dict[str, jax.Array]]:
         normalizer = objective.normalizer(batch)
-        frozen_models = frozen.models()
+        frozen_models = frozen.bind(state.params).models()
+        trained, untrained = state.split_params()  # gradients for the trained part only (LoRA: adapters)
 
         def grads_of(mb: Batch, key: jax.Array):
             def loss_fn(params):
-                loss_sum, sums = objective.loss(nnx.merge(graphdef, params), mb, key, frozen_models)
+                model = nnx.merge(graphdef, params, untrained) if untrained else nnx.merge(graphdef, params)
+                use_dropout(model, key)
+                loss_sum, sums = objective.loss(model, mb, key, frozen_models)
                 return loss_sum / normalizer, sums
 
-            (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
             return jax.tree.map(lambda g: g.astype(jnp.float32), grads), sums
 
         if accum_steps == 1:
@@ -127,7 +134,7 @@ def build_eval_step(graphdef: nnx.GraphDef, objective: Objective) -> Callable:
     (``combine_sums``), then summarize."""
 
     def eval_step(params: nnx.State, batch: Batch, rng: jax.Array, frozen: Frozen = NO_FROZEN):
-        _, sums = objective.loss(nnx.merge(graphdef, params), batch, rng, frozen.models())
+        _, sums = objective.loss(nnx.merge(graphdef, params), batch, rng, frozen.bind(params).models())
         return sums, objective.normalizer(batch)
 
     return eval_step
