@@ -4,7 +4,9 @@ checkpoint directory that HF transformers loads on its own.
 DIR receives the safetensors, ``config.json`` and ``generation_config.json`` (with the end-of-turn ids HF
 ``generate`` stops at, and the pad id HF's sequence classifiers need), and the tokenizer files with the chat
 template the run trained with: the files the run writes to ``final/`` for its last step. ``--step`` picks
-the checkpoint (default: the last one kept); when its parameters are the run's final ones, it says so.
+the checkpoint (default: the last one kept); when its parameters are the run's final ones, it says so. A LoRA
+run's export has its adapters merged into the base (``model.path``, loaded again); ``--adapter`` writes the
+adapters alone as a PEFT adapter directory (``adapter_config.json``, ``adapter_model.safetensors``).
 ``python -m jaxrl_llm.sanity DIR`` then checks the export against HF transformers. Exit codes: 0 exported,
 2 a usage mistake, a folder that is not a run, or a step the run does not have (one line on stderr, no
 traceback).
@@ -27,6 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN_DIR", help="a training run's directory (or its name under runs/)")
     p.add_argument("--step", type=int, metavar="N", help="the checkpoint's step (default: the last one kept)")
     p.add_argument("--out", required=True, metavar="DIR", help="the folder the HF checkpoint is written to")
+    p.add_argument(
+        "--adapter",
+        action="store_true",
+        help="a LoRA run's adapters alone, as a PEFT adapter directory (default: merged into the base)",
+    )
     return p
 
 
@@ -43,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         run_dir = resolve_run(args.run)
         step = latest_step(run_dir) if args.step is None else args.step
-        out, digest = export_checkpoint(run_dir, step, out)
+        out, digest = export_checkpoint(run_dir, step, out, adapter=args.adapter)
         lines = export_lines(run_dir, step, out, digest)
     # A missing run, a step it does not have, a checkpoint that cannot be read: one line, no traceback.
     except (UserError, OSError) as err:

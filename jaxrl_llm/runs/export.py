@@ -114,10 +114,16 @@ def restore_params(run_dir: Path, step: int, abstract: Any, part: tuple[str, ...
     return restored
 
 
-def export_checkpoint(run_dir: Path, step: int | None = None, out: Path | None = None) -> tuple[Path, str]:
+def export_checkpoint(
+    run_dir: Path, step: int | None = None, out: Path | None = None, *, adapter: bool = False
+) -> tuple[Path, str]:
     """Writes checkpoint ``step`` (default: the last) of ``run_dir`` as an HF checkpoint to ``out`` (default
     ``<run_dir>/export-step-<step>``), with the stop and pad ids and the chat template of the run's renderer;
-    returns ``(out, params_sha256)`` (the digest ``summary.json`` gives for the final parameters)."""
+    returns ``(out, params_sha256)`` (the digest ``summary.json`` gives for the final parameters).
+
+    A LoRA run's checkpoints hold its adapters only: the base is loaded from its ``model.path`` again (and
+    must be the one recorded in ``lora_base.json``), and the export has the adapters merged in, or with
+    ``adapter`` is the adapters alone as a PEFT adapter directory."""
     steps = checkpoint_steps(run_dir)
     step = latest_step(run_dir) if step is None else step
     if step not in steps:
@@ -127,8 +133,9 @@ def export_checkpoint(run_dir: Path, step: int | None = None, out: Path | None =
 
     from jaxrl_llm.checkpoint import params_digest
     from jaxrl_llm.models import abstract_model
+    from jaxrl_llm.models.lora import LoRAConfig
     from jaxrl_llm.render import Renderer
-    from jaxrl_llm.train.setup import hf_export
+    from jaxrl_llm.train.setup import adapter_export, hf_export, lora_base_model
     from jaxrl_llm.train.stages import STAGES
 
     cfg = _config(run_dir)
@@ -136,18 +143,67 @@ def export_checkpoint(run_dir: Path, step: int | None = None, out: Path | None =
         raise RunError(f"{run_dir}: stage {cfg.stage!r} is not one this version can rebuild")
     tokenizer = _tokenizer(cfg, run_dir)
     renderer = Renderer.from_config(cfg, tokenizer)
-    arch = _architecture(cfg, run_dir, tokenizer.vocab_size)
-    graphdef, abstract = nnx.split(abstract_model(arch, head=STAGES[cfg.stage].head), nnx.Param)
-    params = restore_params(run_dir, step, abstract, EXPORTED_PART.get(cfg.stage, ()))
-    model = nnx.merge(graphdef, params)
+    part = EXPORTED_PART.get(cfg.stage, ())
+    if LoRAConfig.from_config(cfg.get("lora")).rank > 0:
+        model = _lora_model(cfg, run_dir, step, tokenizer, part)
+    elif adapter:
+        raise RunError(
+            f"{run_dir}: not a LoRA run (lora.rank is 0), so it has no adapter: export without --adapter"
+        )
+    else:
+        arch = _architecture(cfg, run_dir, tokenizer.vocab_size)
+        graphdef, abstract = nnx.split(abstract_model(arch, head=STAGES[cfg.stage].head), nnx.Param)
+        model = nnx.merge(graphdef, restore_params(run_dir, step, abstract, part))
     out = out if out is not None else run_dir / f"{EXPORT_PREFIX}{step}"
-    hf_export(renderer)(model, out)
+    if adapter:
+        adapter_export(renderer, base_model=lora_base_model(cfg))(model, out)
+    else:
+        hf_export(renderer)(model, out)
     return out, params_digest(nnx.state(model, nnx.Param))
+
+
+def _lora_model(cfg: Any, run_dir: Path, step: int, tokenizer: Any, part: tuple[str, ...]) -> Any:
+    """A LoRA run's model at ``step``: its base from ``model.path`` (refused when it is not the base the run
+    recorded) with the checkpoint's adapters (and trained heads)."""
+    import jax
+    from flax import nnx
+
+    from jaxrl_llm.models.lora import TRAINABLE
+    from jaxrl_llm.models.lora_io import base_fingerprint, fingerprint_differences
+    from jaxrl_llm.train.setup import LORA_BASE_NAME, build_model
+    from jaxrl_llm.train.stages import STAGES
+
+    try:
+        model = build_model(cfg, tokenizer, None, head=STAGES[cfg.stage].head)
+    except (UserError, OSError) as err:
+        raise RunError(
+            f"{run_dir}: a LoRA run's checkpoints hold its adapters only, and its base (model.path="
+            f"{cfg.model.path!r}) cannot be loaded: {err}"
+        ) from None
+    record = run_dir / LORA_BASE_NAME
+    if record.is_file():
+        saved = json.loads(record.read_text()).get("weights", {})
+        differ = fingerprint_differences(saved, base_fingerprint(model))
+        if differ:
+            raise RunError(
+                f"{run_dir}: model.path={cfg.model.path!r} is no longer the base its adapters were trained on "
+                f"({len(differ)} weights differ from {record}, e.g. {differ[0]})"
+            )
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.state(model, TRAINABLE))
+    nnx.update(model, restore_params(run_dir, step, abstract, part))
+    return model
 
 
 def export_lines(run_dir: Path, step: int, out: Path, digest: str) -> list[str]:
     """What an export prints: where it went, and whether it holds the parameters of the run's ``final/``."""
     lines = [f"exported step {step} of {run_dir} to {out} (params sha256 {digest})"]
+    from jaxrl_llm.models.lora_io import ADAPTER_CONFIG
+
+    if (out / ADAPTER_CONFIG).is_file():
+        base = json.loads((out / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+        return lines + [
+            f"a PEFT LoRA adapter (peft.PeftModel.from_pretrained(base, {str(out)!r})) for the base {base}"
+        ]
     hf = json.loads((out / "config.json").read_text())
     ids = ", ".join(f"{k} {json.dumps(hf.get(k))}" for k in ("eos_token_id", "pad_token_id", "bos_token_id"))
     from jaxrl_llm.models.hf_io import GENERATION_CONFIG
