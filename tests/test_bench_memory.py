@@ -54,6 +54,9 @@ def test_bfloat16_parameters_halve_parameters_and_moments_not_gradients():
     assert bf16["parameters"] * 2 == f32["parameters"]
     assert bf16["gradients"] == f32["gradients"]  # the step casts gradients to float32
     assert bf16["optimizer_state"] < 0.51 * f32["optimizer_state"]  # optax keeps moments in the param dtype
+    wide = abstract_figures(MemorySpec("llama-tiny", param_dtype="bfloat16", state_dtype="float32"))
+    assert wide["parameters"] == bf16["parameters"]
+    assert wide["optimizer_state"] == f32["optimizer_state"]  # optimizer.state_dtype=float32 moments
 
 
 def test_rl_stages_size_the_rollout_cache_and_ppo_its_critic():

@@ -177,3 +177,27 @@ def test_train_state_is_a_jittable_pytree():
     before, after = jax.tree.leaves(state.params), jax.tree.leaves(new.params)
     assert any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
     assert not np.array_equal(jax.random.key_data(new.rng), jax.random.key_data(state.rng))
+
+
+def test_float32_state_keeps_bfloat16_parameters_moments_in_float32():
+    """optimizer.state_dtype=float32: Adam's moments are float32 for bfloat16 parameters, and the update is
+    the float32 AdamW update of the float32 values, cast to bfloat16 (the param-dtype state rounds its
+    moments to bfloat16 instead)."""
+    cfg = _cfg(name="adamw", lr=0.1, schedule="constant", warmup_steps=0)
+    cfg = dataclasses.replace(cfg, clip_norm=None)
+    params = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]], jnp.bfloat16)}
+    grads = {"w": jnp.array([[0.2, -0.1], [0.4, 0.05]], jnp.float32)}
+    wide = make_optimizer(dataclasses.replace(cfg, state_dtype="float32"), params)
+    state = wide.init(params)
+    moments = [x for x in jax.tree.leaves(state) if getattr(x, "ndim", 0) == 2]
+    assert moments and all(x.dtype == jnp.float32 for x in moments)
+    updates, _ = wide.update(grads, state, params)
+    assert updates["w"].dtype == jnp.bfloat16
+    f32 = {"w": params["w"].astype(jnp.float32)}
+    reference = make_optimizer(cfg, f32)
+    want, _ = reference.update(grads, reference.init(f32), f32)
+    np.testing.assert_array_equal(np.asarray(updates["w"]), np.asarray(want["w"].astype(jnp.bfloat16)))
+    narrow = make_optimizer(cfg, params)
+    assert all(
+        x.dtype == jnp.bfloat16 for x in jax.tree.leaves(narrow.init(params)) if getattr(x, "ndim", 0) == 2
+    )

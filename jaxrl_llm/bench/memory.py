@@ -73,6 +73,7 @@ class MemorySpec:
     lora_rank: int | None = None  # None: every parameter is trained
     remat: str = "none"
     param_dtype: str = "float32"
+    state_dtype: str = "param"  # optimizer.state_dtype: the moments in param_dtype, or float32
     dtype: str = "float32"
     scan_layers: bool = True
     reference: bool | None = None  # None: what the stage does by default
@@ -270,7 +271,7 @@ def abstract_figures(spec: MemorySpec) -> dict[str, Any]:
     trained_model, policy = abstract_models(spec)
     params = _params(trained_model)
     trained = trained_params(spec, params)
-    tx = make_optimizer(OptimizerConfig(), trained)
+    tx = make_optimizer(OptimizerConfig(state_dtype=spec.state_dtype), trained)
     opt_state = jax.eval_shape(tx.init, trained)
     grads = jax.tree.map(
         lambda v: v.replace(jax.ShapeDtypeStruct(v.shape, jnp.float32)),

@@ -89,6 +89,12 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--remat", default="none", choices=("none", "full", "dots"))
     parser.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument(
+        "--optimizer-state-dtype",
+        default="param",
+        choices=("param", "float32"),
+        help="optimizer.state_dtype: Adam's moments in --param-dtype (param) or float32",
+    )
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     parser.add_argument("--no-scan-layers", dest="scan_layers", action="store_false", help="unrolled blocks")
     parser.add_argument(
@@ -120,6 +126,7 @@ def spec_from_args(args) -> MemorySpec:
         lora_rank=lora,
         remat=args.remat,
         param_dtype=args.param_dtype,
+        state_dtype=args.optimizer_state_dtype,
         dtype=args.dtype,
         scan_layers=args.scan_layers,
         reference=args.reference,

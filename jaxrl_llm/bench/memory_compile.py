@@ -149,7 +149,7 @@ def compile_programs(spec: MemorySpec, devices: list) -> dict[str, Any]:
     }
     out["step"] = None
     if spec.lora_rank is None:
-        opt = OptimizerConfig()
+        opt = OptimizerConfig(state_dtype=spec.state_dtype)
         tx = make_optimizer(opt, params)
         key = jax.eval_shape(lambda: jax.random.key(0))
         extra = {"kl_coef": jax.ShapeDtypeStruct((), _f32)} if spec.stage == "ppo" else {}

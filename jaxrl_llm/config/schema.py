@@ -313,6 +313,15 @@ FIELDS: tuple[Field, ...] = (
         "(zero update, no optimizer state). Empty = train every parameter.",
         str,
     ),
+    Field(
+        "optimizer.state_dtype",
+        "param",
+        "dtype of the optimizer's state (moments): param (each parameter's own dtype) or float32 (moments and "
+        "the update computed in float32, then cast to the parameter's dtype: bfloat16 parameters with float32 "
+        "optimizer state; no float32 master copy of the weights).",
+        str,
+        ("param", "float32"),
+    ),
     # LoRA (jaxrl_llm.models.lora).
     Field(
         "lora.rank",

@@ -18,6 +18,7 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxrl_llm.config import ConfigError
@@ -83,6 +84,7 @@ class OptimizerConfig:
     clip_norm: float | None = 1.0
     freeze: str = ""
     total_steps: int = 1000
+    state_dtype: str = "param"
 
     @classmethod
     def from_config(cls, cfg: Any, *, updates_per_step: int = 1) -> OptimizerConfig:
@@ -99,6 +101,7 @@ class OptimizerConfig:
             warmup_steps=int(o.warmup_steps),
             clip_norm=None if o.clip_norm is None else float(o.clip_norm),
             freeze=o.get("freeze", "") or "",
+            state_dtype=o.get("state_dtype", "param") or "param",
             total_steps=int(cfg.train.steps) * updates_per_step,
         )
 
@@ -148,6 +151,25 @@ def _base(opt: OptimizerConfig, schedule: optax.Schedule, mask: Any) -> optax.Gr
     raise ValueError(f"optimizer.name={name!r}: expected one of {', '.join(OPTIMIZERS)}")
 
 
+def _float32(tree: Any) -> Any:
+    return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def in_float32(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``inner`` run on float32 copies of the gradients and parameters, so its state (Adam's moments) is
+    float32 whatever the parameters' dtype; the updates go back in each parameter's dtype."""
+
+    def init(params: Any) -> Any:
+        return inner.init(_float32(params))
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        new, state = inner.update(_float32(updates), state, None if params is None else _float32(params))
+        dtypes = updates if params is None else params
+        return jax.tree.map(lambda n, like: n.astype(like.dtype), new, dtypes), state
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(opt: OptimizerConfig, params: Any) -> optax.GradientTransformation:
     """The optimizer ``opt`` describes, for a params tree shaped like ``params``.
 
@@ -155,6 +177,8 @@ def make_optimizer(opt: OptimizerConfig, params: Any) -> optax.GradientTransform
     the weight-decay mask and the frozen set.
     """
     base = _base(opt, make_schedule(opt), decay_mask(params))
+    if opt.state_dtype == "float32":
+        base = in_float32(base)
     if opt.clip_norm is not None:
         base = optax.chain(optax.clip_by_global_norm(float(opt.clip_norm)), base)
     pattern = opt.freeze
