@@ -65,14 +65,15 @@ def barrier(name: str) -> None:
 
 def to_host(tree: Any) -> Any:
     """The whole value of every (possibly multi-process sharded) array of ``tree`` as numpy, on every
-    process.
+    process: one ``device_get`` for the arrays this process holds whole, a gather for the others.
 
     A collective when an array spans processes: every process must call it, in the same order.
     """
-    return jax.tree.map(_leaf_to_host, tree)
-
-
-def _leaf_to_host(x: Any) -> np.ndarray:
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(jax.device_get(x))
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    leaves, treedef = jax.tree.flatten(tree)
+    spread = [not getattr(x, "is_fully_addressable", True) for x in leaves]
+    local = iter(jax.device_get([x for x, s in zip(leaves, spread, strict=True) if not s]))
+    out = [
+        np.asarray(multihost_utils.process_allgather(x, tiled=True)) if s else np.asarray(next(local))
+        for x, s in zip(leaves, spread, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, out)
