@@ -9,8 +9,8 @@ count TensorCores, two per chip: a v5p-32 has 16 chips). See tpu/README.md for c
 
 Paths you supply. ``model.path`` (an HF checkpoint directory of meta-llama/Llama-3.1-8B-Instruct: config.json,
 safetensors, tokenizer.json and tokenizer_config.json with its chat template) and the GSM8K files are paths
-that every host can read (a copy on each, or a shared disk); nothing is downloaded. The values written below
-are placeholders relative to the checkout. Config validation reads ``<model.path>/config.json`` and checks
+that every host can read (a copy on each, or a shared disk); nothing is downloaded. The paths written here and
+in configs/gsm8k_grpo.py are placeholders relative to the checkout. Config validation reads ``<model.path>/config.json`` and checks
 that the tokenizer files exist, so on a machine without the weights only the ``model.path`` check fails; the
 test (tests/test_launch.py) validates everything else against a stand-in directory holding Llama-3.1-8B's
 config.json.
@@ -33,51 +33,30 @@ Another slice: keep ``parallel.data * parallel.fsdp * parallel.tensor`` equal to
 v5p-64, 32 chips: ``--config.parallel.data=2``); keep ``parallel.tensor`` at most 8 (the KV heads).
 """
 
+from pathlib import Path
+
 import ml_collections
 
-from jaxrl_llm.config import base_config
+from jaxrl_llm.config.cli import load_config
+
+RECIPE = Path(__file__).resolve().parents[1] / "gsm8k_grpo.py"  # the GSM8K GRPO recipe this lays out
 
 
 def get_config() -> ml_collections.ConfigDict:
-    cfg = base_config()
-    cfg.stage = "grpo"
+    cfg = load_config(str(RECIPE))
     cfg.run_dir = "runs/llama3.1_8b_grpo_v5p32"
-
     cfg.model.path = (
         "models/Llama-3.1-8B-Instruct"  # placeholder: --config.model.path=<HF directory on every host>
     )
-    cfg.model.dtype = "bfloat16"
-    cfg.model.param_dtype = "float32"
-    cfg.model.remat = "full"
 
     cfg.parallel.data = 1
     cfg.parallel.fsdp = 4
     cfg.parallel.tensor = 4
 
-    cfg.data.path = "data/gsm8k/train.jsonl"
-    cfg.data.eval_path = "data/gsm8k/test.jsonl"
-    cfg.data.max_tokens = 256  # rendered prompts; Llama 3.1's template adds a dated system header
-
     cfg.rollout.max_new_tokens = 1024
-    cfg.rollout.temperature = 1.0
-    cfg.rollout.dtype = "bfloat16"
-
-    cfg.rl.algorithm = "grpo"
     cfg.rl.prompts_per_iteration = 64
-    cfg.rl.group_size = 8
-    cfg.rl.beta = 0.0
-    cfg.rl.rollout_is = "token"
-    cfg.reward.functions = [{"name": "math_verify", "weight": 1.0}]
-
-    cfg.optimizer.lr = 1e-6
-    cfg.optimizer.warmup_steps = 10
-    cfg.optimizer.schedule = "constant"
-    cfg.optimizer.weight_decay = 0.0
-    cfg.optimizer.clip_norm = 1.0
-
     cfg.train.steps = 200
     cfg.train.grad_accum_steps = 8  # 512 rows an update, 64 a micro-batch (16 per data x fsdp shard)
-    cfg.train.log_every = 5
     cfg.train.eval_every = 25
     cfg.train.save_every = 25
     return cfg

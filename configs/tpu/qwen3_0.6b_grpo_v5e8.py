@@ -8,7 +8,7 @@ configs/gsm8k_grpo.py's, laid out for the v5e-8; see tpu/README.md for creating 
 
 Paths you supply. ``model.path`` (an HF checkpoint directory of Qwen/Qwen3-0.6B: config.json, safetensors,
 tokenizer files; its chat template is used as it is) and the GSM8K files (openai/grade-school-math's
-`train.jsonl` / `test.jsonl`) are paths on the TPU host; nothing is downloaded. The values written below are
+`train.jsonl` / `test.jsonl`) are paths on the TPU host; nothing is downloaded. The paths written here and in configs/gsm8k_grpo.py are
 placeholders relative to the checkout. Config validation reads ``<model.path>/config.json`` and checks that
 the tokenizer files exist, so on a machine without the weights only the ``model.path`` check fails; the test
 (tests/test_launch.py) validates everything else against a stand-in directory holding Qwen3-0.6B's
@@ -32,49 +32,24 @@ Another slice: keep ``parallel.data * parallel.fsdp * parallel.tensor`` equal to
 ``--config.parallel.fsdp=4`` on a v5e-4, or ``--config.parallel.fsdp=-1`` to fill whatever is there).
 """
 
+from pathlib import Path
+
 import ml_collections
 
-from jaxrl_llm.config import base_config
+from jaxrl_llm.config.cli import load_config
+
+RECIPE = Path(__file__).resolve().parents[1] / "gsm8k_grpo.py"  # the GSM8K GRPO recipe this lays out
 
 
 def get_config() -> ml_collections.ConfigDict:
-    cfg = base_config()
-    cfg.stage = "grpo"
+    cfg = load_config(str(RECIPE))
     cfg.run_dir = "runs/qwen3_0.6b_grpo_v5e8"
-
     cfg.model.path = "models/Qwen3-0.6B"  # placeholder: --config.model.path=<HF directory on the TPU host>
-    cfg.model.dtype = "bfloat16"
-    cfg.model.param_dtype = "float32"
-    cfg.model.remat = "full"
 
     cfg.parallel.data = 1
     cfg.parallel.fsdp = 8
     cfg.parallel.tensor = 1
 
-    cfg.data.path = "data/gsm8k/train.jsonl"
-    cfg.data.eval_path = "data/gsm8k/test.jsonl"
-    cfg.data.max_tokens = 256  # rendered prompts; GSM8K's are 80-250 tokens with Qwen's template
-
-    cfg.rollout.max_new_tokens = 1024
-    cfg.rollout.temperature = 1.0
-    cfg.rollout.dtype = "bfloat16"
-
-    cfg.rl.algorithm = "grpo"
-    cfg.rl.prompts_per_iteration = 16
-    cfg.rl.group_size = 8
-    cfg.rl.beta = 0.0
-    cfg.rl.rollout_is = "token"
-    cfg.reward.functions = [{"name": "math_verify", "weight": 1.0}]
-
-    cfg.optimizer.lr = 1e-6
-    cfg.optimizer.warmup_steps = 10
-    cfg.optimizer.schedule = "constant"
-    cfg.optimizer.weight_decay = 0.0
-    cfg.optimizer.clip_norm = 1.0
-
-    cfg.train.steps = 300
+    cfg.rollout.max_new_tokens = 1024  # Qwen3 thinks first, in <think>
     cfg.train.grad_accum_steps = 8  # 128 rows an update, 16 a micro-batch (2 per chip)
-    cfg.train.log_every = 5
-    cfg.train.eval_every = 50
-    cfg.train.save_every = 50
     return cfg
