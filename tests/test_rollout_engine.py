@@ -184,3 +184,32 @@ def test_background_loop_serves_concurrent_submitters(setup):
         assert answers[0] == "85" and answers[3] == "7"
     finally:
         engine.stop()
+
+
+def test_a_freed_slot_stops_advancing_its_cache_index(setup):
+    """A slot whose request ended writes nowhere new: its cache index stops moving, below the live rows', so
+    the slots a decode step reads (up to the highest index among its rows, in blocks) stay bounded by the
+    requests still running, and the one still running answers as it does alone."""
+    model, renderer, engine = setup
+    greedy = SamplingParams.greedy()
+    alone = _request(renderer, _conversation(5, 6), max_new_tokens=10, ignore_eos=True, sampling=greedy)
+    engine.generate([alone])
+    # ``short`` takes slot 0 and ends at the first step; ``long`` goes on in slot 1, so every later step
+    # decodes rows 0-1 with the freed slot among them. ``short``'s prompt is the longer: an index it kept
+    # advancing would stay above the live one's.
+    short = _request(renderer, _conversation(47, 38), max_new_tokens=2, ignore_eos=True, sampling=greedy)
+    long = _request(renderer, _conversation(5, 6), max_new_tokens=10, ignore_eos=True, sampling=greedy)
+    assert len(short.prompt) > len(long.prompt)
+    engine.submit(short)
+    engine.submit(long)
+    engine.step()
+    engine.step()
+    assert short.events[-1].finish_reason == "length" and engine.busy_slots == 1
+    before = np.asarray(engine.state.cache.index)
+    while engine.busy_slots:
+        engine.step()
+        index = np.asarray(engine.state.cache.index)
+        np.testing.assert_array_equal(index[[0, 2, 3]], before[[0, 2, 3]])  # the free slots stay put
+        assert index[[0, 2, 3]].max() <= index[1]  # the highest filled slot is the live request's
+    assert _tokens(long) == _tokens(alone)
+    np.testing.assert_allclose([e.logprob for e in long.events], [e.logprob for e in alone.events], atol=1e-5)

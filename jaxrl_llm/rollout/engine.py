@@ -10,7 +10,8 @@ each row writes at its own index) and runs, on the host, a loop of
 2. **decode**: one jitted step draws the next token of every occupied slot (compiled for the smallest
    power of two of leading rows that covers the occupied slots, so one stream does not pay for 32);
 3. **retire**: a slot whose request ended (an EOS id, a stop token sequence, its token budget) or was
-   cancelled (a client that went away) is free for the next request at once.
+   cancelled (a client that went away) is free for the next request at once; until then its cache index
+   is held at 0 (it writes nothing valid), so decode reads no more of the cache than the live requests fill.
 
 Device side: pure functions of an :class:`EngineState` (the cache, each slot's last token, PRNG key, draw
 count and sampling parameters), jitted with the state donated, so the cache is updated in place. A slot's
@@ -158,21 +159,26 @@ def decode(
     params: nnx.State,
     layers: tuple[nnx.State, ...],
     state: EngineState,
+    active: jax.Array,
     *,
     rows: int,
     top: int = 0,
 ) -> tuple[EngineState, Draw]:
-    """One token for each of the first ``rows`` slots. The other slots are free: their cache rows take the
-    zero padding of this step's writes at their own index, overwritten before they are ever read."""
+    """One token for each of the first ``rows`` slots; ``active`` (bool[S]) marks the slots holding a request.
+
+    A free slot, among the leading rows or past them, is held at slot 0 of its row: its index is reset
+    there, before and after the step, and its write (the step's token, or the padding of the leading rows'
+    writes) is masked (not valid, no length added), overwritten by the next prefill before it is ever read.
+    Decode attention reads a row's slots only up to the highest index among the step's rows, so a free slot
+    whose index went on growing would make every later step read more of the cache (and run off its end).
+    """
     model = nnx.merge(graphdef, params)
     token, drawn = state.token[:rows], state.drawn[:rows]
+    cache = state.cache.replace(index=jnp.where(active, state.cache.index, 0))
     # The model continues the cache's leading rows, written in place (slicing the rows out and putting them
     # back made XLA copy the whole cache at every step).
-    out = model.forward(
-        token[:, None], attention_mask=jnp.ones((rows, 1), jnp.int32), cache=state.cache, layers=layers
-    )
-    # A free slot's index stays inside the cache (its rows take the padding of the leading rows' writes).
-    cache = out.cache.replace(index=jnp.minimum(out.cache.index, out.cache.max_len - 1))
+    out = model.forward(token[:, None], attention_mask=active[:rows, None], cache=cache, layers=layers)
+    cache = out.cache.replace(index=jnp.where(active, out.cache.index, 0))
     keys = jax.vmap(jax.random.fold_in)(state.keys[:rows], drawn)
     draw = _draw(keys, out.logits[:, -1], _rows(state.sampling, 0, rows), top)
     state = state.replace(
@@ -354,9 +360,11 @@ class Engine:
             return admitted
         rows = min(prompt_bucket(max(active) + 1, smallest=1), self.slots)
         top = MAX_TOP_LOGPROBS if any(self._active[i].top_logprobs for i in active) else 0
+        occupied = np.zeros((self.slots,), bool)
+        occupied[active] = True
         with self._mesh():
             self.state, draw = _decode(
-                self.graphdef, self.params, self.layers, self.state, rows=rows, top=top
+                self.graphdef, self.params, self.layers, self.state, jnp.asarray(occupied), rows=rows, top=top
             )
         draw = jax.device_get(draw)
         self.steps += 1
