@@ -9,8 +9,11 @@ import pytest
 
 from jaxrl_llm.bench.__main__ import main
 from jaxrl_llm.bench.forward import forward_flops
+from jaxrl_llm.bench.rollout import cache_slots
 from jaxrl_llm.bench.train import bench_train
+from jaxrl_llm.errors import UserError
 from jaxrl_llm.models import get_preset
+from jaxrl_llm.models.cache import KVCache
 
 
 def test_forward_flops_by_hand():
@@ -77,10 +80,20 @@ def test_train_bench_compare_trl(tmp_path):
     )
 
 
-def test_rollout_bench_writes_json(tmp_path):
+def test_rollout_bench_writes_json(tmp_path, monkeypatch):
+    made = []  # the KV caches' slot counts
+    init = KVCache.init.__func__
+    monkeypatch.setattr(
+        KVCache,
+        "init",
+        classmethod(lambda cls, cfg, b, n, *a, **kw: made.append(n) or init(cls, cfg, b, n, *a, **kw)),
+    )
     out = tmp_path / "rollout.json"
     args = ["rollout", "--model", "llama-tiny", "--batch", "2", "--prompt-len", "8", "--new-tokens", "4"]
-    assert main([*args, "--repeats", "1", "--sample", "--compare-hf", "--json", str(out)]) == 0
+    assert (
+        main([*args, "--repeats", "1", "--sample", "--compare-hf", "--max-len", "40", "--json", str(out)])
+        == 0
+    )
     result = json.loads(out.read_text())
     for key in (
         "tokens_per_s",
@@ -94,6 +107,16 @@ def test_rollout_bench_writes_json(tmp_path):
     ):
         assert result[key] >= 0, key
     assert result["tokens_per_s"] > 0 and result["peer_tokens_per_s"] > 0
+    assert result["max_len"] == 40 and set(made) == {40}  # the sampler's own would be 16 (bucket) + 4
+
+
+def test_rollout_bench_refuses_a_cache_the_generation_does_not_fit():
+    assert cache_slots(8, 4, max_seq_len=512) == 16 + 4  # the sampler's: the prompts' bucket + new tokens
+    assert cache_slots(64, 128, max_seq_len=2048, max_len=2048) == 2048
+    with pytest.raises(UserError, match=r"--max-len 19 is smaller than --prompt-len 8 \+ --new-tokens 4 "):
+        cache_slots(8, 4, max_seq_len=512, max_len=19)  # 8 + 4 fit, but the prompts are left-padded to 16
+    with pytest.raises(UserError, match="exceeds the model's max_seq_len 512"):
+        cache_slots(8, 4, max_seq_len=512, max_len=4096)
 
 
 @pytest.mark.slow

@@ -2,7 +2,8 @@
 
     python -m jaxrl_llm.bench peak
     python -m jaxrl_llm.bench forward --model llama-30m --batch 8 --seq-len 256 [--compare-hf] [--json OUT]
-    python -m jaxrl_llm.bench rollout --model llama-30m --batch 16 --prompt-len 64 --new-tokens 128 [--compare-hf]
+    python -m jaxrl_llm.bench rollout --model llama-30m --batch 16 --prompt-len 64 --new-tokens 128 [--max-len 2048] \
+        [--compare-hf]
     python -m jaxrl_llm.bench serve --model llama-30m --streams 1,8,32 --prompt-len 64 --new-tokens 64 [--uneven --requests-per-stream 4] [--json OUT]
     python -m jaxrl_llm.bench train --objective sft --model llama-30m --batch 8 --seq-len 256 [--compare-trl] [--json OUT]
     python -m jaxrl_llm.bench train --objective dpo --model llama-30m --batch 4 --prompt-len 64 --completion-len 64 \
@@ -110,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     roll.add_argument("--batch", type=int, default=16)
     roll.add_argument("--prompt-len", type=int, default=64)
     roll.add_argument("--new-tokens", type=int, default=128)
+    roll.add_argument(
+        "--max-len",
+        type=int,
+        help="KV cache slots (default: what the sampler allocates, the prompt's power-of-two bucket + "
+        "--new-tokens); a longer cache measures decode on a cache sized for longer requests than these",
+    )
     roll.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     roll.add_argument("--sample", action="store_true", help="temperature-1 sampling instead of greedy")
     roll.add_argument("--repeats", type=int, default=3)
@@ -203,6 +210,7 @@ def _run(args: argparse.Namespace) -> dict:
             batch=args.batch,
             prompt_len=args.prompt_len,
             new_tokens=args.new_tokens,
+            max_len=args.max_len,
             dtype=args.dtype,
             sample=args.sample,
             compare_hf=args.compare_hf,
