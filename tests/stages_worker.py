@@ -53,14 +53,17 @@ STAGES = {
     "kto": [*TINY, "--config.data.path=synthetic:arithmetic_kto?n=120&digits=2"],
     "orpo": [*TINY, PAIRS],
     "simpo": [*TINY, PAIRS],
-    # host rewards (rollout, scoring on every process, update) and a held-out greedy evaluation
+    # host rewards (rollout on a mesh of its own, one device of each process; scoring on every process;
+    # update) and a held-out greedy evaluation
     "grpo": [
         *RL,
         *HELD_OUT,
         "--config.rl.eval_prompts=8",
         '--config.reward.functions=[{"name": "math_verify"}]',
+        "--config.rollout.mesh=data=2",
     ],
-    "ppo": [*RL, '--config.reward.functions=[{"name": "answer_match"}]'],  # device rewards: one program
+    # device rewards; the reference on a mesh of its own (one device of each process)
+    "ppo": [*RL, '--config.reward.functions=[{"name": "answer_match"}]', "--config.rl.reference_mesh=data=2"],
 }
 RESUMED = [
     "--config.train.steps=3"

@@ -20,6 +20,7 @@ from jaxrl_llm.config import (
     parse_args,
     validate,
 )
+from jaxrl_llm.parallel import MeshError, role_meshes
 from jaxrl_llm.train.stages import STAGES
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -203,6 +204,25 @@ def test_multi_process_settings():
     validate(
         _overridden(parallel__num_processes=2, parallel__process_id=1, parallel__coordinator_address="h:1")
     )
+
+
+def test_rl_role_meshes():
+    assert "rl.reference_mesh='data': expected comma-separated axis=size" in _problems(
+        _overridden(stage="grpo", rl__beta=0.1, rl__reference_mesh="data")
+    )
+    assert "a grpo run without a KL penalty has no reference model to place" in _problems(
+        _overridden(stage="grpo", rl__reference_mesh="data=2")
+    )
+    assert "a ppo run without a KL term has no reference model" in _problems(
+        _overridden(stage="ppo", rl__kl_coef=0.0, rl__reference_mesh="data=2")
+    )
+    assert "set rollout.mesh" in _problems(_overridden(stage="grpo", rollout__off_policy=True))
+    roles = {"rollout__mesh": "data=2", "rl__reference_mesh": "fsdp=2", "reward__mesh": "data=1"}
+    multi = {"parallel__num_processes": 2, "parallel__process_id": 1, "parallel__coordinator_address": "h:1"}
+    rewards = [{"name": "math_verify"}]
+    validate(_overridden(stage="grpo", rl__beta=0.04, reward__functions=rewards, **multi, **roles))
+    with pytest.raises(MeshError, match="rollout.mesh: a mesh of 1 devices leaves none of the 1"):
+        role_meshes(base_config().parallel, {"rollout.mesh": (1, 1, 1)})
 
 
 def _checkpoint(tmp_path, **hf) -> str:

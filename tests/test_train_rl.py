@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import jax
@@ -394,12 +395,54 @@ def test_the_sharded_iteration_on_8_devices_equals_one_device(fused_run, tmp_pat
         np.testing.assert_allclose(got[name], value, atol=5e-5, err_msg=name)
 
 
+ROLES = (
+    "--config.lora.rank=4",
+    "--config.rl.beta=0.04",
+    "--config.train.steps=2",
+    "--config.train.log_every=1",
+)
+
+
+def roles_reward(reward_model: Path | str) -> str:
+    """The exact answer and a learned reward model's score (a tenth of it)."""
+    functions = [
+        {"name": "answer_match", "params": {"ignore_ids": ["<|im_end|>"]}},
+        {"name": "reward_model", "weight": 0.1, "params": {"path": str(reward_model), "batch_size": 4}},
+    ]
+    return f"--config.reward.functions={json.dumps(functions)}"
+
+
 @pytest.mark.slow
-def test_rollouts_on_a_mesh_of_their_own_equal_the_collocated_run(fused_run, tmp_path):
+def test_rollouts_on_a_mesh_of_their_own_equal_the_collocated_run(fused_run, tmp_path, monkeypatch):
     """8 devices split 4 + 4: training on data=2 x fsdp=2, rollouts on data=2 x tensor=2 with the weights
     resharded each iteration, equal the one-device run; one step off-policy (the next rollout overlapping the
-    update, corrected by rl.rollout_is) starts the same and then learns from one-step-stale samples."""
-    run_on_cpu_devices(["-m", "tests.rl_8dev", str(tmp_path), "split"], 8, "split-mesh RL runs finished")
+    update, corrected by rl.rollout_is) starts the same and then learns from one-step-stale samples. And a
+    LoRA run with a KL penalty and a learned reward model, every role on 2 devices of its own (the adapters
+    sent to the rollouts, the base copied once to the rollout and reference meshes), equals the same run on
+    one device, where the reference is a view of the policy's weights with the adapters off (no copy)."""
+    from jaxrl_llm.models import load_hf, save_hf
+    from jaxrl_llm.train import stages
+
+    reward_model = tmp_path / "rm"
+    shutil.copytree(SFT_MODEL, reward_model)  # its tokenizer and template
+    save_hf(load_hf(SFT_MODEL, head="score"), reward_model)
+    made = []
+    real = stages.frozen_models
+    monkeypatch.setattr(stages, "frozen_models", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    one = tmp_path / "roles_one"
+    assert train(one, *ROLES, roles_reward(reward_model)) == 0
+    (frozen,) = made
+    assert frozen.names == ("reference",) and jax.tree.leaves(frozen) == []  # no copy of the base
+    assert (one / "adapter" / "adapter_model.safetensors").is_file()
+    args = ["-m", "tests.rl_8dev", str(tmp_path), "split", str(reward_model)]
+    run_on_cpu_devices(args, 8, "split-mesh RL runs finished")
+    roles, want = final_params(tmp_path / "roles"), final_params(one)
+    for name, value in roles.items():
+        np.testing.assert_allclose(value, want[name], atol=5e-5, err_msg=name)
+    for a, b in zip(metrics(tmp_path / "roles"), metrics(one), strict=True):
+        for key in ("reward/total/mean", "reward/reward_model/mean", "kl"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+        assert a["time/reference_s"] > 0 and a["time/reshard_s"] > 0 and "time/reference_s" not in b
     split, stale = tmp_path / "split", tmp_path / "off_policy"
     want = final_params(fused_run[0])
     for name, value in final_params(split).items():

@@ -709,8 +709,10 @@ FIELDS: tuple[Field, ...] = (
         "",
         "A mesh of its own for the RL rollouts, e.g. 'data=4' or 'fsdp=2,tensor=2': it takes the last devices "
         "and training the ones before (parallel.* sizes them; -1 fills them); the policy's weights are "
-        "resharded from the training layout to the rollout layout every iteration (time/reshard_s). Empty = "
-        "rollouts share the training mesh. Single-process runs.",
+        "resharded from the training layout to the rollout layout every iteration (time/reshard_s); with LoRA "
+        "only the adapters move, the base is placed there once. With several processes it takes an equal "
+        "share of every process's devices, and the weights move through the hosts. Empty = rollouts share "
+        "the training mesh.",
         str,
     ),
     Field(
@@ -802,6 +804,16 @@ FIELDS: tuple[Field, ...] = (
     ),
     Field(
         "rl.kl_estimator", "k3", "KL estimator of the penalty (Schulman's k1, k2, k3).", str, KL_ESTIMATORS
+    ),
+    Field(
+        "rl.reference_mesh",
+        "",
+        "A mesh of its own for the reference model (grpo with rl.beta > 0, ppo with a KL term), e.g. "
+        "'data=2': the reference's weights live there (none on the training devices; with LoRA a copy of the "
+        "base) and its log-probs of each iteration's samples are computed there and sent to the training "
+        "mesh (time/reference_s). It takes devices after rollout.mesh's (from the end). Empty = the "
+        "reference shares the training mesh.",
+        str,
     ),
     Field(
         "rl.advantage_eps",
@@ -910,6 +922,14 @@ FIELDS: tuple[Field, ...] = (
         "component in the logs; set it to use one function twice). On the command line a JSON list. "
         "python -m jaxrl_llm.reward lists the functions and their params.",
         list,
+    ),
+    Field(
+        "reward.mesh",
+        "",
+        "A mesh of its own for the learned reward models of reward.functions (reward_model), e.g. 'data=2': "
+        "their weights live there, sharded, and they score each rollout there; it takes devices after "
+        "rollout.mesh and rl.reference_mesh (from the end). Empty = the first training device holds them.",
+        str,
     ),
     Field(
         "reward.on_error",
@@ -1039,6 +1059,9 @@ FIELDS: tuple[Field, ...] = (
         list,
     ),
 )
+
+# Keys of the RL roles' meshes of their own, in the order they take devices from the end.
+ROLE_MESHES = ("rollout.mesh", "rl.reference_mesh", "reward.mesh")
 
 SECTIONS = {
     "": "Run",

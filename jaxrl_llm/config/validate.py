@@ -18,7 +18,7 @@ from typing import Any
 
 from jaxrl_llm.errors import UserError
 
-from .schema import FIELDS, FIELDS_BY_KEY, LORA_MODULES, MODEL_SIZES, Field, section_of
+from .schema import FIELDS, FIELDS_BY_KEY, LORA_MODULES, MODEL_SIZES, ROLE_MESHES, Field, section_of
 
 _SECTIONS = {section_of(f.key) for f in FIELDS} - {""}
 _MISSING = object()
@@ -471,7 +471,7 @@ def _rl(good: dict[str, Any]) -> list[str]:
                     + "; raise rl.group_size or choose another "
                     + key
                 )
-    problems += _rollout_mesh(good)
+    problems += _role_meshes(good)
     p, g, m = (good.get(k) for k in ("rl.prompts_per_iteration", "rl.group_size", "rl.minibatches"))
     accum = good.get("train.grad_accum_steps")
     if None not in (p, g, m, accum):
@@ -489,23 +489,35 @@ def _rl(good: dict[str, Any]) -> list[str]:
     return problems
 
 
-def _rollout_mesh(good: dict[str, Any]) -> list[str]:
-    """A rollout mesh of its own: a readable shape, one process, and one-step off-policy only with it and
-    with the rollout correction."""
+def _role_meshes(good: dict[str, Any]) -> list[str]:
+    """Meshes of their own for the RL roles: readable shapes, a reference only where there is one, and
+    one-step off-policy only with a rollout mesh and with the rollout correction."""
     from jaxrl_llm.parallel.mesh import MeshError, parse_mesh
 
+    problems = []
+    for key in ROLE_MESHES:
+        if good.get(key):
+            try:
+                parse_mesh(good[key], key)
+            except MeshError as err:
+                problems.append(str(err))
+    reference = good.get("rl.reference_mesh")
+    if reference and good.get("stage") in ("grpo", "ppo"):
+        if good.get("stage") == "grpo" and not good.get("rl.beta"):
+            problems.append(
+                f"rl.reference_mesh={reference!r}, rl.beta=0: a grpo run without a KL penalty has no reference "
+                "model to place; set rl.beta > 0 or leave rl.reference_mesh empty"
+            )
+        if good.get("stage") == "ppo" and not good.get("rl.kl_coef") and good.get("rl.kl_target") is None:
+            problems.append(
+                f"rl.reference_mesh={reference!r}, rl.kl_coef=0: a ppo run without a KL term has no reference "
+                "model to place; set rl.kl_coef (or rl.kl_target) or leave rl.reference_mesh empty"
+            )
+    return problems + _off_policy(good)
+
+
+def _off_policy(good: dict[str, Any]) -> list[str]:
     mesh, off_policy = good.get("rollout.mesh"), good.get("rollout.off_policy")
-    if mesh:
-        try:
-            parse_mesh(mesh, "rollout.mesh")
-        except MeshError as err:
-            return [str(err)]
-        processes = good.get("parallel.num_processes")
-        if processes is not None and processes > 1:
-            return [
-                f"rollout.mesh={mesh!r}, parallel.num_processes={processes!r}: a rollout mesh of its own is "
-                "single-process for now; leave rollout.mesh empty to share the training mesh"
-            ]
     if off_policy and not mesh:
         return [
             "rollout.off_policy=True, rollout.mesh='': off-policy rollouts overlap the update on devices of "

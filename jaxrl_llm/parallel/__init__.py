@@ -8,7 +8,7 @@ from .mesh import (
     mesh_from_config,
     parse_mesh,
     resolve_axis_sizes,
-    split_meshes,
+    role_meshes,
 )
 from .rules import (
     DEFAULT_RULES,

@@ -71,15 +71,34 @@ def parse_mesh(text: str, what: str = "mesh") -> tuple[int, int, int]:
     return tuple(sizes[a] for a in MESH_AXES)
 
 
-def split_meshes(parallel, role_shape: tuple[int, int, int], role: str) -> tuple[Mesh, Mesh]:
-    """A training mesh (``parallel.*``) and a mesh of its own for another role (``role_shape``): the role
-    takes the last devices, training the ones before (``-1`` in ``parallel`` fills those)."""
-    devices = list(jax.devices())
-    need = math.prod(role_shape)
-    if need >= len(devices):
-        raise MeshError(
-            f"{role}: a mesh of {need} devices leaves none of the {len(devices)} for training; make it smaller "
-            f"or leave {role} empty to share the training mesh"
-        )
-    train = make_mesh(int(parallel.data), int(parallel.fsdp), int(parallel.tensor), devices=devices[:-need])
-    return train, make_mesh(*role_shape, devices=devices[-need:])
+def role_meshes(parallel, roles: dict[str, tuple[int, int, int]]) -> tuple[Mesh, dict[str, Mesh]]:
+    """A training mesh (``parallel.*``; ``-1`` fills it) and a mesh of its own for each role (``{"rollout.mesh":
+    (data, fsdp, tensor)}``, in order): each role takes the last of every process's devices not yet taken,
+    an equal share from each, and training the rest. So every mesh spans every process, and every process
+    takes part in every role's programs (multi-controller JAX runs a program on each process holding a
+    device of it). With one process the roles take the last devices: the first role the very last."""
+    by_process: dict[int, list] = {}
+    for device in jax.devices():
+        by_process.setdefault(device.process_index, []).append(device)
+    left = [by_process[p] for p in sorted(by_process)]
+    taken: dict[str, list] = {}
+    for role, shape in roles.items():
+        need = math.prod(shape)
+        share, rest = divmod(need, len(left))
+        if rest:
+            raise MeshError(
+                f"{role}: a mesh of {need} devices cannot take an equal share of each of the {len(left)} "
+                f"processes' devices; make its size a multiple of {len(left)}"
+            )
+        if share >= min(len(devices) for devices in left):
+            total = sum(map(len, left))
+            raise MeshError(
+                f"{role}: a mesh of {need} devices leaves none of the {total} still free for training; make it "
+                f"smaller or leave {role} empty to share the training mesh"
+            )
+        taken[role] = [d for devices in left for d in devices[len(devices) - share :]]
+        left = [devices[: len(devices) - share] for devices in left]
+    train = make_mesh(
+        int(parallel.data), int(parallel.fsdp), int(parallel.tensor), devices=[d for ds in left for d in ds]
+    )
+    return train, {role: make_mesh(*roles[role], devices=devices) for role, devices in taken.items()}

@@ -65,8 +65,40 @@ def put(tree: Any, shardings: Any) -> Any:
     """``jax.device_put(tree, shardings)`` that also works when a sharding spans several processes, where
     ``device_put`` refuses: a leaf not yet spread over the processes (numpy, or an array on this process's
     devices) must hold the same value on every process, and each process keeps its devices' part of it; a
-    leaf already spread over them is resharded by a compiled copy (every process must call this)."""
-    return jax.tree.map(_put_leaf, tree, shardings)
+    leaf already spread over them is resharded by a compiled copy within its devices, and goes through the
+    host to other devices (multi-controller JAX moves arrays between processes only within one device set:
+    one gather for all such leaves). Every process must call this."""
+    leaves, treedef = jax.tree.flatten(tree)
+    targets = treedef.flatten_up_to(shardings)
+    crossing = [i for i, (x, s) in enumerate(zip(leaves, targets, strict=True)) if _crosses(x, s)]
+    if crossing:
+        from .distributed import to_host
+
+        fetched = to_host([_key_data(leaves[i]) for i in crossing])
+        for i, value in zip(crossing, fetched, strict=True):
+            x = leaves[i]
+            key = _is_key(x) and jax.random.wrap_key_data(
+                _put_leaf(value, targets[i]), impl=jax.random.key_impl(x)
+            )
+            leaves[i] = key if _is_key(x) else value
+    return treedef.unflatten([_put_leaf(x, s) for x, s in zip(leaves, targets, strict=True)])
+
+
+def _crosses(x: Any, sharding: Any) -> bool:
+    """An array spread over processes that is to move to other devices."""
+    return (
+        isinstance(x, jax.Array)
+        and not x.is_fully_addressable
+        and x.sharding.device_set != sharding.device_set
+    )
+
+
+def _is_key(x: Any) -> bool:
+    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _key_data(x: Any) -> Any:
+    return jax.random.key_data(x) if _is_key(x) else x
 
 
 def _put_leaf(x: Any, sharding: Any) -> Any:
@@ -74,7 +106,7 @@ def _put_leaf(x: Any, sharding: Any) -> Any:
         return jax.device_put(x, sharding)
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         return x if x.sharding == sharding else jax.jit(lambda v: v, out_shardings=sharding)(x)
-    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    if _is_key(x):
         data = _put_leaf(jax.random.key_data(x), sharding)
         return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
     value = np.asarray(x)

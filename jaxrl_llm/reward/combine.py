@@ -104,6 +104,7 @@ class RewardSet:
       on_error: ``"zero"`` or ``"exclude"``: what a failing host call gives its sample.
       host_timeout_s: time limit of one host call.
       workers: threads for host calls (default: 4 per CPU core).
+      mesh: where learned reward models live and run, sharded (None: the default device).
     """
 
     def __init__(
@@ -114,6 +115,7 @@ class RewardSet:
         on_error: str = "zero",
         host_timeout_s: float = 30.0,
         workers: int | None = None,
+        mesh: Any = None,
     ):
         if on_error not in ON_ERROR:
             raise RewardError(f"on_error={on_error!r}; valid: {', '.join(ON_ERROR)}")
@@ -124,14 +126,17 @@ class RewardSet:
             fn = spec.reward
             params = fn.bind(spec.params)
             self.params[spec.key] = fn.prepare(params, tokenizer) if fn.prepare else params
-        self.models = {s.key: _load_model(self.params[s.key]) for s in self.specs if s.reward.kind == "model"}
+        self.models = {
+            s.key: _load_model(self.params[s.key], mesh) for s in self.specs if s.reward.kind == "model"
+        }
         self._device = jax.jit(self.device_components)
         self.workers = workers or 4 * (_cpus() or 1)
         self._pool = concurrent.futures.ThreadPoolExecutor(self.workers, "reward")
 
     @classmethod
-    def from_config(cls, cfg: Any, *, tokenizer: Any = None) -> RewardSet:
-        """From a config's ``reward`` section (``reward.functions``, ``on_error``, ``host_timeout_s``, ``workers``)."""
+    def from_config(cls, cfg: Any, *, tokenizer: Any = None, mesh: Any = None) -> RewardSet:
+        """From a config's ``reward`` section (``reward.functions``, ``on_error``, ``host_timeout_s``, ``workers``);
+        ``mesh``: the reward models' (``reward.mesh``)."""
         section = cfg.reward
         return cls(
             list(section.functions),
@@ -139,6 +144,7 @@ class RewardSet:
             on_error=section.on_error,
             host_timeout_s=section.host_timeout_s,
             workers=section.workers,
+            mesh=mesh,
         )
 
     def close(self) -> None:
@@ -261,10 +267,10 @@ def _cpus() -> int | None:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def _load_model(params: Mapping[str, Any]):
+def _load_model(params: Mapping[str, Any], mesh: Any = None):
     from .model import RewardModel
 
-    return RewardModel.load(**params)
+    return RewardModel.load(**params, mesh=mesh)
 
 
 def arrays_for(

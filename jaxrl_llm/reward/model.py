@@ -5,7 +5,9 @@ its run's ``final/``; a run directory works as the path), with its own tokenizer
 pair is rendered as the conversation ``prompt + [assistant: completion]`` through the reward model's
 template, so a reward model with another tokenizer than the policy's scores the same text. The score is the
 head's output at the last token (``sequence_scores``); batches are right-padded to a power-of-two length,
-so the jitted forward compiles once per length bucket.
+so the jitted forward compiles once per length bucket. With a ``mesh`` (``reward.mesh``: a mesh of its own
+in an RL run) the weights are sharded there by the model's rules and each batch's rows split over its
+``data``/``fsdp`` axes (the batch rounded up to a multiple of them).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from ..models.transformer import sequence_scores
+from ..parallel import put, rows_shardings, to_host
 from ..rollout.sampler import prompt_bucket
 from .base import RewardError, register
 
@@ -33,10 +36,14 @@ def reward_model(
 class RewardModel:
     """``score(conversations) -> float32[N]`` with a ``ScoreModel`` and the ``Renderer`` it was trained with."""
 
-    def __init__(self, model: Any, renderer: Any, *, batch_size: int = 8, max_length: int = 2048):
+    def __init__(
+        self, model: Any, renderer: Any, *, batch_size: int = 8, max_length: int = 2048, mesh: Any = None
+    ):
         if getattr(model, "score", None) is None:
             raise RewardError("reward model: expected a score model (head='score'), got a model without one")
-        self.renderer, self.batch_size, self.max_length = renderer, batch_size, max_length
+        self.renderer, self.max_length, self.mesh = renderer, max_length, mesh
+        split = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+        self.batch_size = -(-batch_size // split) * split  # rows split evenly over the mesh
         self.pad_id = renderer.tokenizer.pad_id if renderer.tokenizer.pad_id is not None else 0
         graphdef, self.state = nnx.split(model)
 
@@ -56,17 +63,20 @@ class RewardModel:
         batch_size: int = 8,
         max_length: int = 2048,
         dtype: str = "float32",
+        mesh: Any = None,
     ) -> RewardModel:
-        """From an HF directory (or a run directory: its ``final/``) holding the model and its tokenizer."""
+        """From an HF directory (or a run directory: its ``final/``) holding the model and its tokenizer;
+        sharded on ``mesh`` when given."""
         from ..models.hf_io import checkpoint_dir, load_hf
         from ..render import Renderer, load_tokenizer
 
         if not path:
             raise RewardError("reward_model: set params.path to the reward model (an rm run's directory)")
         where = checkpoint_dir(path)
-        model = load_hf(where, dtype=getattr(jnp, dtype), head="score")
+        model = load_hf(where, dtype=getattr(jnp, dtype), head="score", mesh=mesh)
         tokenizer = load_tokenizer(where)
-        return cls(model, Renderer(tokenizer, template or None), batch_size=batch_size, max_length=max_length)
+        renderer = Renderer(tokenizer, template or None)
+        return cls(model, renderer, batch_size=batch_size, max_length=max_length, mesh=mesh)
 
     def score(self, conversations: Sequence[Sequence[Mapping[str, Any]]], tools: Sequence[Any] | None = None):
         """float32[N]: the score of each conversation (usually ending with the assistant's answer).
@@ -87,9 +97,14 @@ class RewardModel:
             for r, row in enumerate(chunk):
                 ids[r, : len(row)], mask[r, : len(row)] = row, 1
             mask[len(chunk) :, 0] = 1  # filler rows: one token, scores discarded
-            scores = self._forward(self.state, jnp.asarray(ids), jnp.asarray(mask))
-            out[start : start + len(chunk)] = np.asarray(scores)[: len(chunk)]
+            scores = to_host(self._forward(self.state, *self._placed(ids, mask)))
+            out[start : start + len(chunk)] = scores[: len(chunk)]
         return out
+
+    def _placed(self, *rows: np.ndarray) -> tuple[jax.Array, ...]:
+        if self.mesh is None:
+            return tuple(jnp.asarray(r) for r in rows)
+        return tuple(put(rows, rows_shardings(rows, self.mesh)))
 
     def score_records(self, records: Sequence[Mapping[str, Any]], completions: Sequence[str]) -> np.ndarray:
         """Scores each completion as the assistant's answer to its record's prompt."""

@@ -123,6 +123,22 @@ def check_mesh(cfg: Any, mesh: Any) -> None:
             )
 
 
+def check_role_meshes(cfg: Any, roles: Any, rl: RLConfig) -> None:
+    """The roles' meshes of their own must split their rows evenly: the rollout's prompts, the reference's
+    micro-batches (its log-probs are computed in the update's micro-batches)."""
+    p, g = int(cfg.rl.prompts_per_iteration), rl.group_size
+    micro = p * g // (rl.minibatches * rl.accum_steps)
+    for key, value, mesh, rows, what in (
+        ("rollout.mesh", cfg.rollout.mesh, roles.rollout, p, "rl.prompts_per_iteration"),
+        ("rl.reference_mesh", cfg.rl.reference_mesh, roles.reference, micro, "a micro-batch"),
+    ):
+        if mesh is not None and rows % data_split(mesh):
+            raise UserError(
+                f"{what} = {rows} rows cannot be split over the {data_split(mesh)} data-parallel devices of "
+                f"{key}={value!r}; make it a multiple of {data_split(mesh)}"
+            )
+
+
 def rollout_graphdef(graphdef: Any, model: Any, dtype: str) -> Any:
     """The policy's graph definition with the rollout's compute dtype (parameters unchanged)."""
     if not dtype or dtype == model.cfg.dtype:
@@ -143,12 +159,8 @@ def rl_plan(
     (its ``learn``, where its policy sits, its FLOPs) from ``parts(cfg, rewards, table)``."""
     c, run = ctx.cfg, ctx.run
     check_mesh(c, run.mesh)
-    if run.rollout_mesh is not None and int(c.rl.prompts_per_iteration) % data_split(run.rollout_mesh):
-        raise UserError(
-            f"rl.prompts_per_iteration = {c.rl.prompts_per_iteration} rows cannot be split over the rollout mesh's "
-            f"{data_split(run.rollout_mesh)} data-parallel devices (rollout.mesh={c.rollout.mesh!r})"
-        )
     cfg = rl_config(c, run.renderer)
+    check_role_meshes(c, run.roles, cfg)
     table = PromptTable(run.train_records, run.renderer, pad_id=cfg.pad_id, what="data.path")
     limit = run.model.cfg.max_seq_len
     if table.width + cfg.max_new_tokens > limit:
@@ -157,7 +169,12 @@ def rl_plan(
             f"{cfg.max_new_tokens} exceed the model's max_seq_len {limit}: lower rollout.max_new_tokens or drop "
             "long prompts with data.max_tokens"
         )
-    rewards = RewardSet.from_config(c, tokenizer=run.tokenizer)
+    rewards = RewardSet.from_config(c, tokenizer=run.tokenizer, mesh=run.roles.reward)
+    if run.roles.reward is not None and not rewards.models:
+        raise UserError(
+            f"reward.mesh={c.reward.mesh!r}: no reward_model among reward.functions to place there; leave "
+            "reward.mesh empty"
+        )
     it = RLIteration(
         parts(cfg, rewards, table),
         run.mesh,
@@ -167,14 +184,15 @@ def rl_plan(
         seed=c.seed,
         log_samples=int(c.rl.log_samples),
         samples_path=run.run_dir / "samples.jsonl",
-        rollout_mesh=run.rollout_mesh,
+        rollout_mesh=run.roles.rollout,
         off_policy=bool(c.rollout.off_policy),
+        reference_mesh=run.roles.reference if ctx.apart is not None else None,
     )
     if it.fused:
         programs = "one compiled program (device rewards)"
-    elif run.rollout_mesh is not None:
+    elif run.roles.rollout is not None:
         stale = ", one step off-policy" if c.rollout.off_policy else ""
-        programs = f"rollouts on their own mesh {dict(run.rollout_mesh.shape)}{stale}, scored on the host"
+        programs = f"rollouts on their own mesh {dict(run.roles.rollout.shape)}{stale}, scored on the host"
     else:
         programs = "rollout and update programs, host rewards between"
     log(
@@ -236,6 +254,7 @@ def grpo_plan(ctx: StageContext) -> Plan:
             learn=functools.partial(learn, update, ctx.graphdef, cfg),
             policy=PolicyAccess(rollout_graphdef(ctx.graphdef, run.model, ctx.cfg.rollout.dtype)),
             frozen=ctx.frozen,
+            reference=ctx.apart,
             flops=iteration_flops(
                 run.model.cfg, int(ctx.cfg.rl.prompts_per_iteration), table.width, cfg, passes
             ),

@@ -30,7 +30,8 @@ BatchSpec = dict[str, jax.ShapeDtypeStruct]
 class StageContext:
     """Everything a stage's iteration builder gets: the validated config, what ``setup.start_stage`` made
     (data, tokenizer, renderer, model, mesh), the stage table's encoder and objective, and the optimizer
-    with the state's graph definition and the frozen models."""
+    with the state's graph definition and the frozen models (``apart``: those on a mesh of their own, an RL
+    run's reference with ``rl.reference_mesh``)."""
 
     cfg: Any
     run: Any  # setup.StageRun
@@ -40,6 +41,7 @@ class StageContext:
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     frozen: Frozen
+    apart: Frozen | None = None
 
     def update(self, accum_steps: int) -> UpdateFn:
         """The stage's pure ``update(state, batch, rng, frozen)`` (``step.build_update``)."""

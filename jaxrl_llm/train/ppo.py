@@ -38,7 +38,16 @@ from .loop import log
 from .rl_data import PromptTable
 from .rl_groups import Sampled
 from .rl_iteration import PolicyAccess, RLParts
-from .rl_step import RLConfig, counted, epochs, logps_pass, no_grad_pass, rl_batch, sample_metrics
+from .rl_step import (
+    RLConfig,
+    counted,
+    epochs,
+    logps_pass,
+    no_grad_pass,
+    reference_logps_of,
+    rl_batch,
+    sample_metrics,
+)
 from .setup import with_lora
 from .state import Frozen, TrainState
 from .step import UpdateFn
@@ -115,9 +124,8 @@ def ppo_learn(
     old_logps = logps_pass(lambda: model().policy, batch, chunks, temperature)
     values = _values_pass(lambda: model().critic, batch, chunks)
     coef = state.extra["kl_coef"]
-    if "reference" in frozen.names:
-        bound = frozen.bind(state.params)  # a LoRA reference is the policy's own weights, adapters off
-        ref_logps = logps_pass(lambda: bound.models()["reference"], batch, chunks, temperature)
+    if "reference" in frozen.names or sampled.ref_logps is not None:
+        ref_logps = reference_logps_of(frozen, state.params, sampled, batch, chunks, temperature)
     else:
         ref_logps = old_logps
     rewards = kl_shaped_rewards(jnp.where(valid, scores.total, 0.0), old_logps, ref_logps, mask, kl_coef=coef)
@@ -150,7 +158,8 @@ def ppo_plan(ctx: StageContext) -> Plan:
 
     def parts(cfg: RLConfig, rewards: Any, table: PromptTable) -> RLParts:
         update = ctx.update(cfg.accum_steps)
-        passes = 3 * cfg.num_iterations + 2 + bool(ctx.frozen.names)  # + old log-probs and values, reference
+        reference = bool(ctx.frozen.names) or ctx.apart is not None
+        passes = 3 * cfg.num_iterations + 2 + reference  # + old log-probs and values, the reference's
         return RLParts(
             cfg=cfg,
             rewards=rewards,
@@ -161,6 +170,7 @@ def ppo_plan(ctx: StageContext) -> Plan:
                 lambda params: params["policy"],
             ),
             frozen=ctx.frozen,
+            reference=ctx.apart,
             flops=iteration_flops(
                 run.model.cfg, int(ctx.cfg.rl.prompts_per_iteration), table.width, cfg, passes
             ),

@@ -42,11 +42,14 @@ class Scores:
 
 @struct.dataclass
 class Sampled:
-    """``P`` prompts with their ``R = P * G`` scored completions (row ``i * G + j``: sample ``j`` of prompt ``i``)."""
+    """``P`` prompts with their ``R = P * G`` scored completions (row ``i * G + j``: sample ``j`` of prompt ``i``),
+    and ``ref_logps``: float32[R, N] the reference's log-probs of the completions when they were computed on
+    a mesh of its own (``rl.reference_mesh``; None: the update computes them)."""
 
     prompts: Prompts
     rollout: Rollout
     scores: Scores
+    ref_logps: jax.Array | None = None
 
 
 def informative(scores: Scores, group_size: int) -> jax.Array:

@@ -8,8 +8,11 @@ timed as ``time/rollout_s``, ``time/reward_s`` and ``time/update_s``. What a sta
 (GRPO's group advantages, PPO's critic and GAE) and where the policy sits in the trained parameters.
 
 ``rollout.mesh`` gives the rollouts a mesh of their own: each iteration reshards the policy's weights from
-the training layout to the rollout layout (``time/reshard_s``) before the rollout program runs there; the
-samples come back through the host like host rewards' (so the iteration is never the fused program). With
+the training layout to the rollout layout (``time/reshard_s``; with LoRA only the adapters, the frozen base
+placed there once) before the rollout program runs there; the samples come back through the host like host
+rewards' (so the iteration is never the fused program). ``rl.reference_mesh`` does the same for the
+reference model: its weights live only there, and a program there computes its log-probs of the scored
+samples, which go to the training mesh with them (``time/reference_s``). With
 ``rollout.off_policy`` the next iteration's rollout is dispatched with the weights before this iteration's
 update and runs on its mesh while the update runs on the training mesh: every update learns from samples one
 update stale (the first two batches both come from the initial weights), corrected by ``rl.rollout_is``. A
@@ -35,8 +38,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxrl_llm.models.lora import ADAPTER_STATE
 from jaxrl_llm.parallel import abstract, is_main_process, put, rows_shardings, to_host, tree_shardings
 from jaxrl_llm.reward import RewardSet
 from jaxrl_llm.rollout import FINISH_REASONS, SamplingParams, completion_text
@@ -44,7 +49,7 @@ from jaxrl_llm.rollout import FINISH_REASONS, SamplingParams, completion_text
 from .loop import log
 from .rl_data import Prompts, PromptTable, on_mesh, prompt_batches
 from .rl_groups import Sampled, Scores, filling_metrics, mark_unfilled, refill
-from .rl_step import IterationLog, RLConfig, iteration, rollout, sample_arrays
+from .rl_step import IterationLog, RLConfig, iteration, reference_logps, rollout, sample_arrays
 from .step import compile_program
 
 LearnFn = Callable[..., tuple[Any, dict[str, jax.Array], jax.Array]]  # (state, frozen, sampled, key)
@@ -53,11 +58,36 @@ LearnFn = Callable[..., tuple[Any, dict[str, jax.Array], jax.Array]]  # (state, 
 @dataclasses.dataclass(frozen=True)
 class _Launched:
     """A dispatched rollout: its prompts' records, the rollout arrays (maybe still being computed) and the
-    seconds the policy's weights took to reach the rollout mesh."""
+    seconds the policy's weights took to reach the rollout mesh (counted in the iteration that sent them)."""
 
     index: np.ndarray
     rollout: Any
     reshard_s: float
+
+
+@dataclasses.dataclass
+class _Transfer:
+    """Sends the policy's weights to the rollout mesh: ``self(policy)`` is the policy there. With LoRA only
+    the adapters move each time; the frozen base goes once, at the first call, and is kept there."""
+
+    shardings: Any  # the whole policy's shardings on the rollout mesh
+    lora: bool
+    base: Any = None  # LoRA: the base on the rollout mesh, after the first call
+
+    @classmethod
+    def of(cls, policy: Any, mesh: Any) -> _Transfer:
+        return cls(
+            tree_shardings(policy, mesh), bool(jax.tree.leaves(nnx.filter_state(policy, ADAPTER_STATE)))
+        )
+
+    def __call__(self, policy: Any) -> Any:
+        if not self.lora:
+            return put(policy, self.shardings)
+        adapters, base = nnx.split_state(policy, ADAPTER_STATE, ...)
+        adapter_sh, base_sh = nnx.split_state(self.shardings, ADAPTER_STATE, ...)
+        if self.base is None:
+            self.base = put(base, base_sh)
+        return nnx.merge_state(self.base, put(adapters, adapter_sh))
 
 
 def data_split(mesh: Any) -> int:
@@ -78,7 +108,8 @@ class PolicyAccess:
 @dataclasses.dataclass
 class RLParts:
     """What an RL stage gives the iteration: its resolved settings, rewards, prompts, ``learn(state, frozen,
-    sampled, key) -> (state, metrics, advantages)``, the policy's place, the frozen models and the FLOPs of
+    sampled, key) -> (state, metrics, advantages)``, the policy's place, the frozen models (``reference``:
+    the reference on a mesh of its own, None when it is among ``frozen`` or there is none) and the FLOPs of
     one iteration."""
 
     cfg: RLConfig
@@ -88,6 +119,7 @@ class RLParts:
     policy: PolicyAccess
     frozen: Any
     flops: float
+    reference: Any = None
 
 
 _refill = jax.jit(refill, static_argnums=3)  # host-side dynamic sampling: the fused program's own refill
@@ -105,6 +137,7 @@ class RLIteration:
       seed: the prompt order's seed.
       log_samples: completions written at each log step; samples_path: where.
       rollout_mesh: the rollouts' own mesh (None: ``mesh``); off_policy: one-step off-policy rollouts on it.
+      reference_mesh: the mesh ``parts.reference`` lives on (with it).
     """
 
     def __init__(
@@ -120,6 +153,7 @@ class RLIteration:
         samples_path: Any,
         rollout_mesh: Any = None,
         off_policy: bool = False,
+        reference_mesh: Any = None,
     ):
         self.parts, self.cfg, self.rewards, self.table = parts, parts.cfg, parts.rewards, parts.table
         self.mesh, self.frozen, self.tokenizer, self.prompts = mesh, parts.frozen, tokenizer, prompts
@@ -129,10 +163,16 @@ class RLIteration:
             raise ValueError("off_policy rollouts need a rollout_mesh of their own")
         self.data = iter(prompt_batches(len(self.table), prompts * self.cfg.rounds, seed))
         self.sampling = sampling.as_arrays()
-        self.fused = self.rollout_mesh is mesh and all(s.reward.kind == "device" for s in self.rewards.specs)
-        self._to_rollout: Any = None  # the policy's shardings on the rollout mesh, when it has its own
+        self.reference, self.reference_mesh = parts.reference, reference_mesh
+        if (self.reference is None) != (reference_mesh is None):
+            raise ValueError("a reference on a mesh of its own comes with that mesh")
+        self.fused = (
+            self.rollout_mesh is mesh
+            and self.reference is None
+            and all(s.reward.kind == "device" for s in self.rewards.specs)
+        )
+        self._to_rollout: Any = None  # what the rollout mesh receives each iteration, when it has its own
         self._pending: _Launched | None = None  # off-policy: the next iteration's rollout, in flight
-        self._reshard_s = 0.0  # this iteration's weight transfers to the rollout mesh
         self.log_samples, self.samples_path, self.flops = log_samples, samples_path, parts.flops
         self._programs: dict[str, Any] = {}
         self._last: IterationLog | None = None
@@ -177,7 +217,8 @@ class RLIteration:
             policy = self.parts.policy.of(state.params)
             policy_sh = self.parts.policy.of(state_sh.params)
             if where is not mesh:  # compiled for the weights as they will arrive there
-                policy_sh = self._to_rollout = tree_shardings(policy, where)
+                self._to_rollout = _Transfer.of(policy, where)
+                policy_sh = self._to_rollout.shardings
                 policy = jax.tree.map(
                     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), policy, policy_sh
                 )
@@ -192,6 +233,8 @@ class RLIteration:
             )
             prompts = self._example(1)
             sampled = Sampled(prompts, rolled, self._score_spec(rolled.lengths.shape[0]))
+            if self.reference is not None:
+                sampled = sampled.replace(ref_logps=self._compile_reference(sampled))
             fn = self.parts.learn
             advantages = jax.ShapeDtypeStruct(rolled.lengths.shape, jnp.float32)
             self._programs["learn"] = compile_program(
@@ -205,6 +248,20 @@ class RLIteration:
         for name, program in self._programs.items():
             log(f"rl {name} program: {program.describe()}")
         return sum(p.compile_s for p in self._programs.values())
+
+    def _compile_reference(self, sampled: Sampled) -> jax.ShapeDtypeStruct:
+        """The reference's program on its mesh; returns the shape of its log-probs."""
+        where, fn = self.reference_mesh, functools.partial(reference_logps, self.cfg)
+        sampled = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), sampled)
+        out = jax.eval_shape(fn, self.reference, sampled)
+        self._programs["reference"] = compile_program(
+            fn,
+            (self.reference, sampled),
+            (tree_shardings(self.reference, where), rows_shardings(sampled, where)),
+            rows_shardings(out, where),
+            where,
+        )
+        return out
 
     def _score_spec(self, rows: int) -> Scores:
         f32 = jax.ShapeDtypeStruct((rows,), jnp.float32)
@@ -223,16 +280,25 @@ class RLIteration:
             )
             return state, {**metrics, "flops": self.flops}
         sample_key, learn_key = jax.random.split(rng)  # as the fused program splits it
-        self._reshard_s = 0.0
         if self.off_policy:
-            first = self._pending or self._launch(state, index, sample_key)
+            first = self._pending or self._launch(state, index, sample_key)  # launched now only at the start
+            sent = first.reshard_s if self._pending is None else 0.0
             # The next batch's rollout, by the weights before this update, runs while the update does.
             self._pending = self._launch(state, next(self.data), jax.random.fold_in(sample_key, 1))
-            sampled, host_metrics = self._sample(state, first.index, sample_key, launched=first)
+            host, host_metrics = self._sample(state, first.index, sample_key, launched=first)
+            host_metrics["time/reshard_s"] += sent + self._pending.reshard_s
         else:
-            sampled, host_metrics = self._sample(state, index, sample_key)
-        if self._to_rollout is not None:
-            host_metrics["time/reshard_s"] = self._reshard_s
+            host, host_metrics = self._sample(state, index, sample_key)
+        if self._to_rollout is None:
+            del host_metrics["time/reshard_s"]
+        if self.reference is not None:
+            start = time.perf_counter()
+            there = put(host, rows_shardings(host, self.reference_mesh))
+            host = host.replace(ref_logps=self._programs["reference"](self.reference, there))
+        sampled = put(host, rows_shardings(host, self.mesh))
+        if self.reference is not None:
+            jax.block_until_ready(sampled.ref_logps)
+            host_metrics["time/reference_s"] = time.perf_counter() - start
         start = time.perf_counter()
         state, metrics, advantages = self._programs["learn"](state, self.frozen, sampled, learn_key)
         jax.block_until_ready(advantages)
@@ -247,21 +313,20 @@ class RLIteration:
         reshard_s = 0.0
         if self._to_rollout is not None:
             start = time.perf_counter()
-            policy = jax.block_until_ready(jax.device_put(policy, self._to_rollout))
+            policy = jax.block_until_ready(self._to_rollout(policy))
             reshard_s = time.perf_counter() - start
-            self._reshard_s += reshard_s
-            key = jax.device_put(key, NamedSharding(self.rollout_mesh, PartitionSpec()))  # was on training
+            key = put(key, NamedSharding(self.rollout_mesh, PartitionSpec()))  # was on training
         prompts = on_mesh(self.table.batch(index), self.rollout_mesh)
         return _Launched(index, self._programs["rollout"](policy, prompts, key, self.sampling), reshard_s)
 
     def _sample(
         self, state, index: np.ndarray, key: jax.Array, launched: _Launched | None = None
     ) -> tuple[Sampled, dict[str, float]]:
-        """Rollout rounds scored on the host (one round, or dynamic sampling's refills) -> the batch on the
-        mesh, with the rounds' timing and the host rewards' error counts. ``launched``: the first round,
-        already dispatched (off-policy)."""
+        """Rollout rounds scored on the host (one round, or dynamic sampling's refills) -> the batch (on the
+        host), with the rounds' timing (the weights' transfers of the rounds launched here) and the host
+        rewards' error counts. ``launched``: the first round, already dispatched (off-policy)."""
         cfg, p = self.cfg, self.prompts
-        timing = {"time/rollout_s": 0.0, "time/reward_s": 0.0}
+        timing = {"time/rollout_s": 0.0, "time/reward_s": 0.0, "time/reshard_s": 0.0}
         errors: dict[str, float] = {}
         buffer, filled, first, tokens = None, 0, None, 0
         for k in range(cfg.rounds):
@@ -276,6 +341,7 @@ class RLIteration:
             scoring = time.perf_counter()
             scores, errs = self._score(rows, host)
             timing["time/rollout_s"] += scoring - start - resharding
+            timing["time/reshard_s"] += resharding
             timing["time/reward_s"] += time.perf_counter() - scoring
             tokens += int(host.lengths.sum())
             for name, count in errs.items():
@@ -294,8 +360,7 @@ class RLIteration:
             extra = jax.device_get(filling_metrics(first, filled, k + 1, cfg.group_size))
             buffer = mark_unfilled(buffer, filled, cfg.group_size)
         timing["time/rollout_tokens_per_s"] = tokens / max(timing["time/rollout_s"], 1e-9)
-        sampled = put(buffer, rows_shardings(buffer, self.mesh))
-        return sampled, {**timing, **errors, **extra}
+        return buffer, {**timing, **errors, **extra}
 
     def _score(self, index: np.ndarray, host: Any) -> tuple[Scores, dict[str, float]]:
         """Host scoring of decoded completions (``RewardSet``: host, model and device components)."""

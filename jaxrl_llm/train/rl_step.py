@@ -300,6 +300,31 @@ def sample_metrics(sampled: Sampled, advantages, valid, group_size: int) -> dict
     }
 
 
+def reference_logps_of(
+    frozen: Frozen, params: Any, sampled: Sampled, batch: Mapping[str, jax.Array], chunks: int, temperature
+) -> jax.Array:
+    """The reference's completion log-probs: those computed on its own mesh (``sampled.ref_logps``), else a
+    pass of the frozen ``reference`` here (a LoRA reference is the policy's own weights, adapters off)."""
+    if sampled.ref_logps is not None:
+        return sampled.ref_logps
+    bound = frozen.bind(params)
+    return logps_pass(lambda: bound.models()["reference"], batch, chunks, temperature)
+
+
+def reference_logps(cfg: RLConfig, frozen: Frozen, sampled: Sampled) -> jax.Array:
+    """float32[R, N]: the reference's log-probs of an iteration's samples as the update would compute them
+    (the same rows, masks and micro-batches), run where the reference has a mesh of its own."""
+    batch = rl_batch(
+        sampled.prompts,
+        sampled.rollout,
+        jnp.zeros_like(sampled.scores.total),
+        counted(sampled, cfg),
+        cfg.group_size,
+    )
+    model = lambda: frozen.models()["reference"]
+    return logps_pass(model, batch, cfg.minibatches * cfg.accum_steps, cfg.policy.temperature)
+
+
 def learn(
     update: UpdateFn,
     graphdef: nnx.GraphDef,
@@ -320,8 +345,7 @@ def learn(
     if cfg.recompute_old:
         batch["old_logps"] = logps_pass(lambda: nnx.merge(graphdef, state.params), batch, chunks, temperature)
     if cfg.policy.beta > 0:
-        bound = frozen.bind(state.params)  # a LoRA reference is the policy's own weights, adapters off
-        batch["ref_logps"] = logps_pass(lambda: bound.models()["reference"], batch, chunks, temperature)
+        batch["ref_logps"] = reference_logps_of(frozen, state.params, sampled, batch, chunks, temperature)
     state, metrics = epochs(update, cfg, state, batch, key)
     return state, {**metrics, **sample_metrics(sampled, advantages, valid, g)}, advantages
 

@@ -8,6 +8,7 @@ trained on the training data and kept in ``<run_dir>/tokenizer``, which a resume
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections.abc import Callable
@@ -186,6 +187,43 @@ def record_lora_base(cfg: ml_collections.ConfigDict, run_dir: Path, model: Any) 
     barrier("lora base")
 
 
+@dataclasses.dataclass(frozen=True)
+class RoleMeshes:
+    """The RL roles' meshes of their own (``rollout.mesh``, ``rl.reference_mesh``, ``reward.mesh``); None:
+    the role shares the training mesh."""
+
+    rollout: Any = None
+    reference: Any = None
+    reward: Any = None
+
+    @classmethod
+    def split(cls, cfg: ml_collections.ConfigDict) -> tuple[Any, RoleMeshes]:
+        """The training mesh and the roles' meshes of an RL stage's config (``parallel.role_meshes``)."""
+        from jaxrl_llm.config.schema import ROLE_MESHES
+        from jaxrl_llm.parallel import mesh_from_config, parse_mesh, role_meshes
+
+        shapes = {}
+        if cfg.stage in ("grpo", "ppo"):
+            shapes = {key: parse_mesh(_get(cfg, key), key) for key in ROLE_MESHES if _get(cfg, key)}
+        if not shapes:
+            return mesh_from_config(cfg.parallel), cls()
+        mesh, roles = role_meshes(cfg.parallel, shapes)
+        return mesh, cls(*(roles.get(key) for key in ROLE_MESHES))
+
+    def described(self) -> str:
+        shown = (
+            ("rollouts on", self.rollout),
+            ("the reference on", self.reference),
+            ("reward models on", self.reward),
+        )
+        return "; ".join(f"{name} a mesh of their own: {dict(m.shape)}" for name, m in shown if m is not None)
+
+
+def _get(cfg: ml_collections.ConfigDict, key: str) -> Any:
+    section, name = key.split(".")
+    return cfg[section][name]
+
+
 class StageRun(NamedTuple):
     run_dir: Path
     mesh: Any
@@ -195,7 +233,7 @@ class StageRun(NamedTuple):
     train_records: list[dict]
     eval_records: list[dict]
     model: Any
-    rollout_mesh: Any = None  # rollout.mesh: the RL rollouts' own mesh (None: they share ``mesh``)
+    roles: RoleMeshes = RoleMeshes()  # the RL roles' meshes of their own
 
 
 def resolve_epochs(cfg: ml_collections.ConfigDict, per_epoch: int, updates_per_step: int = 1) -> None:
@@ -227,12 +265,10 @@ def start_stage(
     the tokenizer (``check_kind(stage, kind)`` refuses data the stage cannot train on, before a tokenizer is
     trained on it), render and split the data, resolve ``train.epochs`` into ``train.steps`` with
     ``epoch_steps(train_records, renderer)``, build the model with ``head``, write ``run_info.json``."""
-    import jax
-
     from jaxrl_llm.checkpoint import write_run_info
     from jaxrl_llm.models import count_params
     from jaxrl_llm.models.lora import adapters, config_of, has_lora, trained_count
-    from jaxrl_llm.parallel import initialize, mesh_from_config, parse_mesh, split_meshes
+    from jaxrl_llm.parallel import initialize
     from jaxrl_llm.render import Renderer
 
     from .loop import log
@@ -240,16 +276,7 @@ def start_stage(
     initialize(cfg.parallel.coordinator_address, cfg.parallel.num_processes, cfg.parallel.process_id)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.rollout.mesh and cfg.stage in ("grpo", "ppo"):
-        if jax.process_count() > 1:
-            raise SetupError(
-                f"rollout.mesh={cfg.rollout.mesh!r}: a rollout mesh of its own is single-process for now"
-            )
-        mesh, rollout_mesh = split_meshes(
-            cfg.parallel, parse_mesh(cfg.rollout.mesh, "rollout.mesh"), "rollout.mesh"
-        )
-    else:
-        mesh, rollout_mesh = mesh_from_config(cfg.parallel), None
+    mesh, roles = RoleMeshes.split(cfg)
     raw = None
     if not (cfg.tokenizer.path or cfg.model.path):  # the tokenizer is trained on the data
         raw = raw_records(cfg)
@@ -275,8 +302,8 @@ def start_stage(
             + ", ".join(p for p, _ in adapters(model))
             + f": {trained_count(model):,} trained parameters, the base frozen"
         )
-    if rollout_mesh is not None:
-        log(f"rollouts on a mesh of their own: {dict(rollout_mesh.shape)}")
+    if roles.described():
+        log(roles.described())
     write_run_info(
         run_dir,
         config_dict=cfg.to_dict(),
@@ -286,9 +313,7 @@ def start_stage(
         data_manifests={"train": loaded.manifest},
         extra={"model": {"family": model.cfg.family, "parameters": params, "head": head}},
     )
-    return StageRun(
-        run_dir, mesh, tokenizer, renderer, loaded, train_records, eval_records, model, rollout_mesh
-    )
+    return StageRun(run_dir, mesh, tokenizer, renderer, loaded, train_records, eval_records, model, roles)
 
 
 def export_token_ids(renderer: Any) -> Any:

@@ -198,18 +198,24 @@ def resume_settings(cfg: Config) -> dict[str, Any]:
     return json.loads(json.dumps(flat, default=str))
 
 
-def frozen_models(names: tuple[str, ...], policy: Any, model: Any) -> Any:
+def frozen_models(names: tuple[str, ...], policy: Any, model: Any, mesh: Any = None) -> Any:
     """The stage's frozen models ``names`` (``reference``): copies of the initial ``policy``, made before the
     first update donates its buffers (each keeps its parameter's sharding); with LoRA, views of the trained
     ``model``'s own parameters at the policy's place under a graph definition with the adapters off (the
-    base: no copy of any weight)."""
+    base: no copy of any weight). With ``mesh`` (a mesh of their own) they are copies placed there by the
+    sharding rules, LoRA's too (its base with the adapters off: the base never trains)."""
     from flax import nnx
 
     from jaxrl_llm.models.lora import adapters_off, has_lora
-    from jaxrl_llm.parallel import frozen_copy
+    from jaxrl_llm.parallel import frozen_copy, place
 
     from .state import Frozen
 
+    if mesh is not None:
+        graphdef, state = nnx.split(policy, nnx.Param) if has_lora(policy) else nnx.split(policy)
+        graphdef = adapters_off(policy) if has_lora(policy) else graphdef
+        state = place(state, mesh)
+        return Frozen(states=dict.fromkeys(names, state), graphdefs=tuple((name, graphdef) for name in names))
     if not has_lora(policy):
         graphdef, initial = nnx.split(policy)
         return Frozen(
@@ -267,14 +273,19 @@ def run_stage(cfg: Config) -> int:
     graphdef0, initial = nnx.split(run.model)
     model = row.trainable(cfg, run) if row.trainable is not None else run.model
     lora = has_lora(run.model)
-    frozen = frozen_models(row.frozen(cfg), run.model, model)
+    names = row.frozen(cfg)
+    apart = ("reference",) if run.roles.reference is not None and "reference" in names else ()
+    frozen = frozen_models(tuple(n for n in names if n not in apart), run.model, model)
+    elsewhere = frozen_models(apart, run.model, model, mesh=run.roles.reference) if apart else None
     opt = OptimizerConfig.from_config(cfg, updates_per_step=row.updates_per_step(cfg))
     trainable = TRAINABLE if lora else nnx.Param  # LoRA: the adapters (and new heads), never the base
     tx = make_optimizer(opt, nnx.state(model, trainable))
     graphdef, state = TrainState.create(model, tx, jax.random.key(cfg.seed), row.extra(cfg), trainable)
     state = place(state, run.mesh)
     encoder = row.encoder(run.renderer) if row.encoder is not None else None
-    ctx = StageContext(cfg, run, encoder, row.objective(cfg), graphdef, tx, make_schedule(opt), frozen)
+    ctx = StageContext(
+        cfg, run, encoder, row.objective(cfg), graphdef, tx, make_schedule(opt), frozen, elsewhere
+    )
     plan = row.plan(ctx)
     canary_frozen = frozen
     if lora and cfg.canary.max_kl is not None and "reference" not in frozen.names:
