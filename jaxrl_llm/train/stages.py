@@ -3,7 +3,8 @@
 Every stage runs the same way (``run_stage``): ``setup.start_stage`` loads the data (refusing record kinds
 the stage does not train on), the tokenizer, the renderer and the model with the stage's head; the frozen
 models the stage names are copied from the initial policy (with LoRA: views of the policy's own weights
-with the adapters off, ``frozen_models``); the optimizer and the ``TrainState`` are made;
+with the adapters off, ``frozen_models``; an RL reference with ``rl.reference_mesh``: a copy on its own
+mesh, ``StageContext.apart``); the optimizer and the ``TrainState`` are made;
 the stage's ``plan`` builds its iteration and evaluators; ``loop.run_loop`` runs them. A stage is one row:
 
 - ``kinds``: the canonical record kinds it trains on;
