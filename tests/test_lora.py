@@ -1,8 +1,9 @@
 """LoRA (``jaxrl_llm.models.lora``): the adapted model starts as the base, a step trains only the adapters
-(gradients and optimizer state), the reference is the base with the adapters off (no copy), the merged
-export and the PEFT adapter give our logits in HF transformers and ``peft``, checkpoints hold the adapters
-alone and restore them exactly, and through the real command: SFT with LoRA learns a new task, exports
-both ways, refuses another base on resume; GRPO with LoRA runs with the policy's own weights as reference."""
+(gradients and optimizer state), the reference is the base with the adapters off (no copy), the output
+projection's adapter reads its input as the others do (dropout included), the merged export and the PEFT
+adapter give our logits in HF transformers and ``peft``, checkpoints hold the adapters alone and restore
+them exactly, and through the real command: SFT with LoRA learns a new task, exports both ways, refuses
+another base on resume; GRPO with LoRA runs with the policy's own weights as reference."""
 
 from __future__ import annotations
 
@@ -150,6 +151,24 @@ def test_the_reference_is_the_base_with_the_adapters_off_and_holds_no_weights():
     assert np.abs(logits(model, tokens) - want).max() > 0.1  # the policy itself has its adapters
     pair = nnx.Dict(policy=model)  # as PPO's actor-critic holds it: the view reads the policy's place
     assert frozen_models(("reference",), model, pair).views == (("reference", ("policy",)),)
+
+
+def test_the_output_projection_takes_its_adapter_on_its_input_with_dropout():
+    tokens, _ = padded_batch()
+    model = with_random_adapters(tiny(4, dropout=0.5, targets="attn/o$"))
+    eval_logits = logits(model, tokens)  # the same function as the merged weight W_o + A B alpha / r
+    assert np.abs(eval_logits - logits(L.merged(model), tokens)).max() <= TOL
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def training(key):
+        adapted = nnx.merge(graphdef, state)
+        L.use_dropout(adapted, key)
+        return adapted(jnp.asarray(tokens))
+
+    first, second = np.asarray(training(jax.random.key(1))), np.asarray(training(jax.random.key(2)))
+    # Dropout on the heads that o reads: each training forward draws its own mask.
+    assert np.abs(first - second).max() > 0.01 and np.abs(first - eval_logits).max() > 0.01
 
 
 def test_merged_export_and_peft_adapter_give_our_logits_in_hf(hf_llama, tmp_path):

@@ -121,10 +121,14 @@ class Attention(nnx.Module):
             out = self._splash(q, k, v, mask.segments, window)
         else:
             out = self._einsum(q, keys, values, mask.for_window(window), kv is not None, index)
-        out = dense(out, self.o[...], 2)
-        if cfg.attention_out_bias:
-            out = out + self.o_bias[...].astype(x.dtype)
-        return out, new_kv
+        return self._output(out), new_kv
+
+    def _output(self, out: jax.Array) -> jax.Array:
+        """The output projection: the attention's heads [B, T, H, D] -> [B, T, E] in their dtype."""
+        y = dense(out, self.o[...], 2)
+        if self.cfg.attention_out_bias:
+            y = y + self.o_bias[...].astype(out.dtype)
+        return y
 
     def _kernel(self, dtype, t: int, kv, mask: AttentionMask) -> str:
         """Which kernel runs this call (``attention_kernels.choose_kernel``); an explicit request that

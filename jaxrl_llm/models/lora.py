@@ -15,13 +15,11 @@ everything that merges a graph definition with parameters read them as before; a
 blocks' layer axis like the weights, so ``scan_layers`` and ``remat`` apply to them unchanged; their logical
 axes are the weight's input axes (A) and output axes (B), the rank axis replicated.
 
-Where it departs from PEFT: the attention's output projection ``o`` reads its input inside the attention
-module, so its adapter is added to the weight at each forward (``W_o + A B alpha / r``: the same values;
-no dropout on that path, and with a bfloat16 compute dtype the sum is rounded to it). The other six take
-the adapter on their input. ``adapters_off(model)`` is the graph definition of the same model with every
-adapter skipped: fed the policy's own parameters it is the base model (the frozen reference of DPO, KTO
-and RL without a second copy of the weights). ``merged(model)`` folds the adapters into plain weights (HF
-export); ``lora_io.save_peft`` writes a PEFT adapter directory.
+Every adapter reads its projection's input, as PEFT's do; the attention's output projection ``o`` reads
+the heads ``[B, T, H, D]``, so its ``A`` is ``[H, D, r]``. ``adapters_off(model)`` is the graph definition
+of the same model with every adapter skipped: fed the policy's own parameters it is the base model (the
+frozen reference of DPO, KTO and RL without a second copy of the weights). ``merged(model)`` folds the
+adapters into plain weights (HF export); ``lora_io.save_peft`` writes a PEFT adapter directory.
 """
 
 from __future__ import annotations
@@ -139,34 +137,19 @@ def _adapter(module: nnx.Module, name: str) -> Adapter | None:
     return adapter if adapter is not None and adapter.enabled else None
 
 
-class _Weight:
-    """What ``module.o[...]`` reads while ``LoRAAttention`` runs: the weight with its adapter added."""
-
-    def __init__(self, value: jax.Array):
-        self.value = value
-
-    def __getitem__(self, index):
-        return self.value[index]
-
-
 class LoRAAttention(Attention):
-    """Attention with adapters: q, k, v on their input (``_project``), o added to its weight."""
+    """Attention with adapters, each on its projection's input: q, k, v (``_project``) and o (``_output``,
+    the heads [B, T, H, D] an adapter with two input axes reads)."""
 
     def _project(self, x: jax.Array, name: str) -> jax.Array:
         y = super()._project(x, name)
         adapter = _adapter(self, name)
         return y if adapter is None else y + adapter(x).astype(y.dtype)
 
-    def __call__(self, *args, **kwargs):
+    def _output(self, out: jax.Array) -> jax.Array:
+        y = super()._output(out)
         adapter = _adapter(self, "o")
-        if adapter is None:
-            return super().__call__(*args, **kwargs)
-        base = vars(self)["o"]
-        vars(self)["o"] = _Weight(base[...].astype(jnp.float32) + adapter.delta())
-        try:
-            return super().__call__(*args, **kwargs)
-        finally:
-            vars(self)["o"] = base
+        return y if adapter is None else y + adapter(out).astype(y.dtype)
 
 
 class LoRAMLP(MLP):
