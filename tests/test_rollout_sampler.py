@@ -7,8 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxrl_llm.models import create_model, get_preset
+from jaxrl_llm.rollout.generate import generate
 from jaxrl_llm.rollout.sampler import FINISH_REASONS, Sampler, compiled_generate, prompt_bucket
 from jaxrl_llm.rollout.sampling import SamplingParams
 from tests.simulated_devices import ROOT, run_on_cpu_devices
@@ -135,6 +137,39 @@ def test_one_compile_per_bucket(model):
         sampler.sample(ids, mask, key=jax.random.key(0), max_new_tokens=4, sampling=SamplingParams(top_p=0.9))
     assert compiled_generate._cache_size() - before == 1
     assert prompt_bucket(16) == 16 and prompt_bucket(17) == 32
+
+
+def test_a_longer_cache_gives_the_same_rollout(model):
+    """``cache_len``: a cache sized for a longer request (its extra slots never written, masked out) draws
+    the same tokens with the same log-probs; one shorter than the slots the generation writes is refused."""
+    ids, mask = prompts(1)  # 10 tokens, left-padded to their bucket of 16: the generation writes 16 + 6 slots
+    sampler = Sampler(model)
+
+    def sample(**kw):  # the default is test_logprobs_equal_a_full_forward's program: one compile in all
+        sampling = SamplingParams(temperature=1.0)
+        return sampler.sample(ids, mask, key=jax.random.key(3), max_new_tokens=6, sampling=sampling, **kw)
+
+    default = sample()
+    longer = sample(cache_len=300)  # more than two 128-slot blocks: the blocked decode
+    np.testing.assert_array_equal(np.asarray(longer.tokens), np.asarray(default.tokens))
+    np.testing.assert_array_equal(np.asarray(longer.completion_mask), np.asarray(default.completion_mask))
+    for field in ("logprobs", "model_logprobs"):
+        np.testing.assert_allclose(getattr(longer, field), getattr(default, field), atol=1e-5, err_msg=field)
+    before = compiled_generate._cache_size()
+    sample(cache_len=16 + 6)  # exactly the default's cache: its program, not another
+    assert compiled_generate._cache_size() == before
+
+    with pytest.raises(ValueError, match="cache_len 21 is smaller than the 22 slots the generation writes"):
+        sample(cache_len=21)  # 10 + 6 would fit, but the prompts are left-padded to 16
+    with pytest.raises(ValueError, match="cache_len 9999 exceeds the model's max_seq_len 512"):
+        sample(cache_len=9999)
+    graphdef, state = nnx.split(model)
+    with pytest.raises(
+        ValueError, match="cache_len 15 is smaller than the prompt width 10 \\+ max_new_tokens 6"
+    ):  # generate itself, as an RL step calls it inside its own program
+        generate(
+            graphdef, state, ids, mask, jax.random.key(0), SamplingParams(), max_new_tokens=6, cache_len=15
+        )
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

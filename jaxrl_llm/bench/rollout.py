@@ -5,9 +5,10 @@ The limit is what the measured matmul FLOP/s and memory read bandwidth allow: th
 matmul peak, then per decode step the larger of its FLOPs at the matmul peak and its reads (every weight
 matrix once, plus the keys and values cached so far) at the read bandwidth.
 
-``max_len`` sets the KV cache's slot count (by default what the sampler allocates: the prompt's bucket + the
-new tokens). A longer cache, of which only the first prompt + new-token slots are ever written, is a
-server's or an RL rollout's cache sized for its longest request: decode reads only the filled blocks of it.
+``max_len`` sets the KV cache's slot count, the sampler's ``cache_len`` (by default what the sampler
+allocates: the prompt's bucket + the new tokens). A longer cache, of which only the first prompt + new-token
+slots are ever written, is a server's or an RL rollout's cache sized for its longest request: decode reads
+only the filled blocks of it.
 """
 
 from __future__ import annotations
@@ -55,14 +56,15 @@ def decode_step_floor(
 def cache_slots(prompt_len: int, new_tokens: int, max_seq_len: int, max_len: int | None = None) -> int:
     """The KV cache's slot count for prompts of ``prompt_len`` and ``new_tokens`` more: ``max_len``, or by
     default what the sampler allocates (the prompt's power-of-two bucket, capped at the context, + the new
-    tokens). ``UserError`` for a generation past the model's context or a cache too short for it."""
-    from ..rollout.sampler import prompt_bucket
+    tokens). ``UserError`` for a generation past the model's context or a cache too short for it: the
+    sampler's own checks, worded for the command line and made before the model is built."""
+    from ..rollout.sampler import padded_width
 
     if prompt_len + new_tokens > max_seq_len:
         raise UserError(
             f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceed the model's max_seq_len {max_seq_len}"
         )
-    bucket = min(prompt_bucket(prompt_len), max_seq_len - new_tokens)  # as the sampler pads the prompts
+    bucket = padded_width(prompt_len, new_tokens, max_seq_len)  # as the sampler pads the prompts
     if max_len is None:
         return bucket + new_tokens
     if max_len < bucket + new_tokens:
@@ -74,27 +76,6 @@ def cache_slots(prompt_len: int, new_tokens: int, max_seq_len: int, max_len: int
     if max_len > max_seq_len:
         raise UserError(f"--max-len {max_len} exceeds the model's max_seq_len {max_seq_len}")
     return max_len
-
-
-def _sampler(model, slots: int):
-    """A ``Sampler`` of ``model`` (no EOS: every row makes exactly the new tokens asked for) whose KV cache
-    has ``slots`` slots instead of the generation's own length: the same compiled program, prefill and decode
-    loop, on a longer cache. The sampler keeps the model's graph as it splits it, so the model's class is
-    swapped, for that split only, for a subclass whose ``init_cache`` allocates ``slots``."""
-    from ..rollout.sampler import Sampler
-
-    base = type(model)
-
-    class LongCache(base):
-        def init_cache(self, batch, max_len, dtype=None, *, mesh=None, per_row=False):
-            return base.init_cache(self, batch, slots, dtype, mesh=mesh, per_row=per_row)
-
-    LongCache.__name__ = LongCache.__qualname__ = f"{base.__name__}_cache{slots}"
-    model.__class__ = LongCache
-    try:
-        return Sampler(model, eos_ids=(), pad_id=0)
-    finally:
-        model.__class__ = base
 
 
 def bench_rollout(
@@ -120,12 +101,14 @@ def bench_rollout(
     ids = rs.randint(1, cfg.vocab_size, (batch, prompt_len)).astype(np.int32)
     mask = np.ones_like(ids)
     params = SamplingParams(temperature=1.0) if sample else SamplingParams.greedy()
-    # No EOS: every row makes exactly new_tokens tokens.
-    sampler = _sampler(model, slots) if max_len is not None else Sampler(model, eos_ids=(), pad_id=0)
+    sampler = Sampler(model, eos_ids=(), pad_id=0)  # no EOS: every row makes exactly new_tokens tokens
 
     def run(n_new):
+        # --max-len's cache for both runs; without it, each run's own (the prompts' bucket + its new tokens).
         return lambda: (
-            sampler.sample(ids, mask, key=jax.random.key(0), max_new_tokens=n_new, sampling=params).tokens
+            sampler.sample(
+                ids, mask, key=jax.random.key(0), max_new_tokens=n_new, sampling=params, cache_len=max_len
+            ).tokens
         )
 
     first, total_s = _timed_call(run(new_tokens), repeats)

@@ -1,6 +1,6 @@
 """Generation as one pure function: ``generate(graphdef, params, prompt_ids, prompt_mask, key, sampling, ...)``.
 
-1. an empty KV cache (prompt width + ``max_new_tokens`` slots) is created inside the program;
+1. an empty KV cache (prompt width + ``max_new_tokens`` slots, or ``cache_len``) is created inside the program;
 2. one batched prefill writes the prompts into it; for ``n`` samples per prompt the cache is then repeated
    row-wise (row ``i * n + j`` = sample ``j`` of prompt ``i``), never re-prefilled;
 3. a ``lax.while_loop`` over a ``DecodeState`` decodes one token per step for every row, and exits as soon
@@ -132,6 +132,7 @@ def generate(
     eos_ids: tuple[int, ...] = (),
     stops: tuple[tuple[int, ...], ...] = (),
     pad_id: int = 0,
+    cache_len: int | None = None,
 ) -> Rollout:
     """``n`` completions of at most ``max_new_tokens`` for each of the ``B`` prompts (see the module docstring).
 
@@ -141,11 +142,21 @@ def generate(
       key: the PRNG key; row ``r`` draws with ``fold_in(key, r)``, step ``s`` with a further ``fold_in(s)``.
       sampling: ``SamplingParams`` (``as_arrays()`` so the dtypes, and the program, never change).
       eos_ids, stops, pad_id: static: what ends a row, and what fills it after.
+      cache_len: static: the KV cache's slot count, at least ``P + max_new_tokens`` (the slots written);
+        ``None`` for exactly that. A longer cache (one sized for a longer request) gives the same tokens:
+        the slots never written are masked out.
     """
-    model = nnx.merge(graphdef, params)
     batch, width = prompt_ids.shape
+    if cache_len is None:
+        cache_len = width + max_new_tokens
+    elif cache_len < width + max_new_tokens:
+        raise ValueError(
+            f"cache_len {cache_len} is smaller than the prompt width {width} + max_new_tokens {max_new_tokens}: "
+            f"the generation writes {width + max_new_tokens} cache slots"
+        )
+    model = nnx.merge(graphdef, params)
     layers = model.layer_states()  # sliced once: inside the loop every slice would copy the weights again
-    cache = _constrain_cache(model.init_cache(batch, width + max_new_tokens))
+    cache = _constrain_cache(model.init_cache(batch, cache_len))
     hidden, cache = model.forward_hidden(prompt_ids, attention_mask=prompt_mask, cache=cache, layers=layers)
     rows = batch * n
     cache = _constrain_cache(cache.repeat_rows(n))

@@ -5,7 +5,9 @@ A thin wrapper over the pure ``generate.generate`` (the whole generation as one 
 KV cache, prefill, ``while_loop`` decode): it checks the arguments, left-pads the prompts further up to
 their length bucket so that every call with prompts of the same bucket reuses one compiled program, places
 them on the mesh (rows over the data axes) and calls the jitted ``generate``. One program is compiled per
-(batch, prompt bucket, ``max_new_tokens``, ``n``, EOS ids, stop sequences); sampling parameters are traced.
+(batch, prompt bucket, ``max_new_tokens``, ``cache_len``, ``n``, EOS ids, stop sequences); sampling parameters
+are traced. ``cache_len`` (default: the bucket + ``max_new_tokens``, what the generation writes) sizes the KV
+cache for a longer request than this one: the same tokens, on the cache a server or a long rollout would use.
 """
 
 from __future__ import annotations
@@ -23,11 +25,22 @@ from ..parallel import named_sharding, put
 from .generate import FINISH_REASONS, Rollout, generate, stop_table
 from .sampling import SamplingParams
 
-__all__ = ["FINISH_REASONS", "Rollout", "Sampler", "compiled_generate", "left_pad", "prompt_bucket"]
+__all__ = [
+    "FINISH_REASONS",
+    "Rollout",
+    "Sampler",
+    "compiled_generate",
+    "left_pad",
+    "padded_width",
+    "prompt_bucket",
+]
 
-# One compiled program per static configuration (graph, budget, n, EOS ids, stops, pad id) and shapes.
+# One compiled program per static configuration (graph, budget, n, EOS ids, stops, pad id, cache length) and
+# shapes.
 compiled_generate = jax.jit(
-    generate, static_argnums=(0,), static_argnames=("n", "max_new_tokens", "eos_ids", "stops", "pad_id")
+    generate,
+    static_argnums=(0,),
+    static_argnames=("n", "max_new_tokens", "eos_ids", "stops", "pad_id", "cache_len"),
 )
 
 
@@ -53,6 +66,13 @@ def prompt_bucket(length: int, smallest: int = 16) -> int:
     while bucket < length:
         bucket *= 2
     return bucket
+
+
+def padded_width(length: int, max_new_tokens: int, max_seq_len: int) -> int:
+    """The width ``Sampler.sample`` left-pads prompts of ``length`` tokens to: their bucket, capped so that
+    the last bucket + ``max_new_tokens`` ends at the context. The generation writes this + ``max_new_tokens``
+    cache slots (the default ``cache_len``)."""
+    return min(prompt_bucket(length), max_seq_len - max_new_tokens)
 
 
 @dataclasses.dataclass
@@ -87,7 +107,10 @@ class Sampler:
         n: int = 1,
         sampling: SamplingParams | None = None,
         stop_sequences: Sequence[Sequence[int]] = (),
+        cache_len: int | None = None,
     ) -> Rollout:
+        """``n`` completions per prompt; ``cache_len``: the KV cache's slot count (see the module docstring),
+        from the padded prompts + ``max_new_tokens`` up to the model's ``max_seq_len``."""
         sampling = sampling or SamplingParams()
         sampling.validate()
         prompt_ids, prompt_mask = np.asarray(prompt_ids, np.int32), np.asarray(prompt_mask, np.int32)
@@ -103,7 +126,20 @@ class Sampler:
             raise ValueError(
                 f"prompts of {length} tokens + max_new_tokens {max_new_tokens} exceed the model's max_seq_len {limit}"
             )
-        bucket = min(prompt_bucket(length), limit - max_new_tokens)  # the last bucket ends at the context
+        bucket = padded_width(length, max_new_tokens, limit)  # the last bucket ends at the context
+        if cache_len is not None:
+            writes = bucket + max_new_tokens
+            if cache_len < writes:
+                raise ValueError(
+                    f"cache_len {cache_len} is smaller than the {writes} slots the generation writes: prompts of "
+                    f"{length} tokens"
+                    + (f" (left-padded to their bucket of {bucket})" if bucket > length else "")
+                    + f" + max_new_tokens {max_new_tokens}"
+                )
+            if cache_len > limit:
+                raise ValueError(f"cache_len {cache_len} exceeds the model's max_seq_len {limit}")
+            if cache_len == writes:
+                cache_len = None  # the default's program, not a second one of the same shapes
         if bucket > length:  # more left padding: the same bucket, the same program
             pad = bucket - length
             prompt_ids = np.concatenate([np.full((batch, pad), self.pad_id, np.int32), prompt_ids], 1)
@@ -126,4 +162,5 @@ class Sampler:
                 eos_ids=tuple(int(e) for e in self.eos_ids),
                 stops=stop_table(stop_sequences),
                 pad_id=int(self.pad_id),
+                cache_len=None if cache_len is None else int(cache_len),
             )
