@@ -10,7 +10,7 @@ import jax
 import pytest
 
 from jaxrl_llm.bench.__main__ import main
-from jaxrl_llm.bench.memory import RL_STAGES, STAGES, MemorySpec, abstract_figures, lora_adapters
+from jaxrl_llm.bench.memory import RL_STAGES, STAGES, MemorySpec, abstract_figures
 from jaxrl_llm.bench.memory_compile import compiled_figures
 from jaxrl_llm.models import get_preset
 from tests.simulated_devices import run_on_cpu_devices
@@ -33,19 +33,61 @@ def test_figures_equal_really_created_sharded_arrays():
 
 
 def test_lora_adapters_by_hand_and_what_they_save():
-    cfg = get_preset("llama3.1-8b")
     e, kv, m, r = 4096, 8 * 128, 14336, 16
     per_layer = (e + e) + 2 * (e + kv) + (e + e) + 3 * (e + m)  # q, k, v, o, gate, up, down: in + out
-    adapters = lora_adapters(cfg, r)
-    assert sum(x.size for x in jax.tree.leaves(adapters)) == 32 * r * per_layer
     full = abstract_figures(MemorySpec("llama3.1-8b", (1, 8, 1), stage="dpo"))
     lora = abstract_figures(MemorySpec("llama3.1-8b", (1, 8, 1), stage="dpo", lora_rank=r))
-    assert lora["trained_param_count"] == 32 * r * per_layer
+    assert lora["trained_param_count"] == lora["param_count"] - full["param_count"] == 32 * r * per_layer
     # 0.5% of the parameters; more of a device's share, since B's output axes have no fsdp rule.
     assert lora["optimizer_state"] < 0.05 * full["optimizer_state"]
     assert lora["gradients"] < 0.05 * full["gradients"]
     assert full["parameters"] < lora["parameters"] < 1.05 * full["parameters"]  # the base stays, frozen
     assert full["reference"] == full["parameters"] and lora["reference"] == 0  # the base is the reference
+
+
+def check_lora_figures_against_real_adapters() -> None:
+    """Run on 2 simulated devices (``test_lora_figures_equal_real_adapters``): on each mesh the planner's
+    LoRA figures equal the bytes a device holds of a bfloat16 base placed by the rules with float32
+    adapters born sharded by ``apply_lora``, and of its training state made and placed as ``run_stage``
+    makes and places it."""
+    from flax import nnx
+
+    from jaxrl_llm.models import create_model
+    from jaxrl_llm.models.lora import TRAINABLE, LoRAConfig, LoRAParam, apply_lora
+    from jaxrl_llm.parallel import make_mesh, place
+    from jaxrl_llm.train.optimizer import OptimizerConfig, make_optimizer
+    from jaxrl_llm.train.state import TrainState
+
+    def on_first_device(tree) -> int:
+        first = jax.devices()[0]
+        shards = (s for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == first)
+        return sum(s.data.nbytes for s in shards)
+
+    seen = []
+    base_model = create_model(MemorySpec("llama-tiny", param_dtype="bfloat16").model_config())
+    for sizes in ((1, 1, 1), (1, 2, 1), (1, 1, 2)):
+        spec = MemorySpec("llama-tiny", sizes, lora_rank=4, param_dtype="bfloat16")
+        mesh = make_mesh(*sizes, devices=jax.devices()[: spec.devices])
+        model = nnx.clone(base_model)
+        nnx.update(model, place(nnx.state(model), mesh))
+        model = apply_lora(model, LoRAConfig(rank=4), mesh=mesh)
+        tx = make_optimizer(OptimizerConfig(), nnx.state(model, TRAINABLE))
+        _, state = TrainState.create(model, tx, jax.random.key(0), trainable=TRAINABLE)
+        planned = abstract_figures(spec)
+        base = abstract_figures(MemorySpec("llama-tiny", sizes, param_dtype="bfloat16"))["parameters"]
+        adapters = on_first_device(nnx.state(model, LoRAParam))
+        assert planned["parameters"] - base == adapters, (sizes, planned, adapters)
+        assert planned["parameters"] == on_first_device(nnx.state(model, nnx.Param)), sizes
+        assert planned["gradients"] == adapters, sizes  # float32, the adapters' alone
+        assert planned["optimizer_state"] == on_first_device(place(state, mesh).opt_state), sizes
+        seen.append(adapters)
+    assert seen[0] > seen[1] and seen[0] > seen[2]  # A splits over fsdp (embed inputs), B over tensor
+    print("LoRA planner checks passed")
+
+
+def test_lora_figures_equal_real_adapters():
+    code = "from tests.test_bench_memory import check_lora_figures_against_real_adapters as check; check()"
+    run_on_cpu_devices(["-c", code], 2, "LoRA planner checks passed")
 
 
 def test_bfloat16_parameters_halve_parameters_and_moments_not_gradients():
@@ -75,14 +117,14 @@ def test_cli_table_and_json_with_the_compiled_figure(tmp_path, capsys):
     jax.devices()  # this process's one device: the compile runs here, no child process
     out = tmp_path / "memory.json"
     args = ["memory", "--preset", "llama-tiny", "--batch", "2", "--seq-len", "16", "--no-scan-layers"]
-    assert main([*args, "--lora", "--json", str(out)]) == 0  # LoRA: the gradient program only (no step)
+    assert main([*args, "--lora", "--json", str(out)]) == 0
     table = capsys.readouterr().out
     for label in ("parameters", "gradients", "optimizer state", "activations (compiled temp)", "total"):
         assert label in table
     result = json.loads(out.read_text())
     rows = result["bytes_per_device"]
     assert rows["activations"] == result["compiled"]["gradients"]["temp"] > 0
-    assert result["compiled"]["step"] is None
+    assert result["compiled"]["step"]["peak"] > result["compiled"]["gradients"]["argument"] > 0
     assert rows["total"] == sum(v for k, v in rows.items() if k != "total")
     assert result["settings"]["micro_batch"] == {"rows": 2, "length": 16}
     assert result["settings"]["lora_rank"] == 16
@@ -103,11 +145,16 @@ def test_every_stage_compiles_its_gradients_and_its_step(stage):
     jax.devices()
     rl = dict(prompt_len=8, new_tokens=8, group=2) if stage in RL_STAGES else dict(seq_len=16)
     reference = True if stage == "grpo" else None  # grpo's KL penalty: the batch carries ref_logps
+    # LoRA where it differs: dpo's reference is a view of the base, rm's and ppo's new heads train too
+    lora = 4 if stage in ("dpo", "rm", "ppo") else None
+    accum = 2 if stage == "sft" else 1
     spec = MemorySpec(
-        "llama-tiny", batch=2, accum=2 if stage == "sft" else 1, reference=reference, scan_layers=False, **rl
+        "llama-tiny", batch=2, accum=accum, lora_rank=lora, reference=reference, scan_layers=False, **rl
     )
     compiled = compiled_figures(spec)
     assert compiled["gradients"]["temp"] > 0 and compiled["step"]["peak"] > compiled["gradients"]["argument"]
+    # The gradient program's output: the loss's scalars and the gradients of what is trained, no more.
+    assert 0 <= compiled["gradients"]["output"] - abstract_figures(spec)["gradients"] <= 256
 
 
 def test_devices_fill_a_minus_one_axis(capsys):

@@ -5,13 +5,15 @@
 
 Every figure is per device, for the stage as ``jaxrl_llm.train`` builds it:
 
-- **parameters**: ``jax.eval_shape`` of the real model (``abstract_model``) with the real sharding rules
+- **parameters**: ``nnx.eval_shape`` of the real model (as ``abstract_model``) with the real sharding rules
   (``parallel.tree_shardings``) applied on an abstract mesh of the requested shape; each leaf counts its
   shard (``NamedSharding.shard_shape``). PPO trains an ``ActorCritic``: the policy and a critic on its own
-  copy of the backbone, both counted here. With ``--lora`` the base is frozen (in ``param_dtype``) and the
-  float32 adapters are added (``lora_adapters``).
-- **gradients**: float32 copies of what is trained, sharded like it (the step casts every gradient to
-  float32 whatever the parameter dtype).
+  copy of the backbone, both counted here. With ``--lora`` the model is built with the real adapters
+  (``models.lora.apply_lora`` under ``eval_shape``: float32, sharded by their own logical axes) on the
+  frozen base (in ``param_dtype``).
+- **gradients**: float32 copies of what is trained (every parameter, or with ``--lora`` the trainer's
+  ``models.lora.TRAINABLE``), sharded like it (the step casts every gradient to float32 whatever the
+  parameter dtype).
 - **optimizer state**: ``eval_shape`` of the trainer's own optimizer (``train.optimizer.make_optimizer``,
   AdamW with global-norm clipping) over what is trained. optax keeps Adam's moments in the parameters'
   dtype and the trainer keeps no float32 master copy, so bfloat16 parameters mean bfloat16 moments.
@@ -29,7 +31,7 @@ Every figure is per device, for the stage as ``jaxrl_llm.train`` builds it:
 activations live in different phases of an iteration); it leaves out the optimizer's update temporaries
 (about one parameter-sized tree) and the batch. The check on it is the **compiled train step peak**: the
 trainer's own update (``build_update`` + ``compile_update``) compiled on the same batch, XLA's arguments +
-outputs - aliased + temp (RL: the update alone; not with ``--lora``, which the trainer does not have yet).
+outputs - aliased + temp (RL: the update alone).
 """
 
 from __future__ import annotations
@@ -170,30 +172,6 @@ def per_device_bytes(tree: Any, mesh: Any, shardings: Any = None) -> int:
     return total
 
 
-def lora_adapters(cfg, rank: int) -> dict[str, nnx.Param]:
-    """Abstract LoRA adapters of every attention and MLP projection (q, k, v, o, gate, up, down), stacked
-    over the layers like the blocks' weights.
-
-    A projection ``W: in -> out`` gets ``A: [L, *in, r]`` and ``B: [L, r, *out]`` (``in x r + r x out``
-    parameters a layer) in float32 whatever the base's dtype (as PEFT keeps them); A takes the logical axes
-    of W's input, B of its output.
-    A stand-in until the package has its LoRA module (TODO(#17): replace with the real adapters' shapes).
-    """
-    q = ((cfg.num_heads, cfg.head_dim), ("heads", "head_dim"))
-    kv = ((cfg.num_kv_heads, cfg.head_dim), ("kv_heads", "head_dim"))
-    embed, mlp = ((cfg.hidden_size,), ("embed",)), ((cfg.intermediate_size,), ("mlp",))
-    weights = {"attn/q": (embed, q), "attn/k": (embed, kv), "attn/v": (embed, kv), "attn/o": (q, embed)}
-    weights |= {"mlp/gate": (embed, mlp), "mlp/up": (embed, mlp), "mlp/down": (mlp, embed)}
-    layers, dtype = cfg.num_layers, jnp.dtype(jnp.float32)
-    out: dict[str, nnx.Param] = {}
-    for name, ((in_shape, in_axes), (out_shape, out_axes)) in weights.items():
-        a = jax.ShapeDtypeStruct((layers, *in_shape, rank), dtype)
-        b = jax.ShapeDtypeStruct((layers, rank, *out_shape), dtype)
-        out[f"{name}/lora_a"] = nnx.Param(a, axes=(*in_axes, None))
-        out[f"{name}/lora_b"] = nnx.Param(b, axes=(None, *out_axes))
-    return out
-
-
 def _params(model) -> nnx.State:
     return nnx.state(model, nnx.Param)
 
@@ -204,35 +182,28 @@ def _count(tree: Any) -> int:
 
 def abstract_models(spec: MemorySpec):
     """``(trained model, policy)`` as abstract modules: the stage's trained model (a ``CausalLM``, rm's
-    ``ScoreModel``, ppo's ``ActorCritic``) and the policy a reference would copy."""
-    from ..models import HEADS, abstract_model
+    ``ScoreModel``, ppo's ``ActorCritic``) and the policy a reference would copy. With ``--lora`` every
+    backbone has the adapters ``models.lora.apply_lora`` gives it (rank ``spec.lora_rank``, the default
+    targets), as the trainer builds it (``train.setup.with_lora``; ppo's critic gets its own)."""
+    from ..models import HEADS
     from ..models.actor_critic import ActorCritic
+    from ..models.lora import LoRAConfig, apply_lora
 
-    cfg = spec.model_config()
+    cfg, lora = spec.model_config(), LoRAConfig(rank=spec.lora_rank or 0)
+    build = lambda head: apply_lora(HEADS[head](cfg, rngs=nnx.Rngs(0)), lora)
     if spec.stage == "ppo":
-        make = lambda: ActorCritic(HEADS["lm"](cfg, rngs=nnx.Rngs(0)), HEADS["score"](cfg, rngs=nnx.Rngs(0)))
-        trained = nnx.eval_shape(make)
+        trained = nnx.eval_shape(lambda: ActorCritic(build("lm"), build("score")))
         return trained, trained.policy
-    trained = abstract_model(cfg, head="score" if spec.stage == "rm" else "lm")
+    trained = nnx.eval_shape(lambda: build("score" if spec.stage == "rm" else "lm"))
     return trained, trained
 
 
-def trained_params(spec: MemorySpec, params: nnx.State) -> Any:
-    """What the optimizer trains: every parameter, or with LoRA the adapters of each backbone plus any
-    score/value head (a fresh head must learn)."""
-    if spec.lora_rank is None:
-        return params
-    cfg = spec.model_config()
-    flat = dict(nnx.to_flat_state(params))
-    backbones = {path[: path.index("blocks")] for path in flat if "blocks" in path}
-    trained: dict[str, Any] = {}
-    for prefix in sorted(backbones):
-        for name, var in lora_adapters(cfg, spec.lora_rank).items():
-            trained["/".join((*map(str, prefix), name))] = var
-    for path, var in flat.items():
-        if "score" in path:
-            trained["/".join(map(str, path))] = var
-    return trained
+def trainable(spec: MemorySpec) -> Any:
+    """The filter of what the optimizer trains, as ``run_stage`` picks it: every parameter, or with LoRA
+    ``models.lora.TRAINABLE`` (the adapters, and a score or value head: a fresh head must learn)."""
+    from ..models.lora import TRAINABLE
+
+    return nnx.Param if spec.lora_rank is None else TRAINABLE
 
 
 def kv_cache_bytes(spec: MemorySpec, mesh: Any) -> int:
@@ -270,7 +241,7 @@ def abstract_figures(spec: MemorySpec) -> dict[str, Any]:
     mesh = abstract_mesh(spec.mesh)
     trained_model, policy = abstract_models(spec)
     params = _params(trained_model)
-    trained = trained_params(spec, params)
+    trained = nnx.state(trained_model, trainable(spec))
     tx = make_optimizer(OptimizerConfig(state_dtype=spec.state_dtype), trained)
     opt_state = jax.eval_shape(tx.init, trained)
     grads = jax.tree.map(
@@ -278,17 +249,16 @@ def abstract_figures(spec: MemorySpec) -> dict[str, Any]:
         trained,
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
-    adapters = {k: v for k, v in trained.items() if "/lora_" in k} if spec.lora_rank is not None else {}
     reference = 0
     if spec.keeps_reference() and spec.lora_rank is None:
         reference = per_device_bytes(_params(policy), mesh)
     return {
-        "parameters": per_device_bytes(params, mesh) + per_device_bytes(adapters, mesh),
+        "parameters": per_device_bytes(params, mesh),
         "gradients": per_device_bytes(grads, mesh),
         "optimizer_state": per_device_bytes(opt_state, mesh),
         "reference": reference,
         "kv_cache": kv_cache_bytes(spec, mesh),
-        "param_count": _count(params) + _count(adapters),
+        "param_count": _count(params),
         "trained_param_count": _count(trained),
     }
 

@@ -3,15 +3,16 @@
 ``compile_programs(spec, devices)`` builds the abstract model, one abstract micro-batch of the stage's
 update and its frozen reference (dpo, kto), and compiles
 
-    grads(params, batch, frozen) -> ((loss, the loss's statistics), float32 gradients)
+    grads(trained, untrained, batch, frozen) -> ((loss, the loss's statistics), float32 gradients)
 
-with the stage's real objective (the step factory's ``loss_sum / normalizer`` under ``value_and_grad``)
-through ``train.step.compile_program`` (the trainer's own jit-with-shardings path) on a mesh of the
-requested shape. Nothing is allocated: the arguments are ``ShapeDtypeStruct``s. Its ``temp_size`` is the
-activations and backward intermediates of one micro-batch; the gradients are its output. Then it compiles
-the trainer's whole update (``build_update`` + ``compile_update``: gradient accumulation, clipping, AdamW,
-donated state) on the same batch, whose peak is the check on the planner's sum (it also holds the
-optimizer's update temporaries, which the rows leave out).
+(``untrained``: a LoRA run's base, which gets no gradient; empty without LoRA) with the stage's real
+objective (the step factory's ``loss_sum / normalizer`` under ``value_and_grad``) through
+``train.step.compile_program`` (the trainer's own jit-with-shardings path) on a mesh of the requested
+shape. Nothing is allocated: the arguments are ``ShapeDtypeStruct``s. Its ``temp_size`` is the activations
+and backward intermediates of one micro-batch; the gradients are its output. Then it compiles the trainer's
+whole update (``build_update`` + ``compile_update``: gradient accumulation, clipping, AdamW, donated state)
+on the same batch, whose peak is the check on the planner's sum (it also holds the optimizer's update
+temporaries, which the rows leave out).
 
 The mesh needs that many devices. JAX fixes the number of CPU devices when its backend starts, so unless
 this process already has them, the compile runs in a child process started with
@@ -33,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .memory import PAIR_STAGES, RL_STAGES, MemorySpec, abstract_models
+from .memory import PAIR_STAGES, RL_STAGES, MemorySpec, abstract_models, trainable
 
 _f32 = jnp.float32
 
@@ -110,56 +111,85 @@ def _figures(compiled) -> dict[str, Any]:
 def compile_programs(spec: MemorySpec, devices: list) -> dict[str, Any]:
     """XLA's per-device memory analysis (bytes) of the stage's gradient program (``gradients``) and of the
     trainer's own update (``step``: ``build_update`` + ``compile_update``, AdamW, state donated) on the same
-    batch; ``step`` is None with LoRA, which the trainer does not have yet."""
+    batch. Both differentiate what the trainer trains (``memory.trainable``: with LoRA the adapters, the
+    base an argument that gets no gradient)."""
     from ..parallel import batch_shardings, make_mesh, tree_shardings
     from ..train.optimizer import OptimizerConfig, make_optimizer, make_schedule
-    from ..train.state import Frozen, TrainState
-    from ..train.step import NO_FROZEN, build_update, compile_program, compile_update
+    from ..train.state import TrainState
+    from ..train.step import build_update, compile_program, compile_update
 
     mesh = make_mesh(*spec.mesh, devices=devices)
     trained, policy = abstract_models(spec)
     graphdef, params = nnx.split(trained, nnx.Param)
-    frozen = NO_FROZEN
-    if spec.stage in ("dpo", "kto") and spec.keeps_reference():  # the loss runs the reference live
-        ref_graphdef, ref_params = nnx.split(policy, nnx.Param)
-        frozen = Frozen({"reference": ref_params}, (("reference", ref_graphdef),))
+    frozen = stage_frozen(spec, trained, policy)
     objective = stage_objective(spec)
     rows, _ = spec.micro_batch()
     batch = micro_batch_spec(spec, rows)
+    train_params, untrained = split_trained(spec, params)
 
-    def grads(params, batch, frozen):
-        models = frozen.models()
+    def grads(train_params, untrained, batch, frozen):
+        models = frozen.bind(nnx.merge_state(untrained, train_params)).models()  # LoRA: the base's view
         normalizer = objective.normalizer(batch)
 
         def loss_fn(p):
-            loss_sum, sums = objective.loss(nnx.merge(graphdef, p), batch, jax.random.key(0), models)
+            model = nnx.merge(graphdef, p, untrained) if untrained else nnx.merge(graphdef, p)
+            loss_sum, sums = objective.loss(model, batch, jax.random.key(0), models)
             return loss_sum / normalizer, sums
 
         # The statistics are outputs, as the step's metrics are: else XLA drops what only they need.
-        (loss, sums), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (loss, sums), g = jax.value_and_grad(loss_fn, has_aux=True)(train_params)
         return (loss, sums), jax.tree.map(lambda x: x.astype(_f32), g)
 
-    param_sh = tree_shardings(params, mesh)
+    train_sh = tree_shardings(train_params, mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    in_sh = (param_sh, batch_shardings(batch, mesh), tree_shardings(frozen, mesh))
-    out = {
-        "gradients": _figures(
-            compile_program(grads, (params, batch, frozen), in_sh, (replicated, param_sh), mesh)
-        )
-    }
-    out["step"] = None
-    if spec.lora_rank is None:
-        opt = OptimizerConfig(state_dtype=spec.state_dtype)
-        tx = make_optimizer(opt, params)
-        key = jax.eval_shape(lambda: jax.random.key(0))
-        extra = {"kl_coef": jax.ShapeDtypeStruct((), _f32)} if spec.stage == "ppo" else {}
-        state = TrainState(
-            jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(tx.init, params), key, extra
-        )
-        update = build_update(graphdef, objective, tx, make_schedule(opt), accum_steps=spec.accum, mesh=mesh)
-        step_batch = micro_batch_spec(spec, rows * spec.accum)
-        out["step"] = _figures(compile_update(update, state, step_batch, key, mesh, frozen))
+    args = (train_params, untrained, batch, frozen)
+    in_sh = (
+        train_sh,
+        tree_shardings(untrained, mesh),
+        batch_shardings(batch, mesh),
+        tree_shardings(frozen, mesh),
+    )
+    out = {"gradients": _figures(compile_program(grads, args, in_sh, (replicated, train_sh), mesh))}
+    opt = OptimizerConfig(state_dtype=spec.state_dtype)
+    tx = make_optimizer(opt, train_params)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    extra = {"kl_coef": jax.ShapeDtypeStruct((), _f32)} if spec.stage == "ppo" else {}
+    state = TrainState(
+        jax.ShapeDtypeStruct((), jnp.int32),
+        params,
+        jax.eval_shape(tx.init, train_params),
+        key,
+        extra,
+        trainable=trainable(spec),
+    )
+    update = build_update(graphdef, objective, tx, make_schedule(opt), accum_steps=spec.accum, mesh=mesh)
+    step_batch = micro_batch_spec(spec, rows * spec.accum)
+    out["step"] = _figures(compile_update(update, state, step_batch, key, mesh, frozen))
     return out
+
+
+def split_trained(spec: MemorySpec, params: Any) -> tuple[Any, Any]:
+    """``(trained, untrained)`` parameters as ``TrainState.split_params`` splits them (the second empty
+    without LoRA)."""
+    if spec.lora_rank is None:
+        return params, nnx.State({})
+    return nnx.split_state(params, trainable(spec), ...)
+
+
+def stage_frozen(spec: MemorySpec, trained: Any, policy: Any) -> Any:
+    """The frozen models the loss reads live (dpo and kto's reference; ``NO_FROZEN`` for the others): a
+    copy of the policy's parameters, or with LoRA a view of the trained ones with the adapters off
+    (``train.stages.frozen_models``)."""
+    from ..train.stages import frozen_models
+    from ..train.state import Frozen
+    from ..train.step import NO_FROZEN
+
+    if spec.stage not in ("dpo", "kto") or not spec.keeps_reference():
+        return NO_FROZEN
+    if spec.lora_rank is not None:
+        return frozen_models(("reference",), policy, trained)
+    ref_graphdef, ref_params = nnx.split(policy, nnx.Param)
+    return Frozen({"reference": ref_params}, (("reference", ref_graphdef),))
 
 
 def _local_cpu_devices() -> list:
