@@ -2,8 +2,9 @@
 (gradients and optimizer state), the reference is the base with the adapters off (no copy), the output
 projection's adapter reads its input as the others do (dropout included), the merged export and the PEFT
 adapter give our logits in HF transformers and ``peft``, checkpoints hold the adapters alone and restore
-them exactly, and through the real command: SFT with LoRA learns a new task, exports both ways, refuses
-another base on resume; GRPO with LoRA runs with the policy's own weights as reference."""
+them exactly, and through the real command: SFT with LoRA learns a new task (held-out loss down, token
+accuracy up), exports both ways, refuses another base on resume. GRPO with LoRA (its reference a view of the
+policy's weights, every role on a mesh of its own) is tested in test_train_rl.py."""
 
 from __future__ import annotations
 
@@ -250,9 +251,9 @@ SFT = [
     "--config.train.eval_every=10",
     "--config.train.save_every=5",
     "--config.train.eval_at_start=true",
-    "--config.optimizer.lr=3e-3",
+    "--config.optimizer.lr=1e-2",
     "--config.optimizer.warmup_steps=0",
-    "--config.lora.rank=4",
+    "--config.lora.rank=8",
     "--config.lora.dropout=0.05",
 ]
 
@@ -276,8 +277,11 @@ def test_lora_sft_learns_a_new_task(sft_run):
     first, final = summary["first_eval"]["loss"], summary["final_eval"]["loss"]
     print("held-out loss", first, "->", final)
     assert final < 0.9 * first
+    accuracy = summary["first_eval"]["token_accuracy"], summary["final_eval"]["token_accuracy"]
+    print("held-out token accuracy", *accuracy)
+    assert accuracy[1] > accuracy[0] + 0.02  # measured 0.436 -> 0.483 (172 answer tokens)
     assert (sft_run / "final" / "config.json").is_file()  # merged: a plain HF checkpoint
-    assert json.loads((sft_run / "adapter" / ADAPTER_CONFIG).read_text())["r"] == 4
+    assert json.loads((sft_run / "adapter" / ADAPTER_CONFIG).read_text())["r"] == 8
     assert json.loads((sft_run / "lora_base.json").read_text())["model.path"] == str(SFT_MODEL)
 
 
@@ -311,38 +315,3 @@ def test_lora_resume_on_another_base_is_refused(sft_run, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "LoRA checkpoints trained on another base model" in err and "blocks/mlp/up" in err
-
-
-@pytest.mark.slow
-def test_grpo_with_lora_reads_the_policy_weights_as_its_reference(tmp_path, monkeypatch):
-    from jaxrl_llm.train import stages
-
-    made = []
-    real = stages.frozen_models
-    monkeypatch.setattr(stages, "frozen_models", lambda *a: made.append(real(*a)) or made[-1])
-    reward = '[{"name": "answer_match", "params": {"ignore_ids": ["<|im_end|>"]}}]'
-    code = _train(
-        "--config",
-        str(ROOT / "configs" / "base.py"),
-        "--config.stage=grpo",
-        f"--config.model.path={SFT_MODEL}",
-        "--config.data.path=synthetic:arithmetic_rl?n=200&digits=2&seed=3",
-        "--config.render.template=chatml",
-        "--config.rollout.max_new_tokens=6",
-        "--config.rl.prompts_per_iteration=4",
-        "--config.rl.group_size=4",
-        "--config.rl.beta=0.04",
-        f"--config.reward.functions={reward}",
-        "--config.optimizer.lr=1e-3",
-        "--config.optimizer.warmup_steps=0",
-        "--config.train.steps=2",
-        "--config.train.save_every=2",
-        "--config.lora.rank=4",
-        f"--config.run_dir={tmp_path / 'grpo'}",
-    )
-    assert code == 0
-    (frozen,) = made
-    assert frozen.names == ("reference",) and jax.tree.leaves(frozen) == []  # no copy of the base
-    final = json.loads((tmp_path / "grpo" / "summary.json").read_text())["final_train"]
-    assert np.isfinite(final["kl"]) and final["kl"] >= 0
-    assert (tmp_path / "grpo" / "adapter" / "adapter_model.safetensors").is_file()

@@ -345,7 +345,7 @@ FIELDS: tuple[Field, ...] = (
     Field(
         "lora.dropout",
         0.0,
-        "Dropout on the adapters' input while training (not on attn/o, whose adapter is added to its weight).",
+        "Dropout on the adapters' input while training.",
         float,
         lo=0,
         hi=1,
