@@ -53,3 +53,41 @@ def test_one_device_mesh_runs_the_model():
 @pytest.mark.slow
 def test_parameters_are_sharded_as_the_rules_say_on_8_devices():
     run_on_cpu_devices([str(ROOT / "tests" / "sharding_8dev.py")], 8, "8-device sharding checks passed")
+
+
+@pytest.mark.parametrize(
+    ("env", "libtpu", "found"),
+    [
+        ({}, False, ""),
+        ({"SLURM_NTASKS": "4"}, False, "slurm"),
+        ({"TPU_WORKER_HOSTNAMES": "h0,h1"}, True, "gke tpu"),
+        ({"TPU_WORKER_HOSTNAMES": "h0"}, True, "tpu vm"),  # tpu/run.sh's hosts: JAX asks the metadata server
+    ],
+)
+def test_initialize_joins_the_clusters_jax_finds_by_itself(monkeypatch, env, libtpu, found):
+    from jaxrl_llm.parallel import distributed
+
+    for name in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "JAXRL_COORDINATOR", "JAXRL_NUM_PROCESSES"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    real = distributed.importlib.util.find_spec
+    monkeypatch.setattr(
+        distributed.importlib.util, "find_spec", lambda n: object() if n == "libtpu" and libtpu else real(n)
+    )
+    calls = []
+    monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda: calls.append(1))
+    monkeypatch.setattr(distributed, "_started", False)
+    assert distributed._cluster_detected() == found
+    assert distributed.initialize() is False and calls == ([1] if found else [])  # one process here
+
+    def no_cluster():
+        raise ValueError("coordinator_address should be defined")
+
+    monkeypatch.setattr(distributed, "_started", False)
+    monkeypatch.setattr(distributed.jax.distributed, "initialize", no_cluster)
+    if found == "tpu vm":  # a TPU runtime installed where JAX finds no cluster: one process
+        assert distributed.initialize() is False
+    elif found:
+        with pytest.raises(ValueError, match="coordinator_address"):
+            distributed.initialize()

@@ -8,6 +8,7 @@ process count and this process's id are given explicitly, from config or from th
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any
 
@@ -34,9 +35,15 @@ def initialize(
     if _started:
         return jax.process_count() > 1
     if count == 1 and not address:
-        if not _cluster_detected():
+        cluster = _cluster_detected()
+        if not cluster:
             return False
-        jax.distributed.initialize()  # TPU pod or SLURM: JAX reads the topology itself
+        try:
+            jax.distributed.initialize()  # TPU VM, GKE slice or SLURM: JAX reads the topology itself
+        except ValueError:  # a TPU runtime installed where JAX finds no cluster: one process
+            if cluster != "tpu vm":
+                raise
+            return False
         _started = True
         return jax.process_count() > 1
     if not 0 <= index < count:
@@ -46,10 +53,17 @@ def initialize(
     return jax.process_count() > 1
 
 
-def _cluster_detected() -> bool:
-    """A multi-host TPU slice or a SLURM job with several tasks, whose peers JAX can find by itself."""
+def _cluster_detected() -> str:
+    """Where JAX can find this process's peers by itself ("" where it cannot): a multi-host TPU slice under
+    GKE (``TPU_WORKER_HOSTNAMES``), a SLURM job with several tasks, or a Cloud TPU VM (``libtpu`` installed:
+    ``tpu/run.sh`` starts one process per host of the slice over ssh, with no variable of its own, and JAX
+    asks the TPU's metadata server; a one-host VM joins a cluster of one)."""
     tpu_hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
-    return len(tpu_hosts) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    if len(tpu_hosts) > 1:
+        return "gke tpu"
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return "slurm"
+    return "tpu vm" if importlib.util.find_spec("libtpu") is not None else ""
 
 
 def is_main_process() -> bool:

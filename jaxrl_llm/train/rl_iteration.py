@@ -289,22 +289,25 @@ class RLIteration:
             host_metrics["time/reshard_s"] += sent + self._pending.reshard_s
         else:
             host, host_metrics = self._sample(state, index, sample_key)
-        if self._to_rollout is None:
-            del host_metrics["time/reshard_s"]
-        if self.reference is not None:
-            start = time.perf_counter()
-            there = put(host, rows_shardings(host, self.reference_mesh))
-            host = host.replace(ref_logps=self._programs["reference"](self.reference, there))
-        sampled = put(host, rows_shardings(host, self.mesh))
-        if self.reference is not None:
-            jax.block_until_ready(sampled.ref_logps)
-            host_metrics["time/reference_s"] = time.perf_counter() - start
+        sampled, reference_metrics = self._on_training_mesh(host)
+        host_metrics |= reference_metrics
         start = time.perf_counter()
         state, metrics, advantages = self._programs["learn"](state, self.frozen, sampled, learn_key)
         jax.block_until_ready(advantages)
         host_metrics["time/update_s"] = time.perf_counter() - start
         self._last = IterationLog.of(sampled, advantages)
         return state, {**metrics, **host_metrics, "flops": self.flops}
+
+    def _on_training_mesh(self, host: Sampled) -> tuple[Sampled, dict[str, float]]:
+        """The scored batch on the training mesh, with the reference's log-probs when the reference has a
+        mesh of its own (computed there and sent along: ``time/reference_s``)."""
+        if self.reference is None:
+            return put(host, rows_shardings(host, self.mesh)), {}
+        start = time.perf_counter()
+        there = put(host, rows_shardings(host, self.reference_mesh))
+        host = host.replace(ref_logps=self._programs["reference"](self.reference, there))
+        sampled = jax.block_until_ready(put(host, rows_shardings(host, self.mesh)))
+        return sampled, {"time/reference_s": time.perf_counter() - start}
 
     def _launch(self, state, index: np.ndarray, key: jax.Array) -> _Launched:
         """Dispatches a rollout of the prompts ``index`` on the rollout mesh (the policy resharded there when
@@ -326,7 +329,8 @@ class RLIteration:
         host), with the rounds' timing (the weights' transfers of the rounds launched here) and the host
         rewards' error counts. ``launched``: the first round, already dispatched (off-policy)."""
         cfg, p = self.cfg, self.prompts
-        timing = {"time/rollout_s": 0.0, "time/reward_s": 0.0, "time/reshard_s": 0.0}
+        timing = {"time/rollout_s": 0.0, "time/reward_s": 0.0}
+        sent = 0.0
         errors: dict[str, float] = {}
         buffer, filled, first, tokens = None, 0, None, 0
         for k in range(cfg.rounds):
@@ -341,7 +345,7 @@ class RLIteration:
             scoring = time.perf_counter()
             scores, errs = self._score(rows, host)
             timing["time/rollout_s"] += scoring - start - resharding
-            timing["time/reshard_s"] += resharding
+            sent += resharding
             timing["time/reward_s"] += time.perf_counter() - scoring
             tokens += int(host.lengths.sum())
             for name, count in errs.items():
@@ -360,6 +364,8 @@ class RLIteration:
             extra = jax.device_get(filling_metrics(first, filled, k + 1, cfg.group_size))
             buffer = mark_unfilled(buffer, filled, cfg.group_size)
         timing["time/rollout_tokens_per_s"] = tokens / max(timing["time/rollout_s"], 1e-9)
+        if self._to_rollout is not None:
+            timing["time/reshard_s"] = sent
         return buffer, {**timing, **errors, **extra}
 
     def _score(self, index: np.ndarray, host: Any) -> tuple[Scores, dict[str, float]]:
