@@ -3,6 +3,7 @@ rules, a compiled figure on simulated devices, LoRA, and its errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from jaxrl_llm.bench.__main__ import main
 from jaxrl_llm.bench.memory import RL_STAGES, STAGES, MemorySpec, abstract_figures
+from jaxrl_llm.bench.memory_cli import batch_step, largest_fit
 from jaxrl_llm.bench.memory_compile import compiled_figures
 from jaxrl_llm.models import get_preset
 from tests.simulated_devices import run_on_cpu_devices
@@ -172,6 +174,93 @@ def test_devices_fill_a_minus_one_axis(capsys):
     assert "data=1,fsdp=4,tensor=2 (8 devices)" in capsys.readouterr().out
 
 
+# ------------------------------------------------------------------------------------------ --fit-gib
+
+
+def _brute_force(need, limit, step, max_batch):
+    return max((b for b in range(step, max_batch + 1, step) if need(b) <= limit), default=0)
+
+
+@pytest.mark.parametrize("step", [1, 3, 8])
+def test_largest_fit_finds_the_exact_largest_batch_in_few_plans(step):
+    calls = []
+    need = lambda b: 1000 + 100 * b
+    for limit in range(1000, 1000 + 100 * 400, 137):
+        calls.clear()
+        fit = largest_fit(lambda b: calls.append(b) or need(b), limit, step=step, max_batch=300)
+        assert fit.batch == _brute_force(need, limit, step, 300), (limit, step)
+        assert len(calls) == len(set(calls)) == len(fit.tried) <= 2 * (300 // step).bit_length() + 1
+        assert all(b % step == 0 for b in calls)
+        if fit.batch:
+            assert fit.need == need(fit.batch) <= limit
+        if fit.next_batch is not None:
+            assert fit.next_batch == fit.batch + step and fit.next_need == need(fit.next_batch) > limit
+
+
+def test_largest_fit_when_nothing_fits_and_when_the_limit_is_never_reached():
+    nothing = largest_fit(lambda b: 10 * b, 5, step=4)
+    assert (nothing.batch, nothing.need, nothing.next_batch, nothing.next_need) == (0, None, 4, 40)
+    assert list(nothing.tried) == [4]
+    everything = largest_fit(lambda b: 7, 10, step=3, max_batch=100)  # the cap, rounded down to a step
+    assert (everything.batch, everything.need, everything.next_batch) == (99, 7, None)
+    assert list(everything.tried) == [3, 6, 12, 24, 48, 96, 99]
+    assert largest_fit(lambda b: b, 64, max_batch=64).batch == 64  # exactly the cap, no extra plan
+    with pytest.raises(ValueError):
+        largest_fit(lambda b: b, 10, step=8, max_batch=4)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        MemorySpec("llama-tiny", (1, 4, 1), accum=2),
+        MemorySpec("llama-tiny", (2, 3, 1), stage="dpo"),
+        MemorySpec("llama-tiny", (2, 1, 1), stage="grpo", group=3, minibatches=2),
+        MemorySpec("llama-tiny", (1, 4, 1), stage="ppo", group=8, minibatches=4, accum=2),
+    ],
+)
+def test_batch_step_is_the_smallest_batch_the_planner_accepts(spec):
+    from jaxrl_llm.errors import UserError
+
+    def accepted(batch: int) -> bool:
+        try:
+            dataclasses.replace(spec, batch=batch).check()
+        except UserError:
+            return False
+        return True
+
+    step = batch_step(spec)
+    assert [b for b in range(1, 4 * step + 1) if accepted(b)] == [step, 2 * step, 3 * step, 4 * step]
+
+
+def test_cli_fit_gib_searches_the_batch(tmp_path, capsys):
+    """grpo with --no-compile: the rollout cache is what grows with the prompts, so the search is real and
+    fast; the limit is exactly 37 prompts' plan."""
+    shape = dict(stage="grpo", group=2, prompt_len=8, new_tokens=8)
+    rows = ("parameters", "gradients", "optimizer_state", "reference", "kv_cache")
+    need = lambda b: sum(abstract_figures(MemorySpec("llama-tiny", batch=b, **shape))[r] for r in rows)
+    limit_gib = need(37) / 2**30
+    args = ["memory", "--preset", "llama-tiny", "--stage", "grpo", "--group", "2", "--prompt-len", "8"]
+    args += ["--new-tokens", "8", "--no-compile", "--fit-gib", repr(limit_gib)]
+    assert main([*args, "--json", str(tmp_path / "fit.json")]) == 0
+    out = capsys.readouterr().out
+    line = f"largest batch that fits in {limit_gib:g} GiB at prompt-len 8 + new-tokens 8, group 2: 37 ("
+    assert line in out and "; 38 needs " in out
+    result = json.loads((tmp_path / "fit.json").read_text())
+    fit = result["fit"]
+    assert (fit["batch"], fit["next_batch"], fit["step"]) == (37, 38, 1)
+    assert (fit["total_bytes"], fit["next_total_bytes"]) == (need(37), need(38))
+    assert result["settings"]["batch"] == 37 and result["bytes_per_device"]["total"] == need(37)
+    assert list(fit["tried_gib"]) == ["1", "2", "4", "8", "16", "32", "64", "48", "40", "36", "38", "37"]
+
+    assert main([*args[:-1], "0.0001"]) == 0  # below the smallest batch's parameters alone
+    assert "nothing fits in 0.0001 GiB" in capsys.readouterr().out
+    sft = ["memory", "--preset", "llama-tiny", "--no-compile", "--fit-gib", "1", "--fit-max", "40"]
+    assert main(sft) == 0  # no activations: sft's need does not grow with the batch
+    out = capsys.readouterr().out
+    assert "largest batch that fits in 1 GiB at seq-len 256: 40 (" in out
+    assert "the search stopped at --fit-max 40 below the limit" in out
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -194,6 +283,9 @@ def test_devices_fill_a_minus_one_axis(capsys):
         (["--preset", "llama-tiny", "--stage", "kto", "--no-reference"], "always reads its reference"),
         (["--preset", "llama-tiny", "--reference"], "stage 'sft' has no reference"),
         (["--preset", "llama-tiny", "--batch", "0"], "--batch=0: must be at least 1"),
+        (["--preset", "llama-tiny", "--fit-gib", "0"], "--fit-gib 0: must be above 0"),
+        (["--preset", "llama-tiny", "--mesh", "fsdp=4", "--fit-gib", "1", "--fit-max", "2"], "--fit-max 2"),
+        (["--preset", "llama-tiny", "--fit-gib", "1", "--lora-rank", "0"], "--lora-rank=0"),
     ],
 )
 def test_mistakes_are_one_line_and_exit_2(args, message, capsys):

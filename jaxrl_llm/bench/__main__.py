@@ -176,10 +176,9 @@ def _run(args: argparse.Namespace) -> dict:
 
         return machine_peaks(jnp.dtype(args.dtype))
     if args.command == "memory":
-        from .memory import plan_memory
-        from .memory_cli import spec_from_args
+        from .memory_cli import run_memory
 
-        return plan_memory(spec_from_args(args), compile=args.compile)
+        return run_memory(args)
     if args.command == "serve":
         from .serve import bench_serve
 

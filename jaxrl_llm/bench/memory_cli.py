@@ -4,12 +4,18 @@ they describe, and the plan as a table (``jaxrl_llm.bench.memory`` does the plan
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import UserError
 from ..parallel import MESH_AXES
 from ..parallel.mesh import resolve_axis_sizes
-from .memory import DEFAULT_LORA_RANK, RL_STAGES, STAGES, MemorySpec
+from .memory import DEFAULT_LORA_RANK, PAIR_STAGES, RL_STAGES, STAGES, MemorySpec
+
+DEFAULT_FIT_MAX = 4096
 
 _LABELS = {
     "optimizer_state": "optimizer state",
@@ -61,6 +67,8 @@ def format_table(result: dict[str, Any]) -> str:
     if compiled:
         seconds = compiled["gradients"]["compile_s"] + (compiled["step"] or {}).get("compile_s", 0)
         lines.append(f"(compiled in {seconds:.1f}s on {result['devices']} simulated CPU devices)")
+    if "fit" in result:
+        lines.append(fit_line(result["fit"]))
     return "\n".join(lines)
 
 
@@ -103,6 +111,21 @@ def add_arguments(parser) -> None:
         help="keep a frozen reference (default: dpo, kto, ppo yes; grpo no, as with rl.beta=0)",
     )
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled figure")
+    parser.add_argument(
+        "--fit-gib",
+        type=float,
+        metavar="G",
+        help="instead of planning --batch, search the largest batch whose per-device need (total, or the "
+        "compiled step peak where larger) fits in G GiB: doubling, then bisecting, in multiples of what "
+        "the mesh's data x fsdp devices (and --accum) split",
+    )
+    parser.add_argument(
+        "--fit-max",
+        type=int,
+        default=DEFAULT_FIT_MAX,
+        metavar="N",
+        help=f"--fit-gib: the largest batch tried (default {DEFAULT_FIT_MAX})",
+    )
 
 
 def spec_from_args(args) -> MemorySpec:
@@ -132,3 +155,162 @@ def spec_from_args(args) -> MemorySpec:
         reference=args.reference,
         **given,
     )
+
+
+# ------------------------------------------------------------------------------------------ --fit-gib
+
+
+@dataclasses.dataclass(frozen=True)
+class Fit:
+    """What ``largest_fit`` found: ``batch`` the largest that fits (0: none does) and ``need`` its bytes;
+    ``next_batch`` the next multiple of ``step`` and ``next_need`` its bytes (None where the search stopped
+    at ``max_batch`` with everything tried fitting); ``tried`` every batch planned, in order."""
+
+    limit: int
+    batch: int
+    need: int | None
+    next_batch: int | None
+    next_need: int | None
+    step: int
+    max_batch: int
+    tried: dict[int, int]
+
+
+def largest_fit(
+    need: Callable[[int], int], limit: int, *, step: int = 1, max_batch: int = DEFAULT_FIT_MAX
+) -> Fit:
+    """The largest multiple of ``step`` up to ``max_batch`` whose ``need(batch)`` (bytes; assumed to grow
+    with the batch) is at most ``limit``: ``step``, 2, 4, 8 ... times it until one does not fit (or the
+    next would pass ``max_batch``, which is then tried itself), then bisection between the last that fit
+    and the first that did not. ``need`` runs once per batch, about 2 log2(answer / step) times."""
+    if step < 1 or max_batch < step:
+        raise ValueError(f"step {step} and max_batch {max_batch}: need 1 <= step <= max_batch")
+    tried: dict[int, int] = {}
+
+    def fits(k: int) -> bool:  # k multiples of step
+        if k * step not in tried:
+            tried[k * step] = need(k * step)
+        return tried[k * step] <= limit
+
+    top = max_batch // step
+    lo, hi, k = 0, None, 1  # lo: the most multiples known to fit (0: none); hi: the fewest known not to
+    while k <= top:
+        if not fits(k):
+            hi = k
+            break
+        lo, k = k, 2 * k
+    if hi is None and lo < top:
+        if fits(top):
+            lo = top
+        else:
+            hi = top
+    while hi is not None and hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    batch, next_batch = lo * step, None if hi is None else hi * step
+    return Fit(
+        limit=limit,
+        batch=batch,
+        need=tried.get(batch),
+        next_batch=next_batch,
+        next_need=None if next_batch is None else tried[next_batch],
+        step=step,
+        max_batch=max_batch,
+        tried=tried,
+    )
+
+
+def batch_step(spec: MemorySpec) -> int:
+    """The smallest ``--batch`` that ``MemorySpec.check`` lets the mesh split; every valid batch is a
+    multiple of it. sft, pt and the pair stages: ``accum`` micro-batches of a multiple of data x fsdp rows.
+    RL: prompts a multiple of data x fsdp, and ``batch x group`` rows a multiple of
+    ``minibatches x accum x data x fsdp``."""
+    split = spec.data_split
+    if spec.stage in RL_STAGES:
+        rows = spec.minibatches * spec.accum * split
+        return math.lcm(split, rows // math.gcd(rows, spec.group))
+    return spec.accum * split
+
+
+def plan_need(result: dict[str, Any]) -> int:
+    """The bytes a plan says a device needs: ``total``, or the compiled train step's peak where larger."""
+    total = result["bytes_per_device"]["total"]
+    step = (result.get("compiled") or {}).get("step") or {}
+    return max(total, step.get("peak", 0))
+
+
+def _shape_words(spec: MemorySpec) -> str:
+    if spec.stage in RL_STAGES:
+        return f"prompt-len {spec.prompt_len} + new-tokens {spec.new_tokens}, group {spec.group}"
+    if spec.stage in PAIR_STAGES:
+        return f"seq-len {spec.seq_len} a side"
+    return f"seq-len {spec.seq_len}"
+
+
+def _gib(n: int | None) -> float | None:
+    return None if n is None else round(n / 2**30, 4)
+
+
+def fit_line(fit: dict[str, Any]) -> str:
+    """The search's result in one line (``fit`` as ``fit_json`` writes it)."""
+    where = f"in {fit['limit_gib']:g} GiB at {fit['shape']}"
+    if fit["batch"] == 0:
+        return (
+            f"nothing fits {where}: the smallest batch, {fit['next_batch']}, needs "
+            f"{fit['next_total_gib']:.4g} GiB (batch 0)"
+        )
+    found = f"largest batch that fits {where}: {fit['batch']} ({fit['total_gib']:.4g} GiB)"
+    if fit["next_batch"] is None:
+        return f"{found}; the search stopped at --fit-max {fit['max_batch']} below the limit"
+    return f"{found}; {fit['next_batch']} needs {fit['next_total_gib']:.4g} GiB"
+
+
+def fit_json(fit: Fit, spec: MemorySpec, limit_gib: float) -> dict[str, Any]:
+    """The search's result as the ``--json`` output's ``fit``: batches, bytes and GiB per device."""
+    return {
+        "limit_gib": limit_gib,
+        "batch": fit.batch,
+        "total_gib": _gib(fit.need),
+        "next_batch": fit.next_batch,
+        "next_total_gib": _gib(fit.next_need),
+        "total_bytes": fit.need,
+        "next_total_bytes": fit.next_need,
+        "step": fit.step,
+        "max_batch": fit.max_batch,
+        "shape": _shape_words(spec),
+        "need": "the plan's total, or the compiled train step peak where larger",
+        "tried_gib": {str(b): _gib(v) for b, v in fit.tried.items()},
+    }
+
+
+def run_memory(args) -> dict[str, Any]:
+    """The ``memory`` subcommand: the plan at ``--batch``, or with ``--fit-gib`` the plan at the largest
+    batch that fits (at the smallest when none does) with the search's result under ``fit``."""
+    from .memory import plan_memory
+
+    spec = spec_from_args(args)
+    if args.fit_gib is None:
+        return plan_memory(spec, compile=args.compile)
+    if args.fit_gib <= 0:
+        raise UserError(f"--fit-gib {args.fit_gib:g}: must be above 0")
+    step = batch_step(spec)
+    if args.fit_max < step:
+        raise UserError(f"--fit-max {args.fit_max}: below the smallest batch the mesh splits, {step}")
+    dataclasses.replace(spec, batch=step).check()  # any other mistake, before the first plan
+    plans: dict[int, dict[str, Any]] = {}
+
+    def need(batch: int) -> int:
+        plans[batch] = plan_memory(dataclasses.replace(spec, batch=batch), compile=args.compile)
+        print(f"  batch {batch}: {plan_need(plans[batch]) / 2**30:.4g} GiB", file=sys.stderr, flush=True)
+        return plan_need(plans[batch])
+
+    if not args.compile:
+        print(
+            "--fit-gib with --no-compile: no activations, so only an RL stage's KV cache grows with the batch",
+            file=sys.stderr,
+        )
+    fit = largest_fit(need, round(args.fit_gib * 2**30), step=step, max_batch=args.fit_max)
+    return {**plans[fit.batch or step], "fit": fit_json(fit, spec, args.fit_gib)}
