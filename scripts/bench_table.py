@@ -6,7 +6,8 @@ scripts/bench_all.sh runs it on its output directory. Each result is one row (a 
 stream count): what was measured, the device, our number, the peer's from the same run (HF transformers or
 TRL), the ratio (the bench's own ``speedup``: above 1 means ours is faster) and the fraction of this machine's
 limit the bench measured in the same run (the matmul peak; for rollouts the roofline limit of prefill at the
-matmul peak plus decode at the read bandwidth). Files are read in name order (bench_all.sh numbers them in the
+matmul peak plus decode at the read bandwidth). A ``memory`` plan is one row of GiB per device; with
+``--fit-gib`` the largest batch that fits, the next batch's need, and the fraction of the limit it uses. Files are read in name order (bench_all.sh numbers them in the
 README's order); a JSON that is not a bench result is named under the table and skipped.
 """
 
@@ -135,6 +136,43 @@ def _serve(r: dict) -> list[Row]:
     return rows
 
 
+def _gib(n: float) -> str:
+    return f"{n:.4g} GiB"
+
+
+def _memory(r: dict) -> list[Row]:
+    """A memory plan (``bench memory``): per-device GiB at its batch, or with ``--fit-gib`` the largest batch
+    that fits. Planned from shapes and XLA:CPU's compile, so the device column says so."""
+    s, fit = r["settings"], r.get("fit")
+    mesh = ",".join(f"{k}={v}" for k, v in s["mesh"].items() if v != 1)
+    extras = [f"remat {s['remat']}"] if s.get("remat", "none") != "none" else []
+    extras += [f"LoRA rank {s['lora_rank']}"] if s.get("lora_rank") is not None else []
+    extras += [mesh] if mesh else []
+    what = f"{s['preset']} {s['stage'].upper()} {_dtype(s)}"
+    compiled = "XLA:CPU compile" if r.get("compiled") else "shapes only, no activations"
+    device = f"planned ({compiled})"
+    if fit is None:
+        rows_len = s["micro_batch"]
+        label = ", ".join([f"memory plan, {what}", f"batch {s['batch']} x {rows_len['length']}", *extras])
+        step = ((r.get("compiled") or {}).get("step") or {}).get("peak")
+        total = r["bytes_per_device"]["total"]
+        ours = f"{_gib(total / 2**30)} a device" + (f" (step peak {_gib(step / 2**30)})" if step else "")
+        return [Row(label, device=device, ours=ours)]
+    label = ", ".join([f"largest batch in {fit['limit_gib']:g} GiB, {what}", fit["shape"], *extras])
+    if fit["batch"] == 0:
+        ours = f"none: batch {fit['next_batch']} needs {_gib(fit['next_total_gib'])}"
+    else:
+        ours = f"batch {fit['batch']} ({_gib(fit['total_gib'])})"
+        if fit["next_batch"] is None:
+            ours += f", the search's cap ({fit['max_batch']})"
+        else:
+            ours += f"; {fit['next_batch']} needs {_gib(fit['next_total_gib'])}"
+    fraction = (
+        "—" if not fit["batch"] else f"{fit['total_gib'] / fit['limit_gib']:.2f} of {fit['limit_gib']:g} GiB"
+    )
+    return [Row(label, device=device, ours=ours, fraction=fraction)]
+
+
 def _peak(r: dict, name: str) -> list[Row]:
     ours = f"matmul {r['matmul_flops_per_s']:.3g} FLOP/s, read {r['memory_bytes_per_s']:.3g} B/s"
     return [Row(f"machine peak ({name})", ours=ours)]
@@ -142,6 +180,8 @@ def _peak(r: dict, name: str) -> list[Row]:
 
 def rows_of(result: dict, name: str) -> list[Row] | None:
     """The table rows of one bench result; None when ``result`` is not one (by the keys each bench writes)."""
+    if "bytes_per_device" in result and "settings" in result:
+        return _memory(result)
     if "objective" in result:
         return _grpo(result) if result["objective"] == "grpo" else _train(result)
     if "sampling" in result:

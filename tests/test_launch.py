@@ -243,6 +243,7 @@ def test_bench_all_dry_run_lists_commands_the_bench_cli_accepts(flags, fake_tool
 
     parsed = []
     monkeypatch.setattr(bench_cli, "_run", lambda args: parsed.append(args) or {"parsed": 1})
+    monkeypatch.setattr("jaxrl_llm.bench.memory_cli.format_table", lambda result: "a memory plan")
     for argv in benches:
         argv = [a.replace(str(out), str(tmp_path)) for a in argv]  # the JSON lands beside, not in out
         try:
@@ -253,7 +254,9 @@ def test_bench_all_dry_run_lists_commands_the_bench_cli_accepts(flags, fake_tool
     assert len(set(jsons)) == len(jsons) and all(Path(j).parent == tmp_path for j in jsons)
 
     pairs = {(a.command, getattr(a, "objective", None)) for a in parsed}
-    models = {a.model for a in parsed if hasattr(a, "model")}
+    models = {a.model for a in parsed if hasattr(a, "model")} | {
+        a.preset for a in parsed if hasattr(a, "preset")
+    }
     if "--gpu" not in flags:
         missing = _readme_benchmarks() - pairs
         assert not missing, f"README's Benchmarks block runs {missing}: add them to scripts/bench_all.sh"
@@ -261,16 +264,65 @@ def test_bench_all_dry_run_lists_commands_the_bench_cli_accepts(flags, fake_tool
         assert all(a.compare_trl for a in parsed if a.command == "train")
         assert all(a.compare_hf for a in parsed if a.command in ("forward", "rollout"))
     else:
-        assert {("peak", None), ("train", "sft"), ("rollout", None)} <= pairs
+        assert {("peak", None), ("train", "sft"), ("rollout", None), ("train", "grpo")} <= pairs
         assert {a.dtype for a in parsed if a.command == "rollout"} == {"float32", "bfloat16"}
+        assert all(a.compare_hf for a in parsed if a.command == "rollout")
+        # Issue 17 item 5, first: Qwen SFT in bf16 at batch 8 x 1024 (--quick: 256) without and with remat,
+        # the rollouts against HF generate, then a Qwen GRPO iteration.
+        long = 256 if "--quick" in flags else 1024
+        first = [(a.command, getattr(a, "objective", None), getattr(a, "remat", None)) for a in parsed[:6]]
+        assert first == [("train", "sft", "none"), ("train", "sft", "full")] + [
+            ("rollout", None, None)
+        ] * 3 + [("train", "grpo", "none")]
+        assert all(a.model == parsed[0].model and (a.batch, a.seq_len) == (8, long) for a in parsed[:2])
+        assert all(a.dtype == "bfloat16" and a.param_dtype == "float32" for a in (*parsed[:2], parsed[5]))
+        # Last, the planner's largest batch at two lengths, without and with remat, in --gpu-gib (80).
+        fits = [a for a in parsed if a.command == "memory"]
+        assert parsed[-len(fits) :] == fits and all(a.stage == "sft" and a.dtype == "bfloat16" for a in fits)
+        lens = (64, 128) if "--quick" in flags else (1024, 2048)
+        assert [(a.seq_len, a.remat) for a in fits] == [(n, r) for n in lens for r in ("none", "full")]
+        assert {(a.fit_gib, a.compile) for a in fits} == {(80.0, "--quick" not in flags)}
     assert models <= ({"llama-tiny", "qwen2-tiny"} if "--quick" in flags else {"llama-30m", "qwen2.5-0.5b"})
 
 
-def test_bench_all_refuses_an_unknown_flag(fake_tools):
-    env, marker, _ = fake_tools
-    done = _run_script("scripts/bench_all.sh", ["--fast"], env)
-    assert done.returncode == 2 and "unknown argument '--fast'" in done.stderr and "--dry-run" in done.stderr
+def test_bench_all_takes_the_gpu_memory_and_a_budget(fake_tools, tmp_path):
+    env, marker, bin_dir = fake_tools
+    args = ["--gpu", "--gpu-gib", "141", "--budget", "600", "--out", str(tmp_path)]
+    benches, _ = _bench_commands(args, {**env, "PYTHON": str(bin_dir / "python")})
+    fits = [argv for argv in benches if argv[0] == "memory"]
+    assert len(fits) == 4 and all(argv[argv.index("--fit-gib") + 1] == "141" for argv in fits)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--fast"], "unknown argument '--fast'"),
+        (["--gpu-gib", "lots"], "--gpu-gib 'lots': expected a number of GiB"),
+        (["--budget", "1.5"], "--budget '1.5': expected whole seconds"),
+    ],
+)
+def test_bench_all_refuses_an_unknown_flag(args, message, fake_tools):
+    env, marker, _ = fake_tools
+    done = _run_script("scripts/bench_all.sh", args, env)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "--dry-run" in done.stderr or "--fast" not in args
+    assert not marker.exists()
+
+
+def test_bench_all_budget_skips_what_it_cannot_start(tmp_path):
+    """A fake interpreter that sleeps: with a 2-second budget the first command is stopped, every other one
+    skipped, the table still built, and the exit status 1."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\nif [[ "$1" == -m ]]; then exec sleep 30; fi\necho "TABLE $*"\n')
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": str(fake)}
+    done = _run_script("scripts/bench_all.sh", ["--gpu", "--budget", "2", "--out", str(out)], env)
+    assert done.returncode == 1, done.stderr
+    assert "== 01_sft_qwen_bf16_mfu (" in done.stdout and "TABLE " in done.stdout
+    assert "skipped sft_qwen_bf16_mfu_remat: the 2s budget is spent" in done.stderr
+    assert "failed (left out of the table): sft_qwen_bf16_mfu (stopped: the budget ran out)" in done.stderr
 
 
 def _bench_table():
@@ -376,6 +428,72 @@ SAMPLES = {  # the keys each bench's --json writes (jaxrl_llm/bench/*.py), with 
         **{f"sampler_ttft_s@{c}": v for c, v in ((1, 0.45), (8, 0.75))},
         **{f"engine/sampler@{c}": v for c, v in ((1, 143 / 142), (8, 609 / 684))},
     },
+    "11_fit_qwen_sft_1024_remat_full.json": {  # bench memory --fit-gib (jaxrl_llm/bench/memory_cli.py)
+        "settings": {
+            "preset": "qwen2.5-0.5b",
+            "stage": "sft",
+            "batch": 40,
+            "remat": "full",
+            "lora_rank": None,
+            "dtype": "bfloat16",
+            "param_dtype": "float32",
+            "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
+            "micro_batch": {"rows": 40, "length": 1024},
+        },
+        "devices": 1,
+        "bytes_per_device": {"parameters": 1, "total": 2},
+        "compiled": {"gradients": {"temp": 1}, "step": {"peak": 2}},
+        "fit": {
+            "limit_gib": 80,
+            "batch": 40,
+            "total_gib": 78.9123,
+            "next_batch": 41,
+            "next_total_gib": 80.5,
+            "step": 1,
+            "max_batch": 4096,
+            "shape": "seq-len 1024",
+        },
+    },
+    "12_fit_none.json": {
+        "settings": {
+            "preset": "llama3.1-8b",
+            "stage": "grpo",
+            "batch": 8,
+            "remat": "none",
+            "lora_rank": 16,
+            "dtype": "bfloat16",
+            "param_dtype": "bfloat16",
+            "mesh": {"data": 1, "fsdp": 8, "tensor": 1},
+            "micro_batch": {"rows": 64, "length": 512},
+        },
+        "bytes_per_device": {"total": 2},
+        "compiled": None,
+        "fit": {
+            "limit_gib": 16,
+            "batch": 0,
+            "total_gib": None,
+            "next_batch": 8,
+            "next_total_gib": 17.25,
+            "step": 8,
+            "max_batch": 4096,
+            "shape": "prompt-len 256 + new-tokens 256, group 8",
+        },
+    },
+    "13_memory.json": {
+        "settings": {
+            "preset": "llama3.1-8b",
+            "stage": "sft",
+            "batch": 8,
+            "remat": "full",
+            "lora_rank": None,
+            "dtype": "bfloat16",
+            "param_dtype": "float32",
+            "mesh": {"data": 1, "fsdp": 8, "tensor": 1},
+            "micro_batch": {"rows": 8, "length": 2048},
+        },
+        "bytes_per_device": {"total": 21.634 * 2**30},
+        "compiled": {"gradients": {"temp": 1}, "step": {"peak": 25.364 * 2**30}},
+    },
     "99_notes.json": {"what": "not a bench result"},
 }
 
@@ -399,6 +517,10 @@ def test_bench_table_turns_bench_json_into_one_markdown_table(tmp_path, capsys):
         "| GRPO iteration, llama-30m fp32, 4 prompts x 4 samples x (64 + 64)",
         "| serve, llama-30m fp32, 1 stream x 1 request of 64 tokens (peer: the one-shot Sampler)",
         "| serve, llama-30m fp32, 8 streams x 1 request of 64 tokens (peer: the one-shot Sampler)",
+        "| largest batch in 80 GiB, qwen2.5-0.5b SFT bf16 (params fp32), seq-len 1024, remat full",
+        "| largest batch in 16 GiB, llama3.1-8b GRPO bf16, prompt-len 256 + new-tokens 256, group 8, "
+        "LoRA rank 16, fsdp=8",
+        "| memory plan, llama3.1-8b SFT bf16 (params fp32), batch 8 x 2048, remat full, fsdp=8",
     ]
     assert "| matmul 2e+11 FLOP/s, read 3e+10 B/s |" in rows[0]
     assert (
@@ -416,6 +538,12 @@ def test_bench_table_turns_bench_json_into_one_markdown_table(tmp_path, capsys):
         "| 609 tokens/s, first token 0.15 s | Sampler: 684 tokens/s, first token 0.75 s | 0.89x | — |"
         in rows[7]
     )
+    assert (
+        "| planned (XLA:CPU compile) | batch 40 (78.91 GiB); 41 needs 80.5 GiB | — | — | 0.99 of 80 GiB |"
+        in rows[8]
+    )
+    assert "| planned (shapes only, no activations) | none: batch 8 needs 17.25 GiB | — | — | — |" in rows[9]
+    assert "| 21.63 GiB a device (step peak 25.36 GiB) | — | — | — |" in rows[10]
     assert "- busy machine: 05_sft_bf16.json: other processes used 1.3 CPU cores" in table
     assert "- skipped 99_notes.json (not a bench result)" in table
 
