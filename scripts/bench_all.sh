@@ -23,6 +23,8 @@
 # reported and left out of the table; the script then exits 1.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$root/scripts/lib.sh"
 
 usage() { sed -n '2,26s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
 
@@ -49,12 +51,8 @@ fi
 if [[ -n "$budget" && ! "$budget" =~ ^[0-9]+$ ]]; then
   echo "scripts/bench_all.sh: --budget '$budget': expected whole seconds" >&2 && exit 2
 fi
-out="${out:-$root/runs/bench/$(date +%Y%m%d-%H%M%S)}"
-if [[ "$out" != /* ]]; then out="$PWD/$out"; fi
-python="${PYTHON:-}"
-if [[ -z "$python" ]]; then
-  if [[ -x "$root/.venv/bin/python" ]]; then python="$root/.venv/bin/python"; else python=python3; fi
-fi
+out="$(absolute "${out:-$root/runs/bench/$(date +%Y%m%d-%H%M%S)}")"
+python="$(python_of "$root")"
 
 # Sizes: the README's, or tiny models for --quick (shorter rows; the largest-batch search without its
 # compiles, which take ~8 s a plan whatever the model, stopping at batch 8).
@@ -65,14 +63,6 @@ if ((quick)); then
   fit+=(--no-compile --fit-max 8)
 fi
 
-# show ARG...: the command on one line, single-quoted where the shell would split or expand a word.
-show() {
-  local word words=()
-  for word in "$@"; do
-    if [[ "$word" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then words+=("$word"); else words+=("'${word//\'/\'\\\'\'}'"); fi
-  done
-  printf '%s\n' "${words[*]}"
-}
 
 count=0
 failed=()

@@ -32,6 +32,8 @@
 # whatever became of the ones before; the script exits 1 if any failed or was skipped, and says which.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$root/scripts/lib.sh"
 
 usage() { sed -n '2,34s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
 
@@ -70,12 +72,8 @@ if [[ "$only" == bench ]]; then test_s=0; fi
 if ((budget && test_s >= budget)) && [[ "$only" != tests ]]; then
   echo "scripts/gpu_check.sh: --test-s $test_s leaves nothing of --budget $budget for the benches" >&2 && exit 2
 fi
-out="${out:-$root/runs/gpu_check/$(date +%Y%m%d-%H%M%S)}"
-if [[ "$out" != /* ]]; then out="$PWD/$out"; fi
-python="${PYTHON:-}"
-if [[ -z "$python" ]]; then
-  if [[ -x "$root/.venv/bin/python" ]]; then python="$root/.venv/bin/python"; else python=python3; fi
-fi
+out="$(absolute "${out:-$root/runs/gpu_check/$(date +%Y%m%d-%H%M%S)}")"
+python="$(python_of "$root")"
 if [[ -z "$wheels" ]] && compgen -G "$root/.whl/*.whl" >/dev/null; then wheels="$root/.whl"; fi
 
 # The suite's tests that run the model, the sampler and the train step, most telling on a GPU first.
@@ -88,14 +86,6 @@ versions='from importlib.metadata import version as v; print(*(d + " " + v(d) fo
 versions+='"flax", "optax", "transformers", "torch")), sep=", "); import jaxrl_llm.bench.rl, jaxrl_llm.config, '
 versions+='jaxrl_llm.rollout'
 
-# show ARG...: the command on one line, single-quoted where the shell would split or expand a word.
-show() {
-  local word words=()
-  for word in "$@"; do
-    if [[ "$word" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then words+=("$word"); else words+=("'${word//\'/\'\\\'\'}'"); fi
-  done
-  printf '%s\n' "${words[*]}"
-}
 
 failed=()
 # step NAME ARG...: run ARG... from the checkout, after a header line; a non-zero exit is recorded as failed.
