@@ -4,6 +4,7 @@ from .distributed import barrier, initialize, is_main_process, to_host
 from .mesh import (
     MESH_AXES,
     MeshError,
+    data_split,
     make_mesh,
     mesh_from_config,
     parse_mesh,

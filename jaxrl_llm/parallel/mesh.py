@@ -71,6 +71,11 @@ def parse_mesh(text: str, what: str = "mesh") -> tuple[int, int, int]:
     return tuple(sizes[a] for a in MESH_AXES)
 
 
+def data_split(mesh: Mesh | None) -> int:
+    """Devices a batch's rows are split over (the ``data`` and ``fsdp`` axes; 1 without a mesh)."""
+    return 1 if mesh is None else math.prod(mesh.shape[a] for a in ("data", "fsdp"))
+
+
 def role_meshes(parallel, roles: dict[str, tuple[int, int, int]]) -> tuple[Mesh, dict[str, Mesh]]:
     """A training mesh (``parallel.*``; ``-1`` fills it) and a mesh of its own for each role (``{"rollout.mesh":
     (data, fsdp, tensor)}``, in order): each role takes the last of every process's devices not yet taken,

@@ -77,10 +77,9 @@ def put(tree: Any, shardings: Any) -> Any:
         fetched = to_host([_key_data(leaves[i]) for i in crossing])
         for i, value in zip(crossing, fetched, strict=True):
             x = leaves[i]
-            key = _is_key(x) and jax.random.wrap_key_data(
-                _put_leaf(value, targets[i]), impl=jax.random.key_impl(x)
-            )
-            leaves[i] = key if _is_key(x) else value
+            if _is_key(x):  # its data came back: placed here and wrapped again
+                value = jax.random.wrap_key_data(_put_leaf(value, targets[i]), impl=jax.random.key_impl(x))
+            leaves[i] = value
     return treedef.unflatten([_put_leaf(x, s) for x, s in zip(leaves, targets, strict=True)])
 
 

@@ -34,6 +34,7 @@ from jaxrl_llm.data.packing import pair_buckets
 from jaxrl_llm.data.pipeline import make_pipeline
 from jaxrl_llm.errors import UserError
 from jaxrl_llm.objectives import dpo_objective, rm_objective, sft_objective
+from jaxrl_llm.parallel import data_split
 from jaxrl_llm.render import PairEncoder
 from jaxrl_llm.render.records import SFTEncoder
 from jaxrl_llm.reward import RewardSet, arrays_for
@@ -281,7 +282,7 @@ def score_answers(
 
 def _rows(batch: int, mesh: Any) -> int:
     """``batch`` rounded up to a multiple of the devices rows are split over (data x fsdp)."""
-    split = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+    split = data_split(mesh)
     return -(-batch // split) * split
 
 

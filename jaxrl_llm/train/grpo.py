@@ -27,6 +27,7 @@ import jax
 from jaxrl_llm.errors import UserError
 from jaxrl_llm.models.flops import forward_flops
 from jaxrl_llm.objectives.rl import PPO_DEFAULTS, RL_ALGORITHMS, PolicyLossConfig
+from jaxrl_llm.parallel import data_split
 from jaxrl_llm.reward import RewardSet
 from jaxrl_llm.rollout import SamplingParams, end_of_turn_ids
 
@@ -35,7 +36,7 @@ from .iteration import Plan, StageContext
 from .loop import log
 from .rl_data import PromptTable
 from .rl_eval import evaluator
-from .rl_iteration import PolicyAccess, RLIteration, RLParts, data_split
+from .rl_iteration import PolicyAccess, RLIteration, RLParts
 from .rl_step import RLConfig, learn
 
 

@@ -12,11 +12,11 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxrl_llm.parallel import abstract, rows_shardings, to_host, tree_shardings
+from jaxrl_llm.parallel import abstract, data_split, rows_shardings, to_host, tree_shardings
 from jaxrl_llm.rollout import SamplingParams, generate
 
 from .rl_data import PromptTable, on_mesh
-from .rl_iteration import RLIteration, data_split
+from .rl_iteration import RLIteration
 from .rl_step import sample_arrays
 from .step import compile_program
 

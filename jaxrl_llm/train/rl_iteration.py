@@ -71,28 +71,22 @@ class _Transfer:
     the adapters move each time; the frozen base goes once, at the first call, and is kept there."""
 
     shardings: Any  # the whole policy's shardings on the rollout mesh
-    lora: bool
+    split: tuple[Any, Any] | None = None  # LoRA: the adapters' and the base's shardings
     base: Any = None  # LoRA: the base on the rollout mesh, after the first call
 
     @classmethod
     def of(cls, policy: Any, mesh: Any) -> _Transfer:
-        return cls(
-            tree_shardings(policy, mesh), bool(jax.tree.leaves(nnx.filter_state(policy, ADAPTER_STATE)))
-        )
+        shardings = tree_shardings(policy, mesh)
+        lora = bool(jax.tree.leaves(nnx.filter_state(policy, ADAPTER_STATE)))
+        return cls(shardings, nnx.split_state(shardings, ADAPTER_STATE, ...) if lora else None)
 
     def __call__(self, policy: Any) -> Any:
-        if not self.lora:
+        if self.split is None:
             return put(policy, self.shardings)
         adapters, base = nnx.split_state(policy, ADAPTER_STATE, ...)
-        adapter_sh, base_sh = nnx.split_state(self.shardings, ADAPTER_STATE, ...)
         if self.base is None:
-            self.base = put(base, base_sh)
-        return nnx.merge_state(self.base, put(adapters, adapter_sh))
-
-
-def data_split(mesh: Any) -> int:
-    """Devices a batch's rows are split over (the ``data`` and ``fsdp`` axes)."""
-    return int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+            self.base = put(base, self.split[1])
+        return nnx.merge_state(self.base, put(adapters, self.split[0]))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -213,8 +213,10 @@ def frozen_models(names: tuple[str, ...], policy: Any, model: Any, mesh: Any = N
     from .state import Frozen
 
     if mesh is not None:
-        graphdef, state = nnx.split(policy, nnx.Param) if has_lora(policy) else nnx.split(policy)
-        graphdef = adapters_off(policy) if has_lora(policy) else graphdef
+        if has_lora(policy):
+            graphdef, state = adapters_off(policy), nnx.state(policy, nnx.Param)
+        else:
+            graphdef, state = nnx.split(policy)
         state = place(state, mesh)
         return Frozen(states=dict.fromkeys(names, state), graphdefs=tuple((name, graphdef) for name in names))
     if not has_lora(policy):
