@@ -88,6 +88,9 @@ versions+='jaxrl_llm.rollout'
 
 
 failed=()
+# spent: the seconds this run has taken so far; a dry run takes none, so that what it prints does not depend on
+# when a second ticks over.
+spent() { if ((dry_run)); then echo 0; else echo "$SECONDS"; fi; }
 # step NAME ARG...: run ARG... from the checkout, after a header line; a non-zero exit is recorded as failed.
 step() {
   local name="$1"
@@ -131,7 +134,7 @@ step imports "$python" -c "$versions"
 
 bench=("$root/scripts/bench_all.sh" --gpu --gpu-gib "$gpu_gib" --out "$out/bench")
 if ((quick)); then bench+=(--quick); fi
-if ((budget)); then bench+=(--budget "$((budget - test_s - SECONDS))"); fi
+if ((budget)); then bench+=(--budget "$((budget - test_s - $(spent)))"); fi
 if [[ "$only" == tests ]]; then
   :
 elif ((dry_run)); then
@@ -143,7 +146,7 @@ fi
 
 pytest=("$python" -m pytest -q -m 'not slow' -p no:cacheprovider "${tests[@]}" --junitxml "$out/pytest.xml")
 if ((budget)); then
-  left=$((budget - SECONDS))
+  left=$((budget - $(spent)))
   if ((left < 1)); then left=1; fi
   pytest=(timeout --signal=INT --kill-after=15 "$left" "${pytest[@]}")  # INT: pytest still reports
 fi
