@@ -63,7 +63,6 @@ if ((quick)); then
   fit+=(--no-compile --fit-max 8)
 fi
 
-
 count=0
 failed=()
 skipped=()

@@ -86,7 +86,6 @@ versions='from importlib.metadata import version as v; print(*(d + " " + v(d) fo
 versions+='"flax", "optax", "transformers", "torch")), sep=", "); import jaxrl_llm.bench.rl, jaxrl_llm.config, '
 versions+='jaxrl_llm.rollout'
 
-
 failed=()
 # spent: the seconds this run has taken so far; a dry run takes none, so that what it prints does not depend on
 # when a second ticks over.

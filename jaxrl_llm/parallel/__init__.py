@@ -7,6 +7,7 @@ from .mesh import (
     data_split,
     make_mesh,
     mesh_from_config,
+    padded_rows,
     parse_mesh,
     resolve_axis_sizes,
     role_meshes,

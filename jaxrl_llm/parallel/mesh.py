@@ -76,6 +76,12 @@ def data_split(mesh: Mesh | None) -> int:
     return 1 if mesh is None else math.prod(mesh.shape[a] for a in ("data", "fsdp"))
 
 
+def padded_rows(rows: int, mesh: Mesh | None) -> int:
+    """``rows`` rounded up to a multiple of :func:`data_split`: a batch every data-parallel device gets a share of."""
+    split = data_split(mesh)
+    return -(-rows // split) * split
+
+
 def role_meshes(parallel, roles: dict[str, tuple[int, int, int]]) -> tuple[Mesh, dict[str, Mesh]]:
     """A training mesh (``parallel.*``; ``-1`` fills it) and a mesh of its own for each role (``{"rollout.mesh":
     (data, fsdp, tensor)}``, in order): each role takes the last of every process's devices not yet taken,

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from ..models.transformer import sequence_scores
-from ..parallel import data_split, put, rows_shardings, to_host
+from ..parallel import padded_rows, put, rows_shardings, to_host
 from ..rollout.sampler import prompt_bucket
 from .base import RewardError, register
 
@@ -42,8 +42,7 @@ class RewardModel:
         if getattr(model, "score", None) is None:
             raise RewardError("reward model: expected a score model (head='score'), got a model without one")
         self.renderer, self.max_length, self.mesh = renderer, max_length, mesh
-        split = data_split(mesh)
-        self.batch_size = -(-batch_size // split) * split  # rows split evenly over the mesh
+        self.batch_size = padded_rows(batch_size, mesh)  # rows split evenly over the mesh
         self.pad_id = renderer.tokenizer.pad_id if renderer.tokenizer.pad_id is not None else 0
         graphdef, self.state = nnx.split(model)
 

@@ -34,7 +34,7 @@ from jaxrl_llm.data.packing import pair_buckets
 from jaxrl_llm.data.pipeline import make_pipeline
 from jaxrl_llm.errors import UserError
 from jaxrl_llm.objectives import dpo_objective, rm_objective, sft_objective
-from jaxrl_llm.parallel import data_split
+from jaxrl_llm.parallel import padded_rows
 from jaxrl_llm.render import PairEncoder
 from jaxrl_llm.render.records import SFTEncoder
 from jaxrl_llm.reward import RewardSet, arrays_for
@@ -164,7 +164,7 @@ class RecordEvaluator:
         return make_pipeline(
             self.records,
             encoder,
-            batch_size=_rows(s.batch_size, self.mesh),
+            batch_size=padded_rows(s.batch_size, self.mesh),
             seq_len=s.seq_len,
             mode=mode,
             buckets=pair_buckets(s.seq_len) if mode == "pairs" else None,
@@ -250,7 +250,7 @@ class RecordEvaluator:
             )
 
     def _sample(self, model: Any, key: jax.Array, n: int, sampling: SamplingParams):
-        batch = _rows(max(1, self.settings.batch_size // n), self.mesh)
+        batch = padded_rows(max(1, self.settings.batch_size // n), self.mesh)
         chat = ChatSampler(model, self.renderer, batch_size=batch, mesh=self.mesh)
         return chat.generate(
             self.prompts,
@@ -278,12 +278,6 @@ def score_answers(
     if any(s.reward.kind == "device" for s in rewards.specs):
         arrays = _device_arrays(renderer, completions, records, max_new_tokens)
     return rewards([c.text for c in completions], records, arrays)
-
-
-def _rows(batch: int, mesh: Any) -> int:
-    """``batch`` rounded up to a multiple of the devices rows are split over (data x fsdp)."""
-    split = data_split(mesh)
-    return -(-batch // split) * split
 
 
 def _correct(result: Any, verifier: str) -> np.ndarray:

@@ -133,10 +133,11 @@ def check_role_meshes(cfg: Any, roles: Any, rl: RLConfig) -> None:
         ("rollout.mesh", cfg.rollout.mesh, roles.rollout, p, "rl.prompts_per_iteration"),
         ("rl.reference_mesh", cfg.rl.reference_mesh, roles.reference, micro, "a micro-batch"),
     ):
-        if mesh is not None and rows % data_split(mesh):
+        split = data_split(mesh)
+        if rows % split:
             raise UserError(
-                f"{what} = {rows} rows cannot be split over the {data_split(mesh)} data-parallel devices of "
-                f"{key}={value!r}; make it a multiple of {data_split(mesh)}"
+                f"{what} = {rows} rows cannot be split over the {split} data-parallel devices of "
+                f"{key}={value!r}; make it a multiple of {split}"
             )
 
 

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxrl_llm.parallel import abstract, data_split, rows_shardings, to_host, tree_shardings
+from jaxrl_llm.parallel import abstract, padded_rows, rows_shardings, to_host, tree_shardings
 from jaxrl_llm.rollout import SamplingParams, generate
 
 from .rl_data import PromptTable, on_mesh
@@ -55,8 +55,7 @@ def evaluator(it: RLIteration, records: list[dict], renderer: Any):
     """``eval(state, step)``: greedy answers to the held-out ``records``, scored by every reward component."""
     cfg, rewards, iteration_ = it.cfg, it.rewards, it
     table = PromptTable(records, renderer, pad_id=cfg.pad_id, what="evaluation prompts")
-    split = data_split(it.mesh)
-    batch = min(iteration_.prompts * cfg.group_size, -(-len(table) // split) * split)  # padded by repeats
+    batch = min(iteration_.prompts * cfg.group_size, padded_rows(len(table), it.mesh))  # padded by repeats
     compiled: dict[str, Any] = {}
     verifier = next((s.key for s in rewards.specs if s.name in VERIFIERS), None)
 
